@@ -1,0 +1,590 @@
+//! The run engine. A run is one user message answered by the agent loop:
+//! model call, tool calls, model call… until the model answers in text or
+//! the step budget is spent. Every run is recorded (its status, its messages
+//! and each of its events, numbered) before anyone is told it happened.
+//!
+//! Runs execute on their own tasks, apart from the request that started
+//! them: a client that goes away does not lose its run, and shutdown can
+//! wait for all of them and interrupt the ones that outlast the grace.
+
+mod tools;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bulkhead_model::{ChatMessage, Completion, Model, ModelError, ToolCall};
+use bulkhead_store::{
+    BeginRun, BeginRunError, FinishRun, NewEvent, NewMessage, RunProgress, RunStatus, SessionRef,
+    Store, StoreError,
+};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use tools::{Tool, ToolError, ToolRegistry};
+
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Model calls allowed in one run.
+    pub max_steps: u32,
+    /// Prepended to every conversation sent to the model, when set.
+    pub system_prompt: Option<String>,
+    /// A session lock not refreshed for this long is presumed abandoned
+    /// (its holder crashed) and may be taken over.
+    pub lock_ttl: Duration,
+}
+
+/// One event of a run, as streamed to a client and stored.
+#[derive(Debug, Clone)]
+pub struct EventRecord {
+    pub seq: i64,
+    pub kind: &'static str,
+    /// JSON object.
+    pub data: Arc<str>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub enum RunOutcome {
+    Completed {
+        response: String,
+        tokens_used: i64,
+    },
+    Failed {
+        failure: Failure,
+        tokens_used: i64,
+    },
+}
+
+/// Why a run did not complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The model endpoint failed or answered garbage.
+    Upstream,
+    /// The model endpoint did not answer in time.
+    UpstreamTimeout,
+    /// The model kept calling tools past the step budget.
+    MaxSteps,
+    /// The server shut down before the run finished.
+    Interrupted,
+    /// The run could not be recorded.
+    Internal,
+}
+
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub kind: FailureKind,
+    /// Stable, machine-readable.
+    pub code: &'static str,
+    /// Safe to show to the client.
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the server is shutting down and accepts no new runs")]
+    ShuttingDown,
+    #[error("session not found")]
+    SessionNotFound,
+    #[error("session {session_id} already has a run in progress ({active_run_id})")]
+    SessionBusy {
+        session_id: String,
+        active_run_id: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A run that has started.
+#[derive(Debug)]
+pub struct RunHandle {
+    pub run_id: String,
+    pub session_id: String,
+    /// Every event from `run_started` on, when streaming was asked for.
+    pub events: Option<mpsc::UnboundedReceiver<EventRecord>>,
+    pub outcome: oneshot::Receiver<RunOutcome>,
+}
+
+#[derive(Debug)]
+pub struct StartRun {
+    pub session_id: Option<String>,
+    pub message: String,
+    /// Stream the model's text as it is produced (and hand out the events).
+    pub stream: bool,
+}
+
+#[derive(Debug)]
+pub struct Engine {
+    store: Store,
+    model: Arc<Model>,
+    tools: ToolRegistry,
+    settings: EngineSettings,
+    runs: TaskTracker,
+    interrupt: CancellationToken,
+    accepting: AtomicBool,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+impl Engine {
+    pub fn new(
+        store: Store,
+        model: Arc<Model>,
+        tools: ToolRegistry,
+        settings: EngineSettings,
+    ) -> Engine {
+        Engine {
+            store,
+            model,
+            tools,
+            settings,
+            runs: TaskTracker::new(),
+            interrupt: CancellationToken::new(),
+            accepting: AtomicBool::new(true),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn is_accepting(&self) -> bool {
+        self.accepting.load(Ordering::SeqCst)
+    }
+
+    /// Runs in flight.
+    pub fn active_runs(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// Records the run and starts it on its own task.
+    pub async fn start_run(self: &Arc<Self>, start: StartRun) -> Result<RunHandle, StartError> {
+        // Held from before the check so that shutdown cannot finish waiting
+        // between the check and the spawn.
+        let in_flight = self.runs.token();
+        if !self.is_accepting() {
+            return Err(StartError::ShuttingDown);
+        }
+        let run_id = uuid::Uuid::new_v4().to_string();
+        let (session_id, is_new_session) = match start.session_id {
+            Some(id) => (id, false),
+            None => (uuid::Uuid::new_v4().to_string(), true),
+        };
+        let session = if is_new_session {
+            SessionRef::New(&session_id)
+        } else {
+            SessionRef::Existing(&session_id)
+        };
+        let now = now_ms();
+        let mut state = RunState::new(run_id.clone(), session_id.clone(), start.stream);
+        let started = state.next_event(
+            "run_started",
+            json!({"run_id": run_id, "session_id": session_id}),
+            now,
+        );
+        self.store
+            .begin_run(&BeginRun {
+                session,
+                run_id: &run_id,
+                input: &start.message,
+                now,
+                lock_stale_before: now - self.settings.lock_ttl.as_millis() as i64,
+                first_event: started,
+            })
+            .await
+            .map_err(|e| match e {
+                BeginRunError::SessionNotFound => StartError::SessionNotFound,
+                BeginRunError::SessionBusy { active_run_id } => StartError::SessionBusy {
+                    session_id: session_id.clone(),
+                    active_run_id,
+                },
+                BeginRunError::Store(e) => StartError::Store(e),
+            })?;
+        let events = state.take_receiver();
+        let (outcome_tx, outcome_rx) = oneshot::channel();
+        let engine = Arc::clone(self);
+        let span = tracing::info_span!("run", run_id = %run_id, session_id = %session_id);
+        self.runs.spawn(
+            async move {
+                let _in_flight = in_flight;
+                tracing::info!("run started");
+                let outcome = engine.drive(&mut state).await;
+                match &outcome {
+                    RunOutcome::Completed { tokens_used, .. } => {
+                        tracing::info!(tokens_used, steps = state.steps, "run completed")
+                    }
+                    RunOutcome::Failed {
+                        failure,
+                        tokens_used,
+                    } => tracing::warn!(
+                        tokens_used,
+                        steps = state.steps,
+                        code = failure.code,
+                        error = %failure.message,
+                        "run did not complete"
+                    ),
+                }
+                let _ = outcome_tx.send(outcome);
+            }
+            .instrument(span),
+        );
+        Ok(RunHandle {
+            run_id,
+            session_id,
+            events,
+            outcome: outcome_rx,
+        })
+    }
+
+    async fn drive(&self, state: &mut RunState) -> RunOutcome {
+        let outcome = self.agent_loop(state).await;
+        let (status, output, error) = match &outcome {
+            Ok(response) => (RunStatus::Completed, Some(response.as_str()), None),
+            Err(failure) => (
+                if failure.kind == FailureKind::Interrupted {
+                    RunStatus::Interrupted
+                } else {
+                    RunStatus::Failed
+                },
+                None,
+                Some(failure),
+            ),
+        };
+        let now = now_ms();
+        match &outcome {
+            Ok(response) => {
+                state.pending_messages.push(NewMessage {
+                    role: "assistant",
+                    content: Some(response.clone()),
+                    tool_calls: None,
+                    tool_call_id: None,
+                });
+                let data = json!({
+                    "run_id": state.run_id,
+                    "session_id": state.session_id,
+                    "response": response,
+                    "tokens_used": state.tokens_used,
+                });
+                state.emit("run_completed", data, now);
+            }
+            Err(failure) => {
+                let data = json!({
+                    "run_id": state.run_id,
+                    "session_id": state.session_id,
+                    "tokens_used": state.tokens_used,
+                    "error": {"code": failure.code, "message": failure.message},
+                });
+                state.emit("run_failed", data, now);
+            }
+        }
+        let recorded = self
+            .store
+            .finish_run(&FinishRun {
+                progress: state.progress(now),
+                status,
+                output,
+                error: error.map(|f| (f.code, f.message.as_str())),
+            })
+            .await;
+        let tokens_used = state.tokens_used;
+        match (outcome, recorded) {
+            (Ok(response), Ok(())) => RunOutcome::Completed {
+                response,
+                tokens_used,
+            },
+            (Err(failure), Ok(())) => RunOutcome::Failed {
+                failure,
+                tokens_used,
+            },
+            (_, Err(e)) => {
+                tracing::error!(error = %e, "could not record the end of the run");
+                RunOutcome::Failed {
+                    failure: Failure {
+                        kind: FailureKind::Internal,
+                        code: "internal_error",
+                        message: "the run could not be recorded".into(),
+                    },
+                    tokens_used,
+                }
+            }
+        }
+    }
+
+    /// Model, tools, model… until a text answer. Returns that answer.
+    async fn agent_loop(&self, state: &mut RunState) -> Result<String, Failure> {
+        let stored = self
+            .store
+            .messages(&state.session_id)
+            .await
+            .map_err(|e| internal("could not load the conversation", &e))?;
+        let mut conversation: Vec<ChatMessage> = Vec::with_capacity(stored.len() + 1);
+        if let Some(prompt) = &self.settings.system_prompt {
+            conversation.push(ChatMessage::text("system", prompt.clone()));
+        }
+        conversation.extend(stored.into_iter().map(|m| ChatMessage {
+            role: m.role,
+            content: m.content,
+            tool_calls: m
+                .tool_calls
+                .as_deref()
+                .and_then(|calls| serde_json::from_str(calls).ok()),
+            tool_call_id: m.tool_call_id,
+        }));
+
+        for step in 1..=self.settings.max_steps {
+            state.steps = step as i64;
+            let completion = self.call_model(state, &conversation).await?;
+            state.tokens_used += completion
+                .usage
+                .map(|u| u.total_tokens as i64)
+                .unwrap_or_default();
+            if completion.tool_calls.is_empty() {
+                return Ok(completion.content);
+            }
+            self.run_tools(state, &mut conversation, completion).await?;
+            let now = now_ms();
+            self.store
+                .record_step(&state.progress(now))
+                .await
+                .map_err(|e| internal("could not record the run's progress", &e))?;
+            state.pending_events.clear();
+            state.pending_messages.clear();
+        }
+        Err(Failure {
+            kind: FailureKind::MaxSteps,
+            code: "max_steps_exceeded",
+            message: format!(
+                "the model was still calling tools after {} steps (MAX_STEPS)",
+                self.settings.max_steps
+            ),
+        })
+    }
+
+    async fn call_model(
+        &self,
+        state: &mut RunState,
+        conversation: &[ChatMessage],
+    ) -> Result<Completion, Failure> {
+        let streaming = state.streaming;
+        let result = {
+            let mut sink = |text: &str| {
+                let now = now_ms();
+                state.emit("message_delta", json!({ "content": text }), now);
+            };
+            let deltas: Option<&mut bulkhead_model::DeltaSink<'_>> =
+                if streaming { Some(&mut sink) } else { None };
+            tokio::select! {
+                result = self.model.complete(conversation, self.tools.specs(), deltas) => result,
+                () = self.interrupt.cancelled() => return Err(interrupted()),
+            }
+        };
+        let completion = result.map_err(|e| {
+            let (kind, code) = match e {
+                ModelError::Timeout(_) => (FailureKind::UpstreamTimeout, "model_timeout"),
+                _ => (FailureKind::Upstream, "model_error"),
+            };
+            Failure {
+                kind,
+                code,
+                message: e.to_string(),
+            }
+        })?;
+        if !streaming && !completion.content.is_empty() {
+            state.emit(
+                "message_delta",
+                json!({ "content": completion.content }),
+                now_ms(),
+            );
+        }
+        Ok(completion)
+    }
+
+    async fn run_tools(
+        &self,
+        state: &mut RunState,
+        conversation: &mut Vec<ChatMessage>,
+        completion: Completion,
+    ) -> Result<(), Failure> {
+        let calls: Vec<ToolCall> = completion.tool_calls;
+        let assistant = ChatMessage {
+            role: "assistant".into(),
+            content: (!completion.content.is_empty()).then_some(completion.content),
+            tool_calls: Some(calls.clone()),
+            tool_call_id: None,
+        };
+        state.pending_messages.push(NewMessage {
+            role: "assistant",
+            content: assistant.content.clone(),
+            tool_calls: serde_json::to_string(&calls).ok(),
+            tool_call_id: None,
+        });
+        conversation.push(assistant);
+        for call in calls {
+            let name = call.function.name.as_str();
+            state.emit(
+                "tool_call",
+                json!({"id": call.id, "name": name, "arguments": call.function.arguments}),
+                now_ms(),
+            );
+            let result = tokio::select! {
+                result = self.tools.call(name, &call.function.arguments) => result,
+                () = self.interrupt.cancelled() => return Err(interrupted()),
+            };
+            let (content, is_error) = match result {
+                Ok(output) => (output, false),
+                Err(e) => (format!("error: {e}"), true),
+            };
+            tracing::info!(tool = name, is_error, "tool call finished");
+            state.emit(
+                "tool_result",
+                json!({"id": call.id, "name": name, "content": content, "is_error": is_error}),
+                now_ms(),
+            );
+            state.pending_messages.push(NewMessage {
+                role: "tool",
+                content: Some(content.clone()),
+                tool_calls: None,
+                tool_call_id: Some(call.id.clone()),
+            });
+            conversation.push(ChatMessage {
+                role: "tool".into(),
+                content: Some(content),
+                tool_calls: None,
+                tool_call_id: Some(call.id),
+            });
+        }
+        Ok(())
+    }
+
+    /// Stops taking runs, waits up to `grace` for those in flight, then
+    /// interrupts the rest (recorded `interrupted`) and waits for that.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.accepting.store(false, Ordering::SeqCst);
+        self.runs.close();
+        let in_flight = self.runs.len();
+        if in_flight > 0 {
+            tracing::info!(in_flight, grace_s = grace.as_secs_f64(), "waiting for runs in flight");
+        }
+        if tokio::time::timeout(grace, self.runs.wait()).await.is_err() {
+            tracing::warn!(
+                unfinished = self.runs.len(),
+                "shutdown grace is over; interrupting the runs still in flight"
+            );
+            self.interrupt.cancel();
+            if tokio::time::timeout(Duration::from_secs(5), self.runs.wait())
+                .await
+                .is_err()
+            {
+                tracing::error!("runs did not stop after being interrupted");
+            }
+        }
+    }
+}
+
+fn interrupted() -> Failure {
+    Failure {
+        kind: FailureKind::Interrupted,
+        code: "run_interrupted",
+        message: "the server shut down before the run finished".into(),
+    }
+}
+
+fn internal(what: &str, error: &StoreError) -> Failure {
+    tracing::error!(error = %error, "{what}");
+    Failure {
+        kind: FailureKind::Internal,
+        code: "internal_error",
+        message: what.to_string(),
+    }
+}
+
+/// What a run accumulates between two writes to the store.
+struct RunState {
+    run_id: String,
+    session_id: String,
+    streaming: bool,
+    seq: i64,
+    steps: i64,
+    tokens_used: i64,
+    pending_events: Vec<NewEvent>,
+    pending_messages: Vec<NewMessage>,
+    sender: Option<mpsc::UnboundedSender<EventRecord>>,
+    receiver: Option<mpsc::UnboundedReceiver<EventRecord>>,
+}
+
+impl RunState {
+    fn new(run_id: String, session_id: String, streaming: bool) -> RunState {
+        let (sender, receiver) = if streaming {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        RunState {
+            run_id,
+            session_id,
+            streaming,
+            seq: 0,
+            steps: 0,
+            tokens_used: 0,
+            pending_events: Vec::new(),
+            pending_messages: Vec::new(),
+            sender,
+            receiver,
+        }
+    }
+
+    fn take_receiver(&mut self) -> Option<mpsc::UnboundedReceiver<EventRecord>> {
+        self.receiver.take()
+    }
+
+    /// Numbers an event, queues it for the store and hands it to the client.
+    fn emit(&mut self, kind: &'static str, data: Value, now: i64) {
+        let event = self.next_event(kind, data, now);
+        self.pending_events.push(event);
+    }
+
+    /// Numbers an event and hands it to the client.
+    fn next_event(&mut self, kind: &'static str, data: Value, now: i64) -> NewEvent {
+        self.seq += 1;
+        let data = data.to_string();
+        if let Some(sender) = &self.sender {
+            // A client that went away does not stop the run.
+            let _ = sender.send(EventRecord {
+                seq: self.seq,
+                kind,
+                data: Arc::from(data.as_str()),
+            });
+        }
+        NewEvent {
+            seq: self.seq,
+            kind,
+            data,
+            created_at: now,
+        }
+    }
+
+    fn progress(&self, now: i64) -> RunProgress<'_> {
+        RunProgress {
+            run_id: &self.run_id,
+            session_id: &self.session_id,
+            messages: &self.pending_messages,
+            events: &self.pending_events,
+            tokens_used: self.tokens_used,
+            steps: self.steps,
+            now,
+        }
+    }
+}

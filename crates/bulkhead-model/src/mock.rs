@@ -1,0 +1,398 @@
+//! The mock model: a deterministic OpenAI-compatible model, served over HTTP
+//! by `bulkhead mock-model` and used in-process by `serve` in development.
+//!
+//! Behaviour, on the conversation it is given:
+//! - the last message is a tool result → `tool result: <the result>`;
+//! - the last user message is `tool:<name> <json arguments>` → a call of tool
+//!   `<name>` with those arguments (`{}` when none are given);
+//! - the last user message is `fail:<status>` (400–599) → that HTTP error;
+//! - anything else → `echo: <last user message>`.
+//!
+//! Usage counts whitespace-separated words: the prompt's message contents,
+//! then the reply (a tool call counts its name and arguments).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde_json::json;
+
+use crate::types::{
+    ChatChunk, ChatCompletion, ChatMessage, ChatRequest, Choice, ChunkChoice, Completion, Delta,
+    FunctionCall, FunctionDelta, ToolCall, ToolCallDelta, Usage,
+};
+use crate::{DeltaSink, ModelError};
+
+/// The name `/v1/models` lists and completions report.
+pub const MOCK_MODEL_NAME: &str = "bulkhead-mock";
+
+#[derive(Debug, Default)]
+pub struct MockModel {
+    latency: Duration,
+    calls: AtomicU64,
+}
+
+/// What the mock decided to answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MockReply {
+    Text(String),
+    ToolCall { name: String, arguments: String },
+    Fail(StatusCode),
+}
+
+impl MockModel {
+    pub fn new(latency: Duration) -> MockModel {
+        MockModel {
+            latency,
+            calls: AtomicU64::new(0),
+        }
+    }
+
+    pub fn latency(&self) -> Duration {
+        self.latency
+    }
+
+    /// The mock's answer to a conversation.
+    pub fn reply(messages: &[ChatMessage]) -> MockReply {
+        if let Some(last) = messages.last() {
+            if last.role == "tool" {
+                return MockReply::Text(format!(
+                    "tool result: {}",
+                    last.content.as_deref().unwrap_or_default()
+                ));
+            }
+        }
+        let user = messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .and_then(|m| m.content.as_deref())
+            .unwrap_or_default();
+        if let Some(call) = user.strip_prefix("tool:") {
+            let call = call.trim_start();
+            let (name, arguments) = match call.find(char::is_whitespace) {
+                Some(at) => (&call[..at], call[at..].trim()),
+                None => (call, ""),
+            };
+            if !name.is_empty() {
+                return MockReply::ToolCall {
+                    name: name.to_string(),
+                    arguments: if arguments.is_empty() {
+                        "{}".to_string()
+                    } else {
+                        arguments.to_string()
+                    },
+                };
+            }
+        }
+        if let Some(code) = user.strip_prefix("fail:") {
+            if let Ok(status) = code.trim().parse::<u16>() {
+                if let Ok(status) = StatusCode::from_u16(status) {
+                    if status.is_client_error() || status.is_server_error() {
+                        return MockReply::Fail(status);
+                    }
+                }
+            }
+        }
+        MockReply::Text(format!("echo: {user}"))
+    }
+
+    fn usage(messages: &[ChatMessage], reply: &MockReply) -> Usage {
+        let prompt: usize = messages
+            .iter()
+            .map(|m| words(m.content.as_deref().unwrap_or_default()))
+            .sum();
+        let completion = match reply {
+            MockReply::Text(text) => words(text),
+            MockReply::ToolCall { name, arguments } => words(name) + words(arguments),
+            MockReply::Fail(_) => 0,
+        };
+        Usage {
+            prompt_tokens: prompt as u64,
+            completion_tokens: completion as u64,
+            total_tokens: (prompt + completion) as u64,
+        }
+    }
+
+    fn next_call_id(&self) -> String {
+        format!("call_mock_{}", self.calls.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// The in-process path: the same answers as the HTTP server, without a
+    /// socket. Text is handed to `deltas` word by word when streaming.
+    pub async fn complete(
+        &self,
+        messages: &[ChatMessage],
+        deltas: Option<&mut DeltaSink<'_>>,
+    ) -> Result<Completion, ModelError> {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        let reply = Self::reply(messages);
+        let usage = Self::usage(messages, &reply);
+        match reply {
+            MockReply::Fail(status) => Err(ModelError::Status {
+                status: status.as_u16(),
+                message: format!("mock model asked to fail with {status}"),
+            }),
+            MockReply::Text(text) => {
+                if let Some(sink) = deltas {
+                    for piece in text.split_inclusive(' ') {
+                        sink(piece);
+                    }
+                }
+                Ok(Completion {
+                    content: text,
+                    tool_calls: Vec::new(),
+                    usage: Some(usage),
+                    finish_reason: Some("stop".into()),
+                })
+            }
+            MockReply::ToolCall { name, arguments } => Ok(Completion {
+                content: String::new(),
+                tool_calls: vec![ToolCall {
+                    id: self.next_call_id(),
+                    kind: "function".into(),
+                    function: FunctionCall { name, arguments },
+                }],
+                usage: Some(usage),
+                finish_reason: Some("tool_calls".into()),
+            }),
+        }
+    }
+
+    /// The HTTP face: `POST /v1/chat/completions`, `GET /v1/models`.
+    pub fn router(self: Arc<Self>) -> Router {
+        Router::new()
+            .route("/v1/chat/completions", post(chat_completions))
+            .route("/v1/models", get(models))
+            .route("/health", get(|| async { Json(json!({"status": "healthy"})) }))
+            .fallback(|| async {
+                error_response(StatusCode::NOT_FOUND, "not_found", "no such route on the mock model")
+            })
+            .with_state(self)
+    }
+}
+
+/// Serves the mock model on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    mock: Arc<MockModel>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, mock.router())
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn words(text: &str) -> usize {
+    text.split_whitespace().count()
+}
+
+fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+fn error_response(status: StatusCode, kind: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": kind, "code": kind}})),
+    )
+        .into_response()
+}
+
+async fn models() -> Json<serde_json::Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": MOCK_MODEL_NAME, "object": "model", "created": 0, "owned_by": "bulkhead"}]
+    }))
+}
+
+async fn chat_completions(State(mock): State<Arc<MockModel>>, body: Bytes) -> Response {
+    let request: ChatRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &format!("invalid chat completion request: {e}"),
+            );
+        }
+    };
+    if request.messages.is_empty() {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "messages must not be empty",
+        );
+    }
+    if !mock.latency.is_zero() {
+        tokio::time::sleep(mock.latency).await;
+    }
+    let reply = MockModel::reply(&request.messages);
+    let usage = MockModel::usage(&request.messages, &reply);
+    let id = format!("chatcmpl-mock-{}", fastrand::u64(..));
+    let created = unix_seconds();
+    let (content, tool_calls, finish_reason) = match reply {
+        MockReply::Fail(status) => {
+            return error_response(
+                status,
+                "mock_failure",
+                &format!("mock model asked to fail with {status}"),
+            );
+        }
+        MockReply::Text(text) => (Some(text), None, "stop"),
+        MockReply::ToolCall { name, arguments } => (
+            None,
+            Some(vec![ToolCall {
+                id: mock.next_call_id(),
+                kind: "function".into(),
+                function: FunctionCall { name, arguments },
+            }]),
+            "tool_calls",
+        ),
+    };
+    if !request.stream {
+        return Json(ChatCompletion {
+            id,
+            object: "chat.completion".into(),
+            created,
+            model: MOCK_MODEL_NAME.into(),
+            choices: vec![Choice {
+                index: 0,
+                message: ChatMessage {
+                    role: "assistant".into(),
+                    content,
+                    tool_calls,
+                    tool_call_id: None,
+                },
+                finish_reason: Some(finish_reason.into()),
+            }],
+            usage: Some(usage),
+        })
+        .into_response();
+    }
+
+    let chunk = |choices: Vec<ChunkChoice>, usage: Option<Usage>| ChatChunk {
+        id: id.clone(),
+        object: "chat.completion.chunk".into(),
+        created,
+        model: MOCK_MODEL_NAME.into(),
+        choices,
+        usage,
+    };
+    let delta = |delta: Delta, finish: Option<&str>| ChunkChoice {
+        index: 0,
+        delta,
+        finish_reason: finish.map(str::to_owned),
+    };
+    let mut chunks = vec![chunk(
+        vec![delta(
+            Delta {
+                role: Some("assistant".into()),
+                ..Delta::default()
+            },
+            None,
+        )],
+        None,
+    )];
+    if let Some(text) = &content {
+        for piece in text.split_inclusive(' ') {
+            chunks.push(chunk(
+                vec![delta(
+                    Delta {
+                        content: Some(piece.to_string()),
+                        ..Delta::default()
+                    },
+                    None,
+                )],
+                None,
+            ));
+        }
+    }
+    for (index, call) in tool_calls.into_iter().flatten().enumerate() {
+        chunks.push(chunk(
+            vec![delta(
+                Delta {
+                    tool_calls: Some(vec![ToolCallDelta {
+                        index,
+                        id: Some(call.id),
+                        kind: Some("function".into()),
+                        function: Some(FunctionDelta {
+                            name: Some(call.function.name),
+                            arguments: Some(call.function.arguments),
+                        }),
+                    }]),
+                    ..Delta::default()
+                },
+                None,
+            )],
+            None,
+        ));
+    }
+    chunks.push(chunk(vec![delta(Delta::default(), Some(finish_reason))], None));
+    if request.stream_options.is_some_and(|o| o.include_usage) {
+        chunks.push(chunk(Vec::new(), Some(usage)));
+    }
+    let mut events: Vec<Result<Event, Infallible>> = chunks
+        .iter()
+        .map(|c| Ok(Event::default().data(serde_json::to_string(c).unwrap_or_default())))
+        .collect();
+    events.push(Ok(Event::default().data("[DONE]")));
+    Sse::new(futures_util::stream::iter(events)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(text: &str) -> ChatMessage {
+        ChatMessage::text("user", text)
+    }
+
+    #[test]
+    fn echoes_the_last_user_message() {
+        let messages = [user("first"), ChatMessage::text("assistant", "echo: first"), user("hello there")];
+        assert_eq!(MockModel::reply(&messages), MockReply::Text("echo: hello there".into()));
+        let usage = MockModel::usage(&messages, &MockModel::reply(&messages));
+        assert_eq!(usage.prompt_tokens, 5);
+        assert_eq!(usage.completion_tokens, 3);
+        assert_eq!(usage.total_tokens, 8);
+    }
+
+    #[test]
+    fn tool_prefix_makes_a_tool_call_and_the_result_comes_back() {
+        let reply = MockModel::reply(&[user("tool:current_time {\"tz\": \"UTC\"}")]);
+        assert_eq!(
+            reply,
+            MockReply::ToolCall { name: "current_time".into(), arguments: "{\"tz\": \"UTC\"}".into() }
+        );
+        assert_eq!(
+            MockModel::reply(&[user("tool:current_time")]),
+            MockReply::ToolCall { name: "current_time".into(), arguments: "{}".into() }
+        );
+        let mut result = ChatMessage::text("tool", "12:00");
+        result.tool_call_id = Some("call_1".into());
+        assert_eq!(
+            MockModel::reply(&[user("tool:current_time"), result]),
+            MockReply::Text("tool result: 12:00".into())
+        );
+    }
+
+    #[test]
+    fn fail_prefix_asks_for_an_error_status() {
+        assert_eq!(MockModel::reply(&[user("fail:503")]), MockReply::Fail(StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(MockModel::reply(&[user("fail:200")]), MockReply::Text("echo: fail:200".into()));
+    }
+}

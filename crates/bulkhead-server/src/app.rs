@@ -1,0 +1,244 @@
+//! The application: what a running server holds, how it starts, and how it
+//! stops.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bulkhead_agent::{Engine, EngineSettings, ToolRegistry};
+use bulkhead_model::{MockModel, Model, ModelSettings, OpenAiClient};
+use bulkhead_store::{Store, StoreOptions};
+use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AgentMode, Config};
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState(pub Arc<App>);
+
+impl std::ops::Deref for AppState {
+    type Target = App;
+    fn deref(&self) -> &App {
+        &self.0
+    }
+}
+
+pub struct App {
+    pub config: Config,
+    pub engine: Arc<Engine>,
+    model_probe: Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+/// How long a model-endpoint probe result is reused by `/ready`, so that
+/// probes do not turn into a load on the model provider.
+const PROBE_TTL: Duration = Duration::from_secs(5);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl App {
+    /// Connects to the database (waiting for it up to
+    /// `DATABASE_CONNECT_TIMEOUT_SECONDS`), migrates it and sets up the model.
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        let store = connect_store(&config).await?;
+        let applied = store.migrate().await.context("database migration failed")?;
+        tracing::info!(backend = store.backend().as_str(), migrations = applied, "database ready");
+        if store.backend() == bulkhead_store::Backend::Sqlite {
+            let recovered = store
+                .recover_abandoned_runs(bulkhead_agent::now_ms())
+                .await
+                .context("could not recover runs left by a previous process")?;
+            if recovered > 0 {
+                tracing::warn!(runs = recovered, "marked runs left unfinished by a previous process as interrupted");
+            }
+        }
+        let model = match &config.model.endpoint {
+            Some(endpoint) => Model::Remote(
+                OpenAiClient::new(ModelSettings {
+                    endpoint: endpoint.clone(),
+                    model: config.model.name.clone(),
+                    api_key: config.model.api_key.clone(),
+                    temperature: config.model.temperature,
+                    max_tokens: config.model.max_tokens,
+                    timeout: config.model.timeout,
+                    max_retries: config.model.max_retries,
+                    retry_base: Duration::from_millis(250),
+                    retry_cap: Duration::from_secs(8),
+                })
+                .context("could not set up the model client")?,
+            ),
+            None => {
+                debug_assert_eq!(config.mode, AgentMode::Development);
+                tracing::warn!(
+                    "NO MODEL CONFIGURED: AGENT_MODE=development and MODEL_ENDPOINT is unset, so the built-in \
+                     MOCK MODEL answers (it echoes). Set MODEL_ENDPOINT for a real model."
+                );
+                Model::Mock(MockModel::new(config.model.mock_latency))
+            }
+        };
+        if config.redis_url.is_some() {
+            tracing::warn!("REDIS_URL is set, but this version keeps all coordination in the database and does not use Redis");
+        }
+        let model = Arc::new(model);
+        // A session lock outlives the longest silence of a healthy run: one
+        // model call with all its retries, plus room for a tool call.
+        let lock_ttl = config.model.timeout * (config.model.max_retries + 1)
+            + Duration::from_secs(8) * config.model.max_retries
+            + Duration::from_secs(120);
+        let engine = Engine::new(
+            store,
+            model,
+            ToolRegistry::with_builtins(),
+            EngineSettings {
+                max_steps: config.max_steps,
+                system_prompt: config.system_prompt.clone(),
+                lock_ttl,
+            },
+        );
+        Ok(App {
+            config,
+            engine: Arc::new(engine),
+            model_probe: Mutex::new(None),
+        })
+    }
+
+    /// Whether the model endpoint answers, cached for a few seconds.
+    pub async fn probe_model(&self) -> Result<(), String> {
+        let Model::Remote(client) = self.engine.model() else {
+            return Ok(());
+        };
+        let mut cached = self.model_probe.lock().await;
+        if let Some((at, result)) = cached.as_ref() {
+            if at.elapsed() < PROBE_TTL {
+                return result.clone();
+            }
+        }
+        let result = client.probe(PROBE_TIMEOUT).await.map_err(|e| {
+            tracing::warn!(error = %e, "model endpoint probe failed");
+            match e {
+                bulkhead_model::ModelError::Status { message, .. } => message,
+                bulkhead_model::ModelError::Timeout(_) => "the model endpoint did not answer in time".into(),
+                _ => "the model endpoint is unreachable".into(),
+            }
+        });
+        *cached = Some((Instant::now(), result.clone()));
+        result
+    }
+}
+
+async fn connect_store(config: &Config) -> anyhow::Result<Store> {
+    let url = config.database_url.expose_secret();
+    let options = StoreOptions {
+        max_connections: config.database_max_connections,
+        acquire_timeout: Duration::from_secs(5),
+    };
+    let deadline = Instant::now() + config.database_connect_timeout;
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match Store::connect(url, &options).await {
+            Ok(store) => return Ok(store),
+            Err(e) if Instant::now() + wait < deadline => {
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "database not reachable yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "could not connect to the {} database",
+                    config.database_backend().as_str()
+                )));
+            }
+        }
+    }
+}
+
+/// A server bound to its port; [`Server::run`] serves until `shutdown`.
+pub struct Server {
+    app: Arc<App>,
+    listener: TcpListener,
+}
+
+impl Server {
+    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        let address = SocketAddr::new(config.host, config.port);
+        let app = Arc::new(App::build(config).await?);
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("could not listen on {address}"))?;
+        Ok(Server { app, listener })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn app(&self) -> Arc<App> {
+        Arc::clone(&self.app)
+    }
+
+    /// Serves until `shutdown` resolves, then drains: `/ready` fails and no
+    /// run starts from that moment, runs in flight get the grace to finish,
+    /// the rest are interrupted, and the database is closed.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Server { app, listener } = self;
+        tracing::info!(
+            address = %listener.local_addr()?,
+            mode = app.config.mode.as_str(),
+            role = app.config.agent_role.as_deref().unwrap_or("agent"),
+            "listening"
+        );
+        let router = crate::routes::router(AppState(Arc::clone(&app)));
+        let stop_accepting = CancellationToken::new();
+        let server = axum::serve(listener, router)
+            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+        let mut server = tokio::spawn(async move { server.await });
+
+        tokio::select! {
+            () = shutdown => {}
+            result = &mut server => {
+                // The server stopped on its own: that is an error.
+                result.context("the server task failed")?.context("the server failed")?;
+                anyhow::bail!("the server stopped unexpectedly");
+            }
+        }
+        tracing::info!(
+            runs_in_flight = app.engine.active_runs(),
+            grace_s = app.config.shutdown_grace.as_secs_f64(),
+            "shutting down"
+        );
+        stop_accepting.cancel();
+        app.engine.shutdown(app.config.shutdown_grace).await;
+        // Handlers answer as soon as their runs end; give the last
+        // responses a moment to be written.
+        match tokio::time::timeout(Duration::from_secs(2), &mut server).await {
+            Ok(result) => result.context("the server task failed")?.context("the server failed")?,
+            Err(_) => {
+                tracing::warn!("connections still open after the drain; closing them");
+                server.abort();
+            }
+        }
+        app.engine.store().close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when the future is first polled, so that a signal arriving
+/// during start-up is not lost to the default action.
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+            _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+        }
+    })
+}

@@ -1,0 +1,643 @@
+//! Configuration, read once at start from the environment (and `.env`, and
+//! secret files), validated whole, and never read again. An invalid value
+//! stops the process with one line naming the variable.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bulkhead_store::Backend;
+use secrecy::{ExposeSecret, SecretString};
+
+/// Where secret files are looked for when neither `<NAME>` nor `<NAME>_FILE`
+/// is set: Docker and Kubernetes mount secrets here.
+pub const DEFAULT_SECRETS_DIR: &str = "/run/secrets";
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/bulkhead.db";
+
+/// A configuration problem, always about one variable.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{variable}: {message}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub message: String,
+}
+
+fn invalid(variable: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        variable,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentMode {
+    Development,
+    Production,
+}
+
+impl AgentMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentMode::Development => "development",
+            AgentMode::Production => "production",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where a value came from, for `bulkhead config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    Environment,
+    File(PathBuf),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Default => f.write_str("default"),
+            Source::Environment => f.write_str("environment"),
+            Source::File(path) => write!(f, "file {}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    /// `None` only in development: the built-in mock model answers.
+    pub endpoint: Option<String>,
+    pub name: String,
+    pub api_key: Option<SecretString>,
+    pub temperature: f32,
+    pub max_tokens: u32,
+    pub timeout: Duration,
+    pub max_retries: u32,
+    /// Latency of the in-process mock model.
+    pub mock_latency: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mode: AgentMode,
+    pub host: IpAddr,
+    pub port: u16,
+    pub database_url: SecretString,
+    pub database_max_connections: u32,
+    pub database_connect_timeout: Duration,
+    pub redis_url: Option<SecretString>,
+    pub model: ModelConfig,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    pub agent_role: Option<String>,
+    pub system_prompt: Option<String>,
+    pub enable_streaming: bool,
+    pub enable_tracing: bool,
+    pub max_steps: u32,
+    pub max_body_bytes: usize,
+    pub shutdown_grace: Duration,
+    sources: HashMap<&'static str, Source>,
+}
+
+/// The variables Bulkhead reads: process environment over `.env`, plus a
+/// folder of secret files.
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    vars: HashMap<String, String>,
+    secrets_dir: PathBuf,
+}
+
+impl Environment {
+    /// The process environment, over `.env` in the working directory when
+    /// there is one (the environment wins). Nothing is written back.
+    pub fn from_process() -> Result<Environment, ConfigError> {
+        let mut vars = HashMap::new();
+        match dotenvy::from_path_iter(".env") {
+            Ok(entries) => {
+                for entry in entries {
+                    let (key, value) = entry
+                        .map_err(|e| invalid(".env", format!("cannot be parsed: {e}")))?;
+                    vars.insert(key, value);
+                }
+            }
+            Err(e) if e.not_found() => {}
+            Err(e) => return Err(invalid(".env", format!("cannot be read: {e}"))),
+        }
+        for (key, value) in std::env::vars_os() {
+            if let (Ok(key), Ok(value)) = (key.into_string(), value.into_string()) {
+                vars.insert(key, value);
+            }
+        }
+        Ok(Environment::from_map(vars))
+    }
+
+    pub fn from_map(vars: HashMap<String, String>) -> Environment {
+        let secrets_dir = vars
+            .get("SECRETS_DIR")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SECRETS_DIR));
+        Environment { vars, secrets_dir }
+    }
+
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Environment {
+        Environment::from_map(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    /// A variable's value; empty counts as unset.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.vars
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.trim().is_empty())
+    }
+}
+
+/// Reads typed values and remembers where each came from.
+struct Reader<'a> {
+    env: &'a Environment,
+    sources: HashMap<&'static str, Source>,
+}
+
+impl Reader<'_> {
+    fn raw(&mut self, name: &'static str) -> Option<String> {
+        let value = self.env.get(name).map(|v| v.trim().to_string());
+        self.sources.insert(
+            name,
+            if value.is_some() {
+                Source::Environment
+            } else {
+                Source::Default
+            },
+        );
+        value
+    }
+
+    fn parse<T: std::str::FromStr>(
+        &mut self,
+        name: &'static str,
+        default: T,
+        expected: &str,
+        valid: impl Fn(&T) -> bool,
+    ) -> Result<T, ConfigError> {
+        match self.raw(name) {
+            None => Ok(default),
+            Some(text) => match text.parse::<T>() {
+                Ok(value) if valid(&value) => Ok(value),
+                _ => Err(invalid(name, format!("expected {expected}, got {text:?}"))),
+            },
+        }
+    }
+
+    fn flag(&mut self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.raw(name) {
+            None => Ok(default),
+            Some(text) => match text.to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Ok(true),
+                "0" | "false" | "no" | "off" => Ok(false),
+                _ => Err(invalid(name, format!("expected true or false, got {text:?}"))),
+            },
+        }
+    }
+
+    fn seconds(
+        &mut self,
+        name: &'static str,
+        default: f64,
+        max: f64,
+    ) -> Result<Duration, ConfigError> {
+        let seconds = self.parse(
+            name,
+            default,
+            &format!("a number of seconds above 0 and at most {max}"),
+            |s: &f64| s.is_finite() && *s > 0.0 && *s <= max,
+        )?;
+        Ok(Duration::from_secs_f64(seconds))
+    }
+
+    /// `<NAME>`, else the file `<NAME>_FILE` names, else
+    /// `<secrets dir>/<name>`. Setting both of the first two is an error.
+    fn secret(&mut self, name: &'static str, file_var: &'static str) -> Result<Option<SecretString>, ConfigError> {
+        let direct = self.env.get(name);
+        let file = self.env.get(file_var);
+        let (value, source) = match (direct, file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(name, format!("set either {name} or {file_var}, not both")));
+            }
+            (Some(value), None) => (Some(value.to_string()), Source::Environment),
+            (None, Some(path)) => {
+                let path = PathBuf::from(path);
+                let value = read_secret_file(&path).map_err(|e| {
+                    invalid(file_var, format!("cannot read {}: {e}", path.display()))
+                })?;
+                (Some(value), Source::File(path))
+            }
+            (None, None) => {
+                let path = self.env.secrets_dir.join(name.to_ascii_lowercase());
+                match read_secret_file(&path) {
+                    Ok(value) => (Some(value), Source::File(path)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, Source::Default),
+                    Err(e) => {
+                        return Err(invalid(name, format!("cannot read {}: {e}", path.display())));
+                    }
+                }
+            }
+        };
+        self.sources.insert(name, source);
+        Ok(value
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .map(SecretString::from))
+    }
+}
+
+fn read_secret_file(path: &Path) -> std::io::Result<String> {
+    std::fs::read_to_string(path)
+}
+
+impl Config {
+    /// Reads and validates everything; the first problem found is returned.
+    pub fn from_env(env: &Environment) -> Result<Config, ConfigError> {
+        let mut r = Reader {
+            env,
+            sources: HashMap::new(),
+        };
+        let mode = match r.raw("AGENT_MODE").map(|m| m.to_ascii_lowercase()).as_deref() {
+            None | Some("development") | Some("dev") => AgentMode::Development,
+            Some("production") | Some("prod") => AgentMode::Production,
+            Some(other) => {
+                return Err(invalid(
+                    "AGENT_MODE",
+                    format!("expected development or production, got {other:?}"),
+                ));
+            }
+        };
+        let host = r.parse(
+            "HOST",
+            IpAddr::from([0, 0, 0, 0]),
+            "an IP address such as 0.0.0.0 or 127.0.0.1",
+            |_| true,
+        )?;
+        let port = r.parse("PORT", 8000u16, "a port number (0-65535)", |_| true)?;
+
+        let database_url = r
+            .secret("DATABASE_URL", "DATABASE_URL_FILE")?
+            .unwrap_or_else(|| SecretString::from(DEFAULT_DATABASE_URL));
+        if Backend::from_url(database_url.expose_secret()).is_err() {
+            return Err(invalid(
+                "DATABASE_URL",
+                "expected a sqlite:// or postgres:// URL",
+            ));
+        }
+        let database_max_connections = r.parse(
+            "DATABASE_MAX_CONNECTIONS",
+            10u32,
+            "a whole number from 1 to 1000",
+            |n| (1..=1000).contains(n),
+        )?;
+        let database_connect_timeout = r.seconds("DATABASE_CONNECT_TIMEOUT_SECONDS", 30.0, 3600.0)?;
+
+        let redis_url = r.secret("REDIS_URL", "REDIS_URL_FILE")?;
+        if let Some(url) = &redis_url {
+            let url = url.expose_secret();
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(invalid("REDIS_URL", "expected a redis:// or rediss:// URL"));
+            }
+        }
+
+        let endpoint = r.raw("MODEL_ENDPOINT");
+        if let Some(endpoint) = &endpoint {
+            let rest = endpoint
+                .strip_prefix("http://")
+                .or_else(|| endpoint.strip_prefix("https://"));
+            if rest.is_none_or(|host| host.is_empty() || host.starts_with('/')) {
+                return Err(invalid(
+                    "MODEL_ENDPOINT",
+                    "expected an http:// or https:// base URL such as https://api.openai.com/v1",
+                ));
+            }
+        } else if mode == AgentMode::Production {
+            return Err(invalid(
+                "MODEL_ENDPOINT",
+                "is required when AGENT_MODE=production (an OpenAI-compatible base URL such as https://api.openai.com/v1)",
+            ));
+        }
+        let model = ModelConfig {
+            name: r.raw("MODEL_NAME").unwrap_or_else(|| "gpt-4o-mini".into()),
+            api_key: r.secret("OPENAI_API_KEY", "OPENAI_API_KEY_FILE")?,
+            temperature: r.parse("TEMPERATURE", 0.7f32, "a number from 0 to 2", |t| {
+                (0.0..=2.0).contains(t)
+            })?,
+            max_tokens: r.parse("MAX_TOKENS", 4096u32, "a whole number of at least 1", |n| {
+                *n >= 1
+            })?,
+            timeout: r.seconds("MODEL_TIMEOUT_SECONDS", 60.0, 3600.0)?,
+            max_retries: r.parse("MODEL_MAX_RETRIES", 3u32, "a whole number from 0 to 10", |n| {
+                *n <= 10
+            })?,
+            mock_latency: Duration::from_millis(r.parse(
+                "MOCK_MODEL_LATENCY_MS",
+                0u64,
+                "a whole number of milliseconds",
+                |n| *n <= 600_000,
+            )?),
+            endpoint,
+        };
+
+        let log_level = r.raw("LOG_LEVEL").unwrap_or_else(|| "info".into());
+        let log_level = normalise_log_level(&log_level)
+            .ok_or_else(|| {
+                invalid(
+                    "LOG_LEVEL",
+                    format!("expected trace, debug, info, warn or error, got {log_level:?}"),
+                )
+            })?;
+        let log_format = match r.raw("LOG_FORMAT").map(|f| f.to_ascii_lowercase()).as_deref() {
+            None => match mode {
+                AgentMode::Production => LogFormat::Json,
+                AgentMode::Development => LogFormat::Text,
+            },
+            Some("json") => LogFormat::Json,
+            Some("text") | Some("pretty") => LogFormat::Text,
+            Some(other) => {
+                return Err(invalid("LOG_FORMAT", format!("expected json or text, got {other:?}")));
+            }
+        };
+
+        let config = Config {
+            mode,
+            host,
+            port,
+            database_url,
+            database_max_connections,
+            database_connect_timeout,
+            redis_url,
+            model,
+            log_level,
+            log_format,
+            agent_role: r.raw("AGENT_ROLE"),
+            system_prompt: r.raw("SYSTEM_PROMPT"),
+            enable_streaming: r.flag("ENABLE_STREAMING", true)?,
+            enable_tracing: r.flag("ENABLE_TRACING", false)?,
+            max_steps: r.parse("MAX_STEPS", 8u32, "a whole number from 1 to 100", |n| {
+                (1..=100).contains(n)
+            })?,
+            max_body_bytes: r.parse(
+                "MAX_BODY_BYTES",
+                1024 * 1024usize,
+                "a number of bytes from 1024 to 1073741824",
+                |n| (1024..=1 << 30).contains(n),
+            )?,
+            shutdown_grace: r.seconds("SHUTDOWN_GRACE_SECONDS", 8.0, 3600.0)?,
+            sources: HashMap::new(),
+        };
+        Ok(Config {
+            sources: r.sources,
+            ..config
+        })
+    }
+
+    /// The effective configuration as (variable, shown value, source), with
+    /// every secret redacted.
+    pub fn describe(&self) -> Vec<(&'static str, String, String)> {
+        let secret = |value: &Option<SecretString>| match value {
+            Some(_) => "[redacted]".to_string(),
+            None => "(not set)".to_string(),
+        };
+        let optional = |value: &Option<String>| value.clone().unwrap_or_else(|| "(not set)".into());
+        let rows: Vec<(&'static str, String)> = vec![
+            ("AGENT_MODE", self.mode.as_str().into()),
+            ("AGENT_ROLE", optional(&self.agent_role)),
+            ("HOST", self.host.to_string()),
+            ("PORT", self.port.to_string()),
+            ("DATABASE_URL", redact_url_password(self.database_url.expose_secret())),
+            ("DATABASE_MAX_CONNECTIONS", self.database_max_connections.to_string()),
+            (
+                "DATABASE_CONNECT_TIMEOUT_SECONDS",
+                self.database_connect_timeout.as_secs_f64().to_string(),
+            ),
+            (
+                "REDIS_URL",
+                self.redis_url
+                    .as_ref()
+                    .map(|u| redact_url_password(u.expose_secret()))
+                    .unwrap_or_else(|| "(not set)".into()),
+            ),
+            (
+                "MODEL_ENDPOINT",
+                self.model
+                    .endpoint
+                    .as_deref()
+                    .map(redact_url_password)
+                    .unwrap_or_else(|| "(not set: built-in mock model)".into()),
+            ),
+            ("MODEL_NAME", self.model.name.clone()),
+            ("OPENAI_API_KEY", secret(&self.model.api_key)),
+            ("TEMPERATURE", self.model.temperature.to_string()),
+            ("MAX_TOKENS", self.model.max_tokens.to_string()),
+            ("MODEL_TIMEOUT_SECONDS", self.model.timeout.as_secs_f64().to_string()),
+            ("MODEL_MAX_RETRIES", self.model.max_retries.to_string()),
+            ("MOCK_MODEL_LATENCY_MS", self.model.mock_latency.as_millis().to_string()),
+            ("MAX_STEPS", self.max_steps.to_string()),
+            ("SYSTEM_PROMPT", optional(&self.system_prompt)),
+            ("ENABLE_STREAMING", self.enable_streaming.to_string()),
+            ("ENABLE_TRACING", self.enable_tracing.to_string()),
+            ("MAX_BODY_BYTES", self.max_body_bytes.to_string()),
+            ("SHUTDOWN_GRACE_SECONDS", self.shutdown_grace.as_secs_f64().to_string()),
+            ("LOG_LEVEL", self.log_level.clone()),
+            (
+                "LOG_FORMAT",
+                match self.log_format {
+                    LogFormat::Json => "json".into(),
+                    LogFormat::Text => "text".into(),
+                },
+            ),
+        ];
+        rows.into_iter()
+            .map(|(name, value)| {
+                let source = self
+                    .sources
+                    .get(name)
+                    .cloned()
+                    .unwrap_or(Source::Default)
+                    .to_string();
+                (name, value, source)
+            })
+            .collect()
+    }
+
+    /// Whether the in-process mock model stands in for a real one.
+    pub fn uses_mock_model(&self) -> bool {
+        self.model.endpoint.is_none()
+    }
+
+    pub fn database_backend(&self) -> Backend {
+        // Validated in `from_env`.
+        Backend::from_url(self.database_url.expose_secret()).unwrap_or(Backend::Sqlite)
+    }
+}
+
+/// Accepts tracing's levels and Python's names for them (`WARNING`,
+/// `CRITICAL`), or a full tracing filter directive such as
+/// `info,bulkhead_agent=debug`.
+fn normalise_log_level(level: &str) -> Option<String> {
+    let lower = level.trim().to_ascii_lowercase();
+    let simple = match lower.as_str() {
+        "trace" | "debug" | "info" | "warn" | "error" | "off" => lower.clone(),
+        "warning" => "warn".into(),
+        "critical" | "fatal" => "error".into(),
+        _ if lower.contains('=') => return Some(lower),
+        _ => return None,
+    };
+    Some(simple)
+}
+
+/// `scheme://user:password@host/…` → `scheme://user:[redacted]@host/…`.
+pub fn redact_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let authority_start = scheme_end + 3;
+    let authority_end = url[authority_start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| authority_start + i);
+    let authority = &url[authority_start..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &authority[..at];
+    let user = userinfo.split(':').next().unwrap_or_default();
+    let shown = if userinfo.contains(':') {
+        format!("{user}:[redacted]")
+    } else {
+        "[redacted]".to_string()
+    };
+    format!(
+        "{}{}{}",
+        &url[..authority_start],
+        shown,
+        &url[authority_start + at..]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pairs: Vec<(&str, &str)> = pairs.to_vec();
+        let secrets = dir.path().to_str().unwrap().to_string();
+        pairs.push(("SECRETS_DIR", &secrets));
+        Config::from_env(&Environment::from_pairs(pairs))
+    }
+
+    #[test]
+    fn defaults_match_the_tutorials() {
+        let config = load(&[]).unwrap();
+        assert_eq!(config.mode, AgentMode::Development);
+        assert_eq!(config.port, 8000);
+        assert_eq!(config.host.to_string(), "0.0.0.0");
+        assert_eq!(config.model.name, "gpt-4o-mini");
+        assert_eq!(config.model.temperature, 0.7);
+        assert_eq!(config.model.max_tokens, 4096);
+        assert_eq!(config.max_steps, 8);
+        assert_eq!(config.shutdown_grace, Duration::from_secs(8));
+        assert_eq!(config.max_body_bytes, 1 << 20);
+        assert!(config.enable_streaming);
+        assert!(config.uses_mock_model());
+        assert_eq!(config.database_url.expose_secret(), DEFAULT_DATABASE_URL);
+    }
+
+    #[test]
+    fn production_needs_a_model_endpoint() {
+        let error = load(&[("AGENT_MODE", "production")]).unwrap_err();
+        assert_eq!(error.variable, "MODEL_ENDPOINT");
+        let config = load(&[
+            ("AGENT_MODE", "production"),
+            ("MODEL_ENDPOINT", "https://api.openai.com/v1"),
+        ])
+        .unwrap();
+        assert_eq!(config.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn invalid_values_name_their_variable() {
+        for (name, value) in [
+            ("TEMPERATURE", "hot"),
+            ("TEMPERATURE", "3"),
+            ("MAX_TOKENS", "0"),
+            ("PORT", "70000"),
+            ("HOST", "not an ip"),
+            ("AGENT_MODE", "staging"),
+            ("ENABLE_STREAMING", "maybe"),
+            ("MAX_STEPS", "0"),
+            ("DATABASE_URL", "mysql://x"),
+            ("MODEL_ENDPOINT", "api.openai.com"),
+            ("LOG_LEVEL", "loud"),
+            ("SHUTDOWN_GRACE_SECONDS", "-1"),
+        ] {
+            let error = load(&[(name, value)]).unwrap_err();
+            assert_eq!(error.variable, name, "{name}={value}: {error}");
+        }
+    }
+
+    #[test]
+    fn secrets_come_from_env_file_or_secrets_dir_and_are_never_described() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("key");
+        std::fs::write(&key_file, "sk-from-file\n").unwrap();
+        let secrets = dir.path().join("secrets");
+        std::fs::create_dir(&secrets).unwrap();
+        std::fs::write(secrets.join("openai_api_key"), "sk-from-secrets-dir").unwrap();
+        let secrets_dir = secrets.to_str().unwrap();
+        let key_path = key_file.to_str().unwrap();
+
+        let from_file = Config::from_env(&Environment::from_pairs([
+            ("OPENAI_API_KEY_FILE", key_path),
+            ("SECRETS_DIR", secrets_dir),
+        ]))
+        .unwrap();
+        assert_eq!(from_file.model.api_key.as_ref().unwrap().expose_secret(), "sk-from-file");
+
+        let from_dir =
+            Config::from_env(&Environment::from_pairs([("SECRETS_DIR", secrets_dir)])).unwrap();
+        assert_eq!(from_dir.model.api_key.as_ref().unwrap().expose_secret(), "sk-from-secrets-dir");
+
+        let both = Config::from_env(&Environment::from_pairs([
+            ("OPENAI_API_KEY", "sk-env"),
+            ("OPENAI_API_KEY_FILE", key_path),
+            ("SECRETS_DIR", secrets_dir),
+        ]))
+        .unwrap_err();
+        assert_eq!(both.variable, "OPENAI_API_KEY");
+        assert!(!both.to_string().contains("sk-env"));
+
+        let described = format!("{:?}", from_file.describe());
+        assert!(!described.contains("sk-from-file"), "{described}");
+        assert!(described.contains("[redacted]"));
+        let debug = format!("{from_file:?}");
+        assert!(!debug.contains("sk-from-file"), "Debug leaks the key: {debug}");
+    }
+
+    #[test]
+    fn url_passwords_are_redacted() {
+        assert_eq!(
+            redact_url_password("postgres://bulkhead:s3cret@db:5432/bulkhead"),
+            "postgres://bulkhead:[redacted]@db:5432/bulkhead"
+        );
+        assert_eq!(redact_url_password("sqlite://data/bulkhead.db"), "sqlite://data/bulkhead.db");
+        assert_eq!(redact_url_password("redis://:pw@redis:6379/0"), "redis://:[redacted]@redis:6379/0");
+    }
+}

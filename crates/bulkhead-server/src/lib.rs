@@ -1,0 +1,11 @@
+//! Bulkhead's HTTP service: the configuration it runs with, the agent API
+//! and probes it serves, and its start and graceful stop.
+
+pub mod app;
+pub mod config;
+pub mod error;
+mod extract;
+mod routes;
+
+pub use app::{App, AppState, Server, shutdown_signal};
+pub use config::{Config, ConfigError, Environment};

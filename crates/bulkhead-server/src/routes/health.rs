@@ -1,0 +1,62 @@
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde_json::{Map, Value, json};
+
+use crate::app::AppState;
+
+/// Liveness: the process answers. No dependency is checked.
+pub async fn health() -> Json<Value> {
+    Json(json!({"status": "healthy"}))
+}
+
+/// Readiness: one entry per dependency; 503 when any fails or the server
+/// is shutting down.
+pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let mut checks = Map::new();
+    let mut ready = true;
+    let mut check = |name: &str, result: Result<Value, String>| {
+        let entry = match result {
+            Ok(Value::Object(mut details)) => {
+                details.insert("status".into(), "ok".into());
+                Value::Object(details)
+            }
+            Ok(_) => json!({"status": "ok"}),
+            Err(message) => {
+                ready = false;
+                json!({"status": "fail", "message": message})
+            }
+        };
+        checks.insert(name.to_string(), entry);
+    };
+
+    let store = state.engine.store();
+    let database = match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
+        Ok(Ok(())) => Ok(json!({"backend": store.backend().as_str()})),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness: database check failed");
+            Err("the database is not answering".to_string())
+        }
+        Err(_) => Err("the database did not answer within 2s".to_string()),
+    };
+    check("database", database);
+
+    let model = if state.engine.model().is_mock() {
+        Ok(json!({"kind": "mock"}))
+    } else {
+        state.probe_model().await.map(|()| json!({"kind": "remote"}))
+    };
+    check("model", model);
+
+    if !state.engine.is_accepting() {
+        check("server", Err("shutting down".into()));
+    }
+    let (status, word) = if ready {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    };
+    (status, Json(json!({"status": word, "checks": checks})))
+}

@@ -1,0 +1,160 @@
+//! Reading back what was recorded: sessions, their runs, and run events.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use bulkhead_store::{DeleteOutcome, Run};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::timestamp;
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::extract::parse_id;
+
+fn session_id(raw: &str) -> Result<String, ApiError> {
+    parse_id(raw, "the session id", "invalid_session_id", StatusCode::BAD_REQUEST)
+}
+
+fn run_id(raw: &str) -> Result<String, ApiError> {
+    parse_id(raw, "the run id", "invalid_run_id", StatusCode::BAD_REQUEST)
+}
+
+fn session_not_found() -> ApiError {
+    ApiError::not_found("session_not_found", "no session has this id")
+}
+
+/// The conversation, oldest message first.
+pub async fn get_session(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = session_id(&raw)?;
+    let store = state.engine.store();
+    let session = store.session(&id).await?.ok_or_else(session_not_found)?;
+    let messages: Vec<Value> = store
+        .messages(&id)
+        .await?
+        .into_iter()
+        .map(|m| {
+            let mut message = json!({
+                "role": m.role,
+                "content": m.content,
+                "run_id": m.run_id,
+                "created_at": timestamp(m.created_at),
+            });
+            if let Some(calls) = m.tool_calls.as_deref() {
+                message["tool_calls"] = serde_json::from_str(calls).unwrap_or(Value::Null);
+            }
+            if let Some(call_id) = m.tool_call_id {
+                message["tool_call_id"] = call_id.into();
+            }
+            message
+        })
+        .collect();
+    Ok(Json(json!({
+        "session_id": session.id,
+        "created_at": timestamp(session.created_at),
+        "updated_at": timestamp(session.updated_at),
+        "active_run_id": session.active_run_id,
+        "messages": messages,
+    })))
+}
+
+pub async fn delete_session(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = session_id(&raw)?;
+    match state.engine.store().delete_session(&id).await? {
+        DeleteOutcome::Deleted => {
+            tracing::info!(session_id = %id, "session deleted");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        DeleteOutcome::NotFound => Err(session_not_found()),
+        DeleteOutcome::Busy => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "session_busy",
+            "this session has a run in progress; delete it once the run has finished",
+        )),
+    }
+}
+
+fn run_json(run: Run) -> Value {
+    let error = run
+        .error_code
+        .map(|code| json!({"code": code, "message": run.error_message}));
+    json!({
+        "run_id": run.id,
+        "session_id": run.session_id,
+        "status": run.status,
+        "input": run.input,
+        "output": run.output,
+        "tokens_used": run.tokens_used,
+        "steps": run.steps,
+        "error": error,
+        "created_at": timestamp(run.created_at),
+        "finished_at": run.finished_at.map(timestamp),
+    })
+}
+
+/// The runs made on a session, oldest first.
+pub async fn session_runs(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = session_id(&raw)?;
+    let store = state.engine.store();
+    store.session(&id).await?.ok_or_else(session_not_found)?;
+    let runs: Vec<Value> = store.runs(&id).await?.into_iter().map(run_json).collect();
+    Ok(Json(json!({"session_id": id, "runs": runs})))
+}
+
+fn run_not_found() -> ApiError {
+    ApiError::not_found("run_not_found", "no run has this id")
+}
+
+pub async fn get_run(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = run_id(&raw)?;
+    let run = state.engine.store().run(&id).await?.ok_or_else(run_not_found)?;
+    Ok(Json(run_json(run)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EventsQuery {
+    /// Only events with an id above this one.
+    #[serde(default)]
+    after: Option<i64>,
+}
+
+/// A run's recorded events, in order, each with its id (the same id the
+/// event had on the stream).
+pub async fn run_events(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = run_id(&raw)?;
+    let Query(query) = query.map_err(|_| {
+        ApiError::bad_request("invalid_query", "`after` must be a whole number (an event id)")
+    })?;
+    let store = state.engine.store();
+    let run = store.run(&id).await?.ok_or_else(run_not_found)?;
+    let events: Vec<Value> = store
+        .run_events(&id, query.after.unwrap_or(0))
+        .await?
+        .into_iter()
+        .map(|e| {
+            json!({
+                "id": e.seq,
+                "event": e.kind,
+                "data": serde_json::from_str::<Value>(&e.data).unwrap_or(Value::Null),
+                "created_at": timestamp(e.created_at),
+            })
+        })
+        .collect();
+    Ok(Json(json!({"run_id": id, "status": run.status, "events": events})))
+}

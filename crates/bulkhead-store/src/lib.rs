@@ -1,0 +1,573 @@
+//! Bulkhead's persistence: sessions, their messages, the runs made on them and
+//! every event of every run, on SQLite (embedded default) or PostgreSQL.
+//!
+//! This is the only crate of the workspace that speaks SQL. Both backends use
+//! the same schema shape (ids as text, timestamps as milliseconds since the
+//! epoch, JSON as text), so every query is written once and run through
+//! whichever native sqlx driver the URL names. SQLite gets one writer
+//! connection and a pool of readers: SQLite serialises writers anyway, and a
+//! single writer turns lock contention (`SQLITE_BUSY`) into a plain queue.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::QueryBuilder;
+
+mod model;
+pub use model::*;
+
+/// Errors from the store. Their text never carries a connection string.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported DATABASE_URL scheme (expected sqlite:// or postgres://)")]
+    UnsupportedUrl,
+    #[error("invalid DATABASE_URL: {0}")]
+    InvalidUrl(String),
+    #[error("could not create the database folder {path}: {source}")]
+    CreateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Which engine a [`Store`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+
+    /// The backend a database URL names, without connecting.
+    pub fn from_url(url: &str) -> Result<Backend, StoreError> {
+        if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else {
+            Err(StoreError::UnsupportedUrl)
+        }
+    }
+}
+
+/// Pool sizing and timeouts.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Connections to PostgreSQL, or SQLite reader connections.
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Pools {
+    Sqlite {
+        read: SqlitePool,
+        write: SqlitePool,
+    },
+    Postgres(PgPool),
+}
+
+/// A handle on the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pools: Pools,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend())
+            .finish()
+    }
+}
+
+/// Runs `$body` with `$pool` bound to the pool that takes writes.
+macro_rules! with_writer {
+    ($self:ident, |$pool:ident| $body:block) => {
+        match &$self.pools {
+            Pools::Sqlite { write: $pool, .. } => $body,
+            Pools::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Runs `$body` with `$pool` bound to a pool for reads.
+macro_rules! with_reader {
+    ($self:ident, |$pool:ident| $body:block) => {
+        match &$self.pools {
+            Pools::Sqlite { read: $pool, .. } => $body,
+            Pools::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// SQLite caps bound parameters per statement; stay well under it.
+const ROWS_PER_INSERT: usize = 500;
+
+/// Inserts `$events` for run `$run_id` inside transaction `$tx`, batched.
+macro_rules! insert_events {
+    ($tx:ident, $run_id:expr, $events:expr) => {
+        for chunk in $events.chunks(ROWS_PER_INSERT) {
+            let mut insert = QueryBuilder::new(
+                "INSERT INTO run_events (run_id, seq, kind, data, created_at) ",
+            );
+            insert.push_values(chunk, |mut row, event| {
+                row.push_bind($run_id)
+                    .push_bind(event.seq)
+                    .push_bind(event.kind)
+                    .push_bind(&event.data)
+                    .push_bind(event.created_at);
+            });
+            insert
+                .build()
+                .execute(&mut *$tx)
+                .await
+                .map_err(StoreError::from)?;
+        }
+    };
+}
+
+/// Inserts `$messages` into the conversation inside transaction `$tx`.
+macro_rules! insert_messages {
+    ($tx:ident, $session_id:expr, $run_id:expr, $messages:expr, $now:expr) => {
+        for chunk in $messages.chunks(ROWS_PER_INSERT) {
+            let mut insert = QueryBuilder::new(
+                "INSERT INTO messages (session_id, run_id, role, content, tool_calls, tool_call_id, created_at) ",
+            );
+            insert.push_values(chunk, |mut row, message| {
+                row.push_bind($session_id)
+                    .push_bind($run_id)
+                    .push_bind(message.role)
+                    .push_bind(message.content.as_deref())
+                    .push_bind(message.tool_calls.as_deref())
+                    .push_bind(message.tool_call_id.as_deref())
+                    .push_bind($now);
+            });
+            insert.build().execute(&mut *$tx).await?;
+        }
+    };
+}
+
+impl Store {
+    /// Connects to `url` (`sqlite://…` or `postgres://…`). For SQLite the file
+    /// and its folder are created and WAL is switched on.
+    pub async fn connect(url: &str, options: &StoreOptions) -> Result<Store, StoreError> {
+        let pools = match Backend::from_url(url)? {
+            Backend::Sqlite => connect_sqlite(url, options).await?,
+            Backend::Postgres => {
+                let connect = PgConnectOptions::from_str(url)
+                    .map_err(|e| StoreError::InvalidUrl(redact_sqlx_error(&e)))?;
+                let pool = PgPoolOptions::new()
+                    .max_connections(options.max_connections)
+                    .acquire_timeout(options.acquire_timeout)
+                    .connect_with(connect)
+                    .await?;
+                Pools::Postgres(pool)
+            }
+        };
+        Ok(Store { pools })
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.pools {
+            Pools::Sqlite { .. } => Backend::Sqlite,
+            Pools::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Applies the embedded migrations that are not applied yet; returns the
+    /// number of migrations the schema now has.
+    pub async fn migrate(&self) -> Result<usize, StoreError> {
+        match &self.pools {
+            Pools::Sqlite { write, .. } => {
+                let migrator = sqlx::migrate!("migrations/sqlite");
+                migrator.run(write).await?;
+                Ok(migrator.iter().count())
+            }
+            Pools::Postgres(pool) => {
+                let migrator = sqlx::migrate!("migrations/postgres");
+                migrator.run(pool).await?;
+                Ok(migrator.iter().count())
+            }
+        }
+    }
+
+    /// One round trip to the database.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        with_reader!(self, |pool| {
+            sqlx::query("SELECT 1").execute(pool).await?;
+        });
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        match &self.pools {
+            Pools::Sqlite { read, write } => {
+                read.close().await;
+                write.close().await;
+            }
+            Pools::Postgres(pool) => pool.close().await,
+        }
+    }
+
+    /// Marks every run still `running` as `interrupted` and frees the
+    /// sessions they held. Only sound where this process is the database's
+    /// only user, which is what an SQLite file means for Bulkhead.
+    pub async fn recover_abandoned_runs(&self, now: i64) -> Result<u64, StoreError> {
+        with_writer!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            let runs = sqlx::query(
+                "UPDATE runs SET status = 'interrupted', finished_at = $1, \
+                 error_code = 'server_stopped', \
+                 error_message = 'the server stopped before the run finished' \
+                 WHERE status = 'running'",
+            )
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            sqlx::query(
+                "UPDATE sessions SET active_run_id = NULL, locked_at = NULL \
+                 WHERE active_run_id IS NOT NULL",
+            )
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(runs)
+        })
+    }
+
+    /// Opens a run: creates or locks the session, records the user's message,
+    /// the run and its first event, all in one transaction. A session is held
+    /// by one run at a time; a lock older than `lock_stale_before` is taken
+    /// over (its holder is presumed dead) and the run that held it is marked
+    /// interrupted.
+    pub async fn begin_run(&self, begin: &BeginRun<'_>) -> Result<(), BeginRunError> {
+        with_writer!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(StoreError::from)?;
+            let (session_id, created) = match begin.session {
+                SessionRef::New(id) => {
+                    sqlx::query(
+                        "INSERT INTO sessions (id, created_at, updated_at, active_run_id, locked_at) \
+                         VALUES ($1, $2, $2, $3, $2)",
+                    )
+                    .bind(id)
+                    .bind(begin.now)
+                    .bind(begin.run_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                    (id, true)
+                }
+                SessionRef::Existing(id) => {
+                    let locked = sqlx::query(
+                        "UPDATE sessions SET active_run_id = $1, locked_at = $2, updated_at = $2 \
+                         WHERE id = $3 AND (active_run_id IS NULL OR locked_at < $4)",
+                    )
+                    .bind(begin.run_id)
+                    .bind(begin.now)
+                    .bind(id)
+                    .bind(begin.lock_stale_before)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?
+                    .rows_affected();
+                    if locked == 0 {
+                        let holder: Option<(Option<String>,)> =
+                            sqlx::query_as("SELECT active_run_id FROM sessions WHERE id = $1")
+                                .bind(id)
+                                .fetch_optional(&mut *tx)
+                                .await
+                                .map_err(StoreError::from)?;
+                        return Err(match holder {
+                            None => BeginRunError::SessionNotFound,
+                            Some((active_run_id,)) => BeginRunError::SessionBusy {
+                                active_run_id: active_run_id.unwrap_or_default(),
+                            },
+                        });
+                    }
+                    (id, false)
+                }
+            };
+            if !created {
+                // A run that lost its lock to staleness never finished.
+                sqlx::query(
+                    "UPDATE runs SET status = 'interrupted', finished_at = $1, \
+                     error_code = 'lock_expired', \
+                     error_message = 'the run stopped reporting progress and its session was taken over' \
+                     WHERE session_id = $2 AND status = 'running'",
+                )
+                .bind(begin.now)
+                .bind(session_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+            }
+            sqlx::query(
+                "INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at) \
+                 VALUES ($1, $2, 'running', $3, 0, 0, $4)",
+            )
+            .bind(begin.run_id)
+            .bind(session_id)
+            .bind(begin.input)
+            .bind(begin.now)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+            sqlx::query(
+                "INSERT INTO messages (session_id, run_id, role, content, created_at) \
+                 VALUES ($1, $2, 'user', $3, $4)",
+            )
+            .bind(session_id)
+            .bind(begin.run_id)
+            .bind(begin.input)
+            .bind(begin.now)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+            insert_events!(tx, begin.run_id, std::slice::from_ref(&begin.first_event));
+            tx.commit().await.map_err(StoreError::from)?;
+            Ok(())
+        })
+    }
+
+    /// Records what a step of a run produced (assistant tool calls, tool
+    /// results, events) and refreshes the session lock.
+    pub async fn record_step(&self, step: &RunProgress<'_>) -> Result<(), StoreError> {
+        with_writer!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            insert_messages!(tx, step.session_id, step.run_id, step.messages, step.now);
+            insert_events!(tx, step.run_id, step.events);
+            sqlx::query("UPDATE runs SET tokens_used = $1, steps = $2 WHERE id = $3")
+                .bind(step.tokens_used)
+                .bind(step.steps)
+                .bind(step.run_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE sessions SET locked_at = $1 WHERE id = $2 AND active_run_id = $3")
+                .bind(step.now)
+                .bind(step.session_id)
+                .bind(step.run_id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Closes a run with its final status, records its last messages and
+    /// events, and frees the session.
+    pub async fn finish_run(&self, finish: &FinishRun<'_>) -> Result<(), StoreError> {
+        let progress = &finish.progress;
+        with_writer!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            insert_messages!(
+                tx,
+                progress.session_id,
+                progress.run_id,
+                progress.messages,
+                progress.now
+            );
+            insert_events!(tx, progress.run_id, progress.events);
+            sqlx::query(
+                "UPDATE runs SET status = $1, output = $2, tokens_used = $3, steps = $4, \
+                 error_code = $5, error_message = $6, finished_at = $7 WHERE id = $8",
+            )
+            .bind(finish.status.as_str())
+            .bind(finish.output)
+            .bind(progress.tokens_used)
+            .bind(progress.steps)
+            .bind(finish.error.map(|e| e.0))
+            .bind(finish.error.map(|e| e.1))
+            .bind(progress.now)
+            .bind(progress.run_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE sessions SET active_run_id = NULL, locked_at = NULL, updated_at = $1 \
+                 WHERE id = $2 AND active_run_id = $3",
+            )
+            .bind(progress.now)
+            .bind(progress.session_id)
+            .bind(progress.run_id)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    pub async fn session(&self, id: &str) -> Result<Option<Session>, StoreError> {
+        with_reader!(self, |pool| {
+            Ok(sqlx::query_as::<_, Session>(
+                "SELECT id, created_at, updated_at, active_run_id FROM sessions WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(pool)
+            .await?)
+        })
+    }
+
+    /// The conversation of a session, oldest first.
+    pub async fn messages(&self, session_id: &str) -> Result<Vec<Message>, StoreError> {
+        with_reader!(self, |pool| {
+            Ok(sqlx::query_as::<_, Message>(
+                "SELECT id, session_id, run_id, role, content, tool_calls, tool_call_id, created_at \
+                 FROM messages WHERE session_id = $1 ORDER BY id",
+            )
+            .bind(session_id)
+            .fetch_all(pool)
+            .await?)
+        })
+    }
+
+    /// The runs of a session, oldest first.
+    pub async fn runs(&self, session_id: &str) -> Result<Vec<Run>, StoreError> {
+        with_reader!(self, |pool| {
+            Ok(sqlx::query_as::<_, Run>(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE session_id = $1 ORDER BY created_at, id"
+            ))
+            .bind(session_id)
+            .fetch_all(pool)
+            .await?)
+        })
+    }
+
+    pub async fn run(&self, id: &str) -> Result<Option<Run>, StoreError> {
+        with_reader!(self, |pool| {
+            Ok(
+                sqlx::query_as::<_, Run>(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(pool)
+                    .await?,
+            )
+        })
+    }
+
+    /// The events of a run with a sequence number above `after`, in order.
+    pub async fn run_events(&self, run_id: &str, after: i64) -> Result<Vec<RunEvent>, StoreError> {
+        with_reader!(self, |pool| {
+            Ok(sqlx::query_as::<_, RunEvent>(
+                "SELECT run_id, seq, kind, data, created_at FROM run_events \
+                 WHERE run_id = $1 AND seq > $2 ORDER BY seq",
+            )
+            .bind(run_id)
+            .bind(after)
+            .fetch_all(pool)
+            .await?)
+        })
+    }
+
+    /// Deletes a session with its messages, runs and events, unless a run
+    /// holds it.
+    pub async fn delete_session(&self, id: &str) -> Result<DeleteOutcome, StoreError> {
+        with_writer!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            let deleted =
+                sqlx::query("DELETE FROM sessions WHERE id = $1 AND active_run_id IS NULL")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            let outcome = if deleted == 1 {
+                DeleteOutcome::Deleted
+            } else {
+                let exists: Option<(String,)> =
+                    sqlx::query_as("SELECT id FROM sessions WHERE id = $1")
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if exists.is_some() {
+                    DeleteOutcome::Busy
+                } else {
+                    DeleteOutcome::NotFound
+                }
+            };
+            tx.commit().await?;
+            Ok(outcome)
+        })
+    }
+}
+
+const RUN_COLUMNS: &str = "id, session_id, status, input, output, tokens_used, steps, \
+    error_code, error_message, created_at, finished_at";
+
+
+async fn connect_sqlite(url: &str, options: &StoreOptions) -> Result<Pools, StoreError> {
+    let connect = SqliteConnectOptions::from_str(url)
+        .map_err(|e| StoreError::InvalidUrl(e.to_string()))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // WAL + NORMAL: a commit survives a process crash; only an OS crash
+        // or power loss can drop the last transactions. Documented in README.
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true);
+    let filename = connect.get_filename().to_string_lossy().into_owned();
+    let in_memory = filename.is_empty() || filename == ":memory:" || url.contains("mode=memory");
+    if in_memory {
+        // Every connection would see its own empty database: use exactly one.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await?;
+        return Ok(Pools::Sqlite {
+            read: pool.clone(),
+            write: pool,
+        });
+    }
+    if let Some(parent) = std::path::Path::new(&filename).parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
+                path: parent.display().to_string(),
+                source,
+            })?;
+        }
+    }
+    let write = SqlitePoolOptions::new()
+        .max_connections(1)
+        .min_connections(1)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(connect.clone())
+        .await?;
+    let read = SqlitePoolOptions::new()
+        .max_connections(options.max_connections.max(1))
+        .acquire_timeout(options.acquire_timeout)
+        .connect_with(connect.read_only(true))
+        .await?;
+    Ok(Pools::Sqlite { read, write })
+}
+
+/// sqlx's URL parse errors may quote the URL, password included.
+fn redact_sqlx_error(_error: &sqlx::Error) -> String {
+    "could not parse the PostgreSQL URL (expected postgres://user:password@host:port/database)"
+        .to_string()
+}

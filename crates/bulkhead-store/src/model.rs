@@ -1,0 +1,147 @@
+//! The rows the store reads and the records it is handed to write.
+
+use serde::Serialize;
+use sqlx::FromRow;
+
+use crate::StoreError;
+
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct Session {
+    pub id: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub active_run_id: Option<String>,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct Message {
+    pub id: i64,
+    pub session_id: String,
+    pub run_id: Option<String>,
+    pub role: String,
+    pub content: Option<String>,
+    /// JSON array of OpenAI-shaped tool calls, when the assistant made some.
+    pub tool_calls: Option<String>,
+    pub tool_call_id: Option<String>,
+    pub created_at: i64,
+}
+
+/// A message to append to a conversation.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub role: &'static str,
+    pub content: Option<String>,
+    pub tool_calls: Option<String>,
+    pub tool_call_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Completed,
+    Failed,
+    Interrupted,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Interrupted => "interrupted",
+        }
+    }
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct Run {
+    pub id: String,
+    pub session_id: String,
+    /// One of [`RunStatus`]'s names.
+    pub status: String,
+    pub input: String,
+    pub output: Option<String>,
+    pub tokens_used: i64,
+    pub steps: i64,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct RunEvent {
+    pub run_id: String,
+    pub seq: i64,
+    pub kind: String,
+    /// The event's JSON payload.
+    pub data: String,
+    pub created_at: i64,
+}
+
+/// An event to append to a run's record.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub seq: i64,
+    pub kind: &'static str,
+    pub data: String,
+    pub created_at: i64,
+}
+
+/// Whether a run starts a new session or continues one.
+#[derive(Debug, Clone, Copy)]
+pub enum SessionRef<'a> {
+    New(&'a str),
+    Existing(&'a str),
+}
+
+#[derive(Debug)]
+pub struct BeginRun<'a> {
+    pub session: SessionRef<'a>,
+    pub run_id: &'a str,
+    pub input: &'a str,
+    pub now: i64,
+    /// A session lock taken before this instant is considered abandoned.
+    pub lock_stale_before: i64,
+    pub first_event: NewEvent,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BeginRunError {
+    #[error("session not found")]
+    SessionNotFound,
+    #[error("session is busy with run {active_run_id}")]
+    SessionBusy { active_run_id: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a run has produced since it was last recorded.
+#[derive(Debug)]
+pub struct RunProgress<'a> {
+    pub run_id: &'a str,
+    pub session_id: &'a str,
+    pub messages: &'a [NewMessage],
+    pub events: &'a [NewEvent],
+    pub tokens_used: i64,
+    pub steps: i64,
+    pub now: i64,
+}
+
+#[derive(Debug)]
+pub struct FinishRun<'a> {
+    pub progress: RunProgress<'a>,
+    pub status: RunStatus,
+    pub output: Option<&'a str>,
+    /// Error code and message of a run that did not complete.
+    pub error: Option<(&'a str, &'a str)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    Deleted,
+    NotFound,
+    Busy,
+}

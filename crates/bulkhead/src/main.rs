@@ -1,0 +1,227 @@
+//! `bulkhead`: the one binary. Each subcommand is a thin edge over the
+//! library crates; this is the only place that turns errors into exit codes.
+
+mod chat;
+mod logging;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bulkhead_model::MockModel;
+use bulkhead_server::{Config, Environment, Server};
+use clap::{Parser, Subcommand};
+use secrecy::ExposeSecret;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bulkhead",
+    version,
+    about = "A container-native AI agent server",
+    long_about = "A container-native AI agent server. Configuration comes from the environment \
+                  (and .env, and secret files); run `bulkhead config` to see it."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the agent API (POST /agent, /health, /ready, sessions, runs).
+    Serve,
+    /// Serve the mock model: an OpenAI-compatible API that echoes.
+    MockModel {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// Port to listen on (0 picks a free one; the address is printed).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Delay before each answer, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+    },
+    /// Exit 0 if the server on 127.0.0.1:$PORT answers /health, 1 if not.
+    Healthcheck {
+        /// Port to check (default: $PORT, else 8000).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+    /// Apply the database migrations, then exit.
+    Migrate,
+    /// Print the effective configuration, secrets redacted; fail on any invalid value.
+    Config {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Talk to a running server from the terminal, with streamed replies.
+    Chat {
+        /// Base URL of the server (default: http://127.0.0.1:$PORT).
+        #[arg(long)]
+        url: Option<String>,
+        /// Continue this session instead of starting a new one.
+        #[arg(long)]
+        session: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve => serve(),
+        Command::MockModel {
+            host,
+            port,
+            latency_ms,
+        } => runtime(true).block_on(mock_model(
+            SocketAddr::new(host, port),
+            Duration::from_millis(latency_ms),
+        )),
+        Command::Healthcheck { port, timeout_ms } => {
+            runtime(false).block_on(healthcheck(port, Duration::from_millis(timeout_ms)))
+        }
+        Command::Migrate => migrate(),
+        Command::Config { json } => print_config(json),
+        Command::Chat { url, session } => runtime(false).block_on(chat::run(url, session)),
+    }
+}
+
+fn runtime(multi_thread: bool) -> tokio::runtime::Runtime {
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    builder.enable_all().build().expect("starting the async runtime")
+}
+
+/// The configuration, or one line on stderr naming what is wrong.
+fn load_config() -> Result<Config, ExitCode> {
+    Environment::from_process()
+        .and_then(|env| Config::from_env(&env))
+        .map_err(|e| {
+            eprintln!("bulkhead: invalid configuration: {e}");
+            ExitCode::from(2)
+        })
+}
+
+fn fail(error: &anyhow::Error) -> ExitCode {
+    tracing::error!(error = format!("{error:#}"), "fatal");
+    eprintln!("bulkhead: {error:#}");
+    ExitCode::FAILURE
+}
+
+fn serve() -> ExitCode {
+    let config = match load_config() {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    logging::init(&config.log_level, config.log_format, config.enable_tracing);
+    let result = runtime(true).block_on(async move {
+        let shutdown = bulkhead_server::shutdown_signal().context("installing signal handlers")?;
+        let server = Server::bind(config).await?;
+        server.run(shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&error),
+    }
+}
+
+async fn mock_model(address: SocketAddr, latency: Duration) -> ExitCode {
+    logging::init("info", bulkhead_server::config::LogFormat::Text, false);
+    let result = async {
+        let shutdown = bulkhead_server::shutdown_signal().context("installing signal handlers")?;
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("could not listen on {address}"))?;
+        println!("mock model listening on http://{}/v1", listener.local_addr()?);
+        std::io::stdout().flush()?;
+        bulkhead_model::mock::serve(listener, Arc::new(MockModel::new(latency)), shutdown).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&error),
+    }
+}
+
+async fn healthcheck(port: Option<u16>, timeout: Duration) -> ExitCode {
+    let port = port
+        .or_else(|| std::env::var("PORT").ok().and_then(|p| p.trim().parse().ok()))
+        .unwrap_or(8000);
+    let client = match reqwest::Client::builder().no_proxy().timeout(timeout).build() {
+        Ok(client) => client,
+        Err(_) => return ExitCode::FAILURE,
+    };
+    let url = format!("http://127.0.0.1:{port}/health");
+    match client.get(&url).send().await {
+        Ok(response) if response.status().is_success() => ExitCode::SUCCESS,
+        Ok(response) => {
+            eprintln!("unhealthy: {url} answered {}", response.status());
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("unhealthy: {url}: {}", error.without_url());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn migrate() -> ExitCode {
+    let config = match load_config() {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    logging::init(&config.log_level, config.log_format, false);
+    let result = runtime(false).block_on(async {
+        let store = bulkhead_store::Store::connect(
+            config.database_url.expose_secret(),
+            &bulkhead_store::StoreOptions::default(),
+        )
+        .await
+        .context("could not connect to the database")?;
+        let count = store.migrate().await?;
+        store.close().await;
+        anyhow::Ok((store.backend(), count))
+    });
+    match result {
+        Ok((backend, count)) => {
+            println!("database ({}) is up to date: {count} migration(s) applied", backend.as_str());
+            ExitCode::SUCCESS
+        }
+        Err(error) => fail(&error),
+    }
+}
+
+fn print_config(json: bool) -> ExitCode {
+    let config = match load_config() {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let rows = config.describe();
+    if json {
+        let object: serde_json::Map<String, serde_json::Value> = rows
+            .into_iter()
+            .map(|(name, value, source)| {
+                (name.to_string(), serde_json::json!({"value": value, "source": source}))
+            })
+            .collect();
+        println!("{}", serde_json::Value::Object(object));
+    } else {
+        let width = rows.iter().map(|(name, ..)| name.len()).max().unwrap_or(0);
+        for (name, value, source) in rows {
+            println!("{name:<width$}  {value}  ({source})");
+        }
+    }
+    ExitCode::SUCCESS
+}
