@@ -181,9 +181,10 @@ impl Server {
         Arc::clone(&self.app)
     }
 
-    /// Serves until `shutdown` resolves, then drains: `/ready` fails and no
-    /// run starts from that moment, runs in flight get the grace to finish,
-    /// the rest are interrupted, and the database is closed.
+    /// Serves until `shutdown` resolves, then drains: from that moment
+    /// `/ready` fails and no run starts, runs in flight get the grace to
+    /// finish and the rest are interrupted; then the listener closes and the
+    /// database pool with it.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let Server { app, listener } = self;
         tracing::info!(
@@ -211,10 +212,12 @@ impl Server {
             grace_s = app.config.shutdown_grace.as_secs_f64(),
             "shutting down"
         );
-        stop_accepting.cancel();
+        // Keep answering while runs drain: `/ready` says 503 and new runs
+        // are refused with a clear error, rather than connections refused.
         app.engine.shutdown(app.config.shutdown_grace).await;
-        // Handlers answer as soon as their runs end; give the last
-        // responses a moment to be written.
+        stop_accepting.cancel();
+        // Handlers answered as their runs ended; give the last responses a
+        // moment to be written.
         match tokio::time::timeout(Duration::from_secs(2), &mut server).await {
             Ok(result) => result.context("the server task failed")?.context("the server failed")?,
             Err(_) => {

@@ -1,0 +1,891 @@
+//! The HTTP API end to end: the real server on a loopback port, a fresh real
+//! database per test (SQLite and PostgreSQL), the mock model in-process or
+//! over HTTP.
+
+use std::time::Duration;
+
+use bulkhead_server::{Config, Environment, Server};
+use bulkhead_testing::{DbKind, TestDb, on_both_databases, spawn_mock_model};
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+struct TestApp {
+    base: String,
+    client: reqwest::Client,
+    _db: TestDb,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+async fn spawn_app(kind: DbKind, env: &[(&str, &str)]) -> TestApp {
+    let db = TestDb::new(kind).await;
+    let secrets = db.dir.path().join("no-secrets");
+    let mut vars: std::collections::HashMap<String, String> = [
+        ("DATABASE_URL", db.url.clone()),
+        ("HOST", "127.0.0.1".into()),
+        ("PORT", "0".into()),
+        ("SECRETS_DIR", secrets.display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    for (key, value) in env {
+        vars.insert(key.to_string(), value.to_string());
+    }
+    let config = Config::from_env(&Environment::from_map(vars)).expect("valid test configuration");
+    let server = Server::bind(config).await.expect("server starts");
+    let base = format!("http://{}", server.local_addr());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        base,
+        client: reqwest::Client::new(),
+        _db: db,
+        stop: Some(stop),
+        server: Some(server),
+    }
+}
+
+impl TestApp {
+    async fn post_agent(&self, body: Value) -> (StatusCode, Value) {
+        let response = self
+            .client
+            .post(format!("{}/agent", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post_raw(&self, body: Vec<u8>) -> (StatusCode, Value) {
+        let response = self
+            .client
+            .post(format!("{}/agent", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let streamed = response
+            .headers()
+            .get("content-type")
+            .is_some_and(|t| t.to_str().unwrap().starts_with("text/event-stream"));
+        if streamed {
+            // `"stream": true` in a generated body: the stream must end well.
+            let (_, kind, data) = collect_events(response).await.pop().unwrap();
+            assert_eq!(kind, "run_completed", "{data}");
+            return (status, data);
+        }
+        let text = response.text().await.unwrap();
+        let value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{status}: the body is not JSON: {text:?}"));
+        (status, value)
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Posts with `"stream": true` and collects `(id, event, data)`.
+    async fn stream_agent(&self, body: Value) -> Vec<(i64, String, Value)> {
+        let response = self
+            .client
+            .post(format!("{}/agent", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        collect_events(response).await
+    }
+
+    /// Signals shutdown and waits for the server to stop.
+    async fn shut_down(&mut self) -> anyhow::Result<()> {
+        let _ = self.stop.take().unwrap().send(());
+        self.server.take().unwrap().await.unwrap()
+    }
+}
+
+async fn collect_events(response: reqwest::Response) -> Vec<(i64, String, Value)> {
+    let mut events = response.bytes_stream().eventsource();
+    let mut collected = Vec::new();
+    while let Some(event) = events.next().await {
+        let event = event.unwrap();
+        collected.push((
+            event.id.parse().unwrap(),
+            event.event,
+            serde_json::from_str(&event.data).unwrap(),
+        ));
+    }
+    collected
+}
+
+fn assert_error(status: StatusCode, body: &Value, expected_status: StatusCode, code: &str) {
+    assert_eq!(status, expected_status, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+async fn probes_answer(kind: DbKind) {
+    let app = spawn_app(kind, &[]).await;
+    let (status, body) = app.get("/health").await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"status": "healthy"})));
+    let (status, body) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "ready");
+    assert_eq!(body["checks"]["database"]["status"], "ok");
+    assert_eq!(
+        body["checks"]["database"]["backend"],
+        match kind {
+            DbKind::Sqlite => "sqlite",
+            DbKind::Postgres => "postgres",
+        }
+    );
+    assert_eq!(body["checks"]["model"]["status"], "ok");
+}
+
+async fn a_conversation_continues_with_its_history(kind: DbKind) {
+    let app = spawn_app(kind, &[]).await;
+    let (status, first) = app.post_agent(json!({"message": "hello there"})).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(first["response"], "echo: hello there");
+    // The mock counts words: 2 in the prompt, 3 in the answer.
+    assert_eq!(first["tokens_used"], 5);
+    let session = first["session_id"].as_str().unwrap().to_string();
+
+    let (status, second) = app
+        .post_agent(json!({"message": "and again", "session_id": session}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    assert_eq!(second["session_id"], session.as_str());
+    assert_eq!(second["response"], "echo: and again");
+    // The prompt now holds the whole history: 2 + 3 + 2 words, answer 3.
+    assert_eq!(second["tokens_used"], 10);
+
+    let (status, conversation) = app.get(&format!("/sessions/{session}")).await;
+    assert_eq!(status, StatusCode::OK);
+    let turns: Vec<(String, String)> = conversation["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap().to_string(),
+                m["content"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        turns,
+        [
+            ("user".into(), "hello there".into()),
+            ("assistant".into(), "echo: hello there".into()),
+            ("user".into(), "and again".into()),
+            ("assistant".into(), "echo: and again".into()),
+        ]
+    );
+}
+
+async fn sessions_runs_and_events_are_readable(kind: DbKind) {
+    let app = spawn_app(kind, &[]).await;
+    let (_, first) = app.post_agent(json!({"message": "one"})).await;
+    let session = first["session_id"].as_str().unwrap();
+    let (_, second) = app
+        .post_agent(json!({"message": "two", "session_id": session}))
+        .await;
+
+    let (status, runs) = app.get(&format!("/sessions/{session}/runs")).await;
+    assert_eq!(status, StatusCode::OK);
+    let runs = runs["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0]["run_id"], first["run_id"]);
+    assert_eq!(runs[1]["run_id"], second["run_id"]);
+    for run in runs {
+        assert_eq!(run["status"], "completed");
+        assert!(run["finished_at"].is_string());
+    }
+
+    let run_id = second["run_id"].as_str().unwrap();
+    let (status, run) = app.get(&format!("/runs/{run_id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(run["input"], "two");
+    assert_eq!(run["output"], "echo: two");
+    assert_eq!(run["tokens_used"], second["tokens_used"]);
+    assert_eq!(run["error"], Value::Null);
+
+    let (status, events) = app.get(&format!("/runs/{run_id}/events")).await;
+    assert_eq!(status, StatusCode::OK);
+    let events = events["events"].as_array().unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["run_started", "message_delta", "run_completed"]);
+    let ids: Vec<i64> = events.iter().map(|e| e["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, [1, 2, 3]);
+    assert_eq!(events[2]["data"]["session_id"], session);
+    assert_eq!(events[2]["data"]["tokens_used"], second["tokens_used"]);
+
+    let (_, later) = app.get(&format!("/runs/{run_id}/events?after=2")).await;
+    assert_eq!(later["events"].as_array().unwrap().len(), 1);
+    let (status, body) = app.get(&format!("/runs/{run_id}/events?after=x")).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_query");
+}
+
+async fn unknown_and_malformed_ids_are_rejected(kind: DbKind) {
+    let app = spawn_app(kind, &[]).await;
+    let unknown = "8c1d1f1e-32fb-4c39-9d0a-6c3b1f0e7a11";
+    let (status, body) = app
+        .post_agent(json!({"message": "hi", "session_id": unknown}))
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "session_not_found");
+    let (status, body) = app
+        .post_agent(json!({"message": "hi", "session_id": "not-a-uuid"}))
+        .await;
+    assert_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY, "invalid_session_id");
+    for path in [
+        format!("/sessions/{unknown}"),
+        format!("/sessions/{unknown}/runs"),
+    ] {
+        let (status, body) = app.get(&path).await;
+        assert_error(status, &body, StatusCode::NOT_FOUND, "session_not_found");
+    }
+    for path in [format!("/runs/{unknown}"), format!("/runs/{unknown}/events")] {
+        let (status, body) = app.get(&path).await;
+        assert_error(status, &body, StatusCode::NOT_FOUND, "run_not_found");
+    }
+    let (status, body) = app.get("/sessions/zzz").await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_session_id");
+    let (status, body) = app.get("/runs/zzz").await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_run_id");
+    // Nothing was created by the refused requests.
+    let (_, first) = app.post_agent(json!({"message": "hi"})).await;
+    assert_eq!(first["response"], "echo: hi");
+}
+
+async fn deleting_a_session_forgets_it(kind: DbKind) {
+    let app = spawn_app(kind, &[]).await;
+    let (_, first) = app.post_agent(json!({"message": "remember me"})).await;
+    let session = first["session_id"].as_str().unwrap();
+    let url = format!("{}/sessions/{session}", app.base);
+    let response = app.client.delete(&url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let (status, body) = app.get(&format!("/sessions/{session}")).await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "session_not_found");
+    let (status, body) = app
+        .get(&format!("/runs/{}", first["run_id"].as_str().unwrap()))
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "run_not_found");
+    let response = app.client.delete(&url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let (status, body) = app
+        .post_agent(json!({"message": "again", "session_id": session}))
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "session_not_found");
+}
+
+async fn tools_are_called_and_recorded(kind: DbKind) {
+    let app = spawn_app(kind, &[]).await;
+    let (status, body) = app
+        .post_agent(json!({"message": "tool:current_time {\"format\": \"unix\"}"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let answer = body["response"].as_str().unwrap();
+    let seconds: i64 = answer
+        .strip_prefix("tool result: ")
+        .unwrap_or_else(|| panic!("{answer}"))
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((now - seconds).abs() < 60, "{seconds} vs {now}");
+
+    let run_id = body["run_id"].as_str().unwrap();
+    let (_, events) = app.get(&format!("/runs/{run_id}/events")).await;
+    let events = events["events"].as_array().unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["run_started", "tool_call", "tool_result", "message_delta", "run_completed"]
+    );
+    assert_eq!(events[1]["data"]["name"], "current_time");
+    assert_eq!(events[1]["data"]["arguments"], "{\"format\": \"unix\"}");
+    assert_eq!(events[2]["data"]["id"], events[1]["data"]["id"]);
+    assert_eq!(events[2]["data"]["is_error"], false);
+    assert_eq!(events[2]["data"]["content"], seconds.to_string());
+
+    let (_, run) = app.get(&format!("/runs/{run_id}")).await;
+    assert_eq!(run["steps"], 2);
+    let session = body["session_id"].as_str().unwrap();
+    let (_, conversation) = app.get(&format!("/sessions/{session}")).await;
+    let messages = conversation["messages"].as_array().unwrap();
+    let roles: Vec<&str> = messages.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["user", "assistant", "tool", "assistant"]);
+    assert_eq!(messages[1]["tool_calls"][0]["function"]["name"], "current_time");
+    assert_eq!(messages[2]["tool_call_id"], messages[1]["tool_calls"][0]["id"]);
+
+    // The conversation with tool messages in it goes back to the model.
+    let (status, body) = app
+        .post_agent(json!({"message": "thanks", "session_id": session}))
+        .await;
+    assert_eq!((status, body["response"].as_str()), (StatusCode::OK, Some("echo: thanks")));
+}
+
+async fn tool_errors_go_back_to_the_model(kind: DbKind) {
+    let app = spawn_app(kind, &[]).await;
+    let (status, body) = app.post_agent(json!({"message": "tool:format_disk {}"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["response"], "tool result: error: unknown tool `format_disk`");
+    let (_, events) = app
+        .get(&format!("/runs/{}/events", body["run_id"].as_str().unwrap()))
+        .await;
+    assert_eq!(events["events"][2]["event"], "tool_result");
+    assert_eq!(events["events"][2]["data"]["is_error"], true);
+
+    let (_, body) = app.post_agent(json!({"message": "tool:current_time {not json"})).await;
+    assert!(
+        body["response"]
+            .as_str()
+            .unwrap()
+            .starts_with("tool result: error: invalid arguments"),
+        "{body}"
+    );
+}
+
+async fn streaming_sends_numbered_events_that_match_the_record(kind: DbKind) {
+    let app = spawn_app(kind, &[]).await;
+    let events = app
+        .stream_agent(json!({"message": "stream these words", "stream": true}))
+        .await;
+    let kinds: Vec<&str> = events.iter().map(|(_, kind, _)| kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["run_started", "message_delta", "message_delta", "message_delta", "message_delta", "run_completed"]
+    );
+    let ids: Vec<i64> = events.iter().map(|(id, ..)| *id).collect();
+    assert_eq!(ids, (1..=6).collect::<Vec<_>>());
+    let text: String = events
+        .iter()
+        .filter(|(_, kind, _)| kind == "message_delta")
+        .map(|(_, _, data)| data["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, "echo: stream these words");
+    let done = &events[5].2;
+    assert_eq!(done["response"], "echo: stream these words");
+    assert_eq!(done["tokens_used"], 7);
+    let session = done["session_id"].as_str().unwrap();
+    assert_eq!(events[0].2["session_id"], session);
+
+    let run_id = done["run_id"].as_str().unwrap();
+    let (_, recorded) = app.get(&format!("/runs/{run_id}/events")).await;
+    let recorded: Vec<(i64, String, Value)> = recorded["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_i64().unwrap(),
+                e["event"].as_str().unwrap().to_string(),
+                e["data"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(recorded, events, "the record is what was streamed");
+
+    // A streamed turn continues the same session.
+    let events = app
+        .stream_agent(json!({"message": "tool:current_time", "session_id": session, "stream": true}))
+        .await;
+    let kinds: Vec<&str> = events.iter().map(|(_, kind, _)| kind.as_str()).collect();
+    assert_eq!(kinds[..3], ["run_started", "tool_call", "tool_result"]);
+    assert_eq!(kinds.last(), Some(&"run_completed"));
+    assert_eq!(events.last().unwrap().2["session_id"], session);
+}
+
+async fn accept_header_asks_for_a_stream(kind: DbKind) {
+    let app = spawn_app(kind, &[]).await;
+    let response = app
+        .client
+        .post(format!("{}/agent", app.base))
+        .header("accept", "text/event-stream")
+        .json(&json!({"message": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    let events = collect_events(response).await;
+    assert_eq!(events.first().unwrap().1, "run_started");
+    assert_eq!(events.last().unwrap().1, "run_completed");
+    // An explicit "stream": false wins over the header.
+    let response = app
+        .client
+        .post(format!("{}/agent", app.base))
+        .header("accept", "text/event-stream")
+        .json(&json!({"message": "hi", "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["response"], "echo: hi");
+}
+
+async fn streaming_can_be_turned_off(kind: DbKind) {
+    let app = spawn_app(kind, &[("ENABLE_STREAMING", "false")]).await;
+    let (status, body) = app.post_agent(json!({"message": "hi", "stream": true})).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "streaming_disabled");
+    let (status, body) = app.post_agent(json!({"message": "hi"})).await;
+    assert_eq!((status, body["response"].as_str()), (StatusCode::OK, Some("echo: hi")));
+}
+
+async fn a_remote_model_is_called_over_http(kind: DbKind) {
+    let endpoint = spawn_mock_model(Duration::ZERO).await;
+    let app = spawn_app(kind, &[("MODEL_ENDPOINT", &endpoint), ("AGENT_MODE", "production")]).await;
+    let (_, ready) = app.get("/ready").await;
+    assert_eq!(ready["checks"]["model"], json!({"status": "ok", "kind": "remote"}));
+    let (status, body) = app.post_agent(json!({"message": "over the wire"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["response"], "echo: over the wire");
+    assert_eq!(body["tokens_used"], 7);
+    let session = body["session_id"].as_str().unwrap();
+
+    let events = app
+        .stream_agent(json!({"message": "tool:current_time", "session_id": session, "stream": true}))
+        .await;
+    let kinds: Vec<&str> = events.iter().map(|(_, kind, _)| kind.as_str()).collect();
+    assert_eq!(kinds[..3], ["run_started", "tool_call", "tool_result"]);
+    let done = &events.last().unwrap().2;
+    assert_eq!(events.last().unwrap().1, "run_completed");
+    assert!(done["response"].as_str().unwrap().starts_with("tool result: 20"), "{done}");
+    assert!(done["tokens_used"].as_i64().unwrap() > 0);
+}
+
+async fn upstream_errors_answer_502_and_keep_the_record(kind: DbKind) {
+    let endpoint = spawn_mock_model(Duration::ZERO).await;
+    let app = spawn_app(kind, &[("MODEL_ENDPOINT", &endpoint), ("MODEL_MAX_RETRIES", "0")]).await;
+    let (status, body) = app.post_agent(json!({"message": "fail:500"})).await;
+    assert_error(status, &body, StatusCode::BAD_GATEWAY, "model_error");
+    let session = body["error"]["session_id"].as_str().unwrap();
+    let run_id = body["error"]["run_id"].as_str().unwrap();
+
+    let (_, run) = app.get(&format!("/runs/{run_id}")).await;
+    assert_eq!(run["status"], "failed");
+    assert_eq!(run["error"]["code"], "model_error");
+    let (_, conversation) = app.get(&format!("/sessions/{session}")).await;
+    assert_eq!(conversation["messages"][0]["content"], "fail:500", "the user's message stays");
+    let (_, events) = app.get(&format!("/runs/{run_id}/events")).await;
+    let last = events["events"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["event"], "run_failed");
+    assert_eq!(last["data"]["error"]["code"], "model_error");
+
+    // The session is free again and carries on.
+    let (status, body) = app
+        .post_agent(json!({"message": "better now", "session_id": session}))
+        .await;
+    assert_eq!((status, body["response"].as_str()), (StatusCode::OK, Some("echo: better now")));
+
+    // Streaming clients get the failure as the last event.
+    let events = app
+        .stream_agent(json!({"message": "fail:503", "session_id": session, "stream": true}))
+        .await;
+    let (_, kind, data) = events.last().unwrap();
+    assert_eq!(kind, "run_failed");
+    assert_eq!(data["session_id"], session);
+    assert_eq!(data["tokens_used"], 0);
+}
+
+async fn upstream_timeouts_answer_504(kind: DbKind) {
+    let endpoint = spawn_mock_model(Duration::from_millis(1500)).await;
+    let app = spawn_app(
+        kind,
+        &[("MODEL_ENDPOINT", &endpoint), ("MODEL_TIMEOUT_SECONDS", "0.2")],
+    )
+    .await;
+    let (status, body) = app.post_agent(json!({"message": "too slow"})).await;
+    assert_error(status, &body, StatusCode::GATEWAY_TIMEOUT, "model_timeout");
+    let (_, run) = app
+        .get(&format!("/runs/{}", body["error"]["run_id"].as_str().unwrap()))
+        .await;
+    assert_eq!(run["status"], "failed");
+}
+
+async fn an_unreachable_model_answers_502_and_fails_readiness(kind: DbKind) {
+    // A port that was free a moment ago: nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let endpoint = format!("http://{closed}/v1");
+    let app = spawn_app(kind, &[("MODEL_ENDPOINT", &endpoint), ("MODEL_MAX_RETRIES", "1")]).await;
+    let (status, body) = app.post_agent(json!({"message": "anyone?"})).await;
+    assert_error(status, &body, StatusCode::BAD_GATEWAY, "model_error");
+    let (status, ready) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
+    assert_eq!(ready["status"], "not ready");
+    assert_eq!(ready["checks"]["model"]["status"], "fail");
+    assert_eq!(ready["checks"]["database"]["status"], "ok");
+    let (status, _) = app.get("/health").await;
+    assert_eq!(status, StatusCode::OK, "liveness does not depend on the model");
+}
+
+async fn max_steps_bounds_the_loop(kind: DbKind) {
+    let app = spawn_app(kind, &[("MAX_STEPS", "1")]).await;
+    let (status, body) = app.post_agent(json!({"message": "tool:current_time"})).await;
+    assert_error(status, &body, StatusCode::BAD_GATEWAY, "max_steps_exceeded");
+    let (_, run) = app
+        .get(&format!("/runs/{}", body["error"]["run_id"].as_str().unwrap()))
+        .await;
+    assert_eq!((run["status"].as_str(), run["steps"].as_i64()), (Some("failed"), Some(1)));
+}
+
+async fn a_busy_session_answers_409_and_history_stays_whole(kind: DbKind) {
+    let app = spawn_app(kind, &[("MOCK_MODEL_LATENCY_MS", "400")]).await;
+    let (_, first) = app.post_agent(json!({"message": "start"})).await;
+    let session = first["session_id"].as_str().unwrap().to_string();
+
+    let attempts = (0..6).map(|i| {
+        let body = json!({"message": format!("message {i}"), "session_id": session});
+        let client = app.client.clone();
+        let url = format!("{}/agent", app.base);
+        tokio::spawn(async move {
+            let response = client.post(url).json(&body).send().await.unwrap();
+            let status = response.status();
+            (status, response.json::<Value>().await.unwrap())
+        })
+    });
+    let results = futures_util::future::join_all(attempts).await;
+    let mut ok = 0;
+    for result in results {
+        let (status, body) = result.unwrap();
+        match status {
+            StatusCode::OK => ok += 1,
+            StatusCode::CONFLICT => {
+                assert_eq!(body["error"]["code"], "session_busy", "{body}");
+                assert_eq!(body["error"]["session_id"], session.as_str());
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(ok, 1, "exactly one concurrent run wins the session");
+
+    let (_, conversation) = app.get(&format!("/sessions/{session}")).await;
+    let roles: Vec<&str> = conversation["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["user", "assistant", "user", "assistant"], "no interleaving");
+    let (_, runs) = app.get(&format!("/sessions/{session}/runs")).await;
+    assert_eq!(runs["runs"].as_array().unwrap().len(), 2, "refused runs leave no trace");
+
+    // While a run holds the session it cannot be deleted either.
+    let slow = {
+        let client = app.client.clone();
+        let url = format!("{}/agent", app.base);
+        let body = json!({"message": "slow", "session_id": session});
+        tokio::spawn(async move { client.post(url).json(&body).send().await.unwrap().status() })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let response = app
+        .client
+        .delete(format!("{}/sessions/{session}", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    assert_eq!(slow.await.unwrap(), StatusCode::OK);
+}
+
+async fn bad_input_gets_clear_errors(kind: DbKind) {
+    let app = spawn_app(kind, &[("MAX_BODY_BYTES", "2048")]).await;
+    let cases: Vec<(Vec<u8>, StatusCode, &str)> = vec![
+        (b"{\"message\": ".to_vec(), StatusCode::BAD_REQUEST, "invalid_json"),
+        (b"".to_vec(), StatusCode::BAD_REQUEST, "invalid_json"),
+        (b"not json at all".to_vec(), StatusCode::BAD_REQUEST, "invalid_json"),
+        (b"{\"message\": \"caf\xc3\x28\"}".to_vec(), StatusCode::BAD_REQUEST, "invalid_utf8"),
+        (b"{}".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (b"[\"hi\"]".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (b"{\"message\": 42}".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (b"{\"message\": null}".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (b"{\"message\": \"\"}".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (b"{\"message\": \"   \"}".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (b"{\"message\": \"a\\u0000b\"}".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (b"{\"message\": \"hi\", \"session_id\": 7}".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (b"{\"message\": \"hi\", \"stream\": \"yes\"}".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (
+            format!("{{\"message\": \"{}\"}}", "x".repeat(4096)).into_bytes(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let shown = String::from_utf8_lossy(&body).chars().take(60).collect::<String>();
+        let (got_status, got) = app.post_raw(body).await;
+        assert_eq!(got_status, status, "{shown}: {got}");
+        assert_eq!(got["error"]["code"], code, "{shown}: {got}");
+    }
+
+    // A body over the limit without a Content-Length (chunked) too.
+    let chunks = futures_util::stream::iter(
+        (0..8).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 1024]))),
+    );
+    let response = app
+        .client
+        .post(format!("{}/agent", app.base))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    let (status, body) = app.get("/no/such/route").await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let response = app.client.get(format!("{}/agent", app.base)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+
+    // Still serving, and nothing was recorded by the refused requests.
+    let (status, body) = app.post_agent(json!({"message": "still here"})).await;
+    assert_eq!((status, body["response"].as_str()), (StatusCode::OK, Some("echo: still here")));
+}
+
+async fn request_ids_are_returned(kind: DbKind) {
+    let app = spawn_app(kind, &[]).await;
+    let response = app.client.get(format!("{}/health", app.base)).send().await.unwrap();
+    let generated = response.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert!(uuid::Uuid::parse_str(&generated).is_ok(), "{generated}");
+    let response = app
+        .client
+        .post(format!("{}/agent", app.base))
+        .header("x-request-id", "trace-me-123")
+        .body("{")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "trace-me-123");
+}
+
+async fn shutdown_drains_runs_in_flight(kind: DbKind) {
+    let mut app = spawn_app(
+        kind,
+        &[("MOCK_MODEL_LATENCY_MS", "1000"), ("SHUTDOWN_GRACE_SECONDS", "5")],
+    )
+    .await;
+    let (_, first) = app.post_agent(json!({"message": "before"})).await;
+    let session = first["session_id"].as_str().unwrap().to_string();
+    let in_flight = {
+        let client = app.client.clone();
+        let url = format!("{}/agent", app.base);
+        let body = json!({"message": "finish me", "session_id": session});
+        tokio::spawn(async move {
+            let response = client.post(url).json(&body).send().await.unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = app.stop.take().unwrap().send(());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Draining: not ready, no new runs, but the listener still answers.
+    let (status, ready) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
+    assert_eq!(ready["checks"]["server"]["status"], "fail");
+    let (status, body) = app.post_agent(json!({"message": "too late"})).await;
+    assert_error(status, &body, StatusCode::SERVICE_UNAVAILABLE, "shutting_down");
+    let (status, _) = app.get("/health").await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["response"], "echo: finish me");
+    app.server.take().unwrap().await.unwrap().expect("clean stop");
+
+    // The record survived the stop: reopen the same database.
+    let db = std::mem::replace(&mut app._db, TestDb::new(DbKind::Sqlite).await);
+    let store = bulkhead_store::Store::connect(&db.url, &Default::default()).await.unwrap();
+    let runs = store.runs(&session).await.unwrap();
+    assert_eq!(runs.len(), 2);
+    assert!(runs.iter().all(|r| r.status == "completed"), "{runs:?}");
+    store.close().await;
+}
+
+async fn shutdown_interrupts_runs_past_the_grace(kind: DbKind) {
+    let mut app = spawn_app(
+        kind,
+        &[("MOCK_MODEL_LATENCY_MS", "5000"), ("SHUTDOWN_GRACE_SECONDS", "0.3")],
+    )
+    .await;
+    let in_flight = {
+        let client = app.client.clone();
+        let url = format!("{}/agent", app.base);
+        tokio::spawn(async move {
+            let response = client.post(url).json(&json!({"message": "never done"})).send().await.unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    app.shut_down().await.expect("clean stop");
+    assert!(started.elapsed() < Duration::from_secs(4), "the grace bounds the drain");
+    let (status, body) = in_flight.await.unwrap();
+    assert_error(status, &body, StatusCode::SERVICE_UNAVAILABLE, "run_interrupted");
+
+    let db = std::mem::replace(&mut app._db, TestDb::new(DbKind::Sqlite).await);
+    let store = bulkhead_store::Store::connect(&db.url, &Default::default()).await.unwrap();
+    let run = store
+        .run(body["error"]["run_id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.status, "interrupted");
+    let session = store.session(&run.session_id).await.unwrap().unwrap();
+    assert_eq!(session.active_run_id, None, "the session is released");
+    store.close().await;
+}
+
+async fn a_client_that_leaves_does_not_lose_its_run(kind: DbKind) {
+    let app = spawn_app(kind, &[("MOCK_MODEL_LATENCY_MS", "300")]).await;
+    let response = app
+        .client
+        .post(format!("{}/agent", app.base))
+        .json(&json!({"message": "I will not wait", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut events = response.bytes_stream().eventsource();
+    let first = events.next().await.unwrap().unwrap();
+    assert_eq!(first.event, "run_started");
+    let started: Value = serde_json::from_str(&first.data).unwrap();
+    drop(events);
+
+    let run_id = started["run_id"].as_str().unwrap();
+    let mut status = Value::Null;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (_, run) = app.get(&format!("/runs/{run_id}")).await;
+        status = run["status"].clone();
+        if status != "running" {
+            assert_eq!(run["output"], "echo: I will not wait");
+            break;
+        }
+    }
+    assert_eq!(status, "completed");
+}
+
+on_both_databases!(
+    probes_answer,
+    a_conversation_continues_with_its_history,
+    sessions_runs_and_events_are_readable,
+    unknown_and_malformed_ids_are_rejected,
+    deleting_a_session_forgets_it,
+    tools_are_called_and_recorded,
+    tool_errors_go_back_to_the_model,
+    streaming_sends_numbered_events_that_match_the_record,
+    accept_header_asks_for_a_stream,
+    streaming_can_be_turned_off,
+    a_remote_model_is_called_over_http,
+    upstream_errors_answer_502_and_keep_the_record,
+    upstream_timeouts_answer_504,
+    an_unreachable_model_answers_502_and_fails_readiness,
+    max_steps_bounds_the_loop,
+    a_busy_session_answers_409_and_history_stays_whole,
+    bad_input_gets_clear_errors,
+    request_ids_are_returned,
+    shutdown_drains_runs_in_flight,
+    shutdown_interrupts_runs_past_the_grace,
+    a_client_that_leaves_does_not_lose_its_run,
+    request_bodies_never_cause_a_server_error,
+);
+
+/// Any body at all: the answer is 200 or a 4xx with the error shape, never
+/// a 5xx, and the server keeps serving.
+async fn request_bodies_never_cause_a_server_error(kind: DbKind) {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+
+    let app = spawn_app(kind, &[("MAX_BODY_BYTES", "4096")]).await;
+    let session = app.post_agent(json!({"message": "seed"})).await.1["session_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let json_leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+        ".{0,40}".prop_map(Value::from),
+        Just(Value::from(session.clone())),
+        Just(Value::from("8c1d1f1e-32fb-4c39-9d0a-6c3b1f0e7a11")),
+    ];
+    let json_value = json_leaf.prop_recursive(3, 16, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+            prop::collection::hash_map(".{0,8}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    });
+    let field = prop_oneof![
+        Just("message".to_string()),
+        Just("session_id".to_string()),
+        Just("stream".to_string()),
+        ".{0,8}"
+    ];
+    let agent_like = prop::collection::vec((field, json_value.clone()), 0..4)
+        .prop_map(|fields| serde_json::to_vec(&Value::Object(fields.into_iter().collect())).unwrap());
+    let bodies = prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..256),
+        json_value.prop_map(|v| serde_json::to_vec(&v).unwrap()),
+        agent_like,
+        prop::collection::vec(any::<u8>(), 4000..5000),
+    ];
+
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: 128,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let handle = tokio::runtime::Handle::current();
+    let result = tokio::task::block_in_place(|| {
+        runner.run(&bodies, |body| {
+            let (status, value) = handle.block_on(app.post_raw(body.clone()));
+            prop_assert!(!status.is_server_error(), "{status}: {value}");
+            if status == StatusCode::OK {
+                prop_assert!(value["response"].is_string(), "{value}");
+            } else {
+                prop_assert!(status.is_client_error(), "{status}: {value}");
+                prop_assert!(value["error"]["code"].is_string(), "{value}");
+                prop_assert!(value["error"]["message"].is_string(), "{value}");
+            }
+            Ok(())
+        })
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    let (status, _) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::OK);
+}
