@@ -49,14 +49,8 @@ pub struct EventRecord {
 /// How a run ended.
 #[derive(Debug, Clone)]
 pub enum RunOutcome {
-    Completed {
-        response: String,
-        tokens_used: i64,
-    },
-    Failed {
-        failure: Failure,
-        tokens_used: i64,
-    },
+    Completed { response: String, tokens_used: i64 },
+    Failed { failure: Failure, tokens_used: i64 },
 }
 
 /// Why a run did not complete.
@@ -333,14 +327,16 @@ impl Engine {
         if let Some(prompt) = &self.settings.system_prompt {
             conversation.push(ChatMessage::text("system", prompt.clone()));
         }
-        conversation.extend(stored.into_iter().map(|m| ChatMessage {
-            role: m.role,
-            content: m.content,
-            tool_calls: m
-                .tool_calls
-                .as_deref()
-                .and_then(|calls| serde_json::from_str(calls).ok()),
-            tool_call_id: m.tool_call_id,
+        conversation.extend(stored.into_iter().map(|m| {
+            ChatMessage {
+                role: m.role,
+                content: m.content,
+                tool_calls: m
+                    .tool_calls
+                    .as_deref()
+                    .and_then(|calls| serde_json::from_str(calls).ok()),
+                tool_call_id: m.tool_call_id,
+            }
         }));
 
         for step in 1..=self.settings.max_steps {
@@ -475,7 +471,11 @@ impl Engine {
         self.runs.close();
         let in_flight = self.runs.len();
         if in_flight > 0 {
-            tracing::info!(in_flight, grace_s = grace.as_secs_f64(), "waiting for runs in flight");
+            tracing::info!(
+                in_flight,
+                grace_s = grace.as_secs_f64(),
+                "waiting for runs in flight"
+            );
         }
         if tokio::time::timeout(grace, self.runs.wait()).await.is_err() {
             tracing::warn!(

@@ -178,7 +178,10 @@ impl OpenAiClient {
         }
         match deltas {
             None => {
-                let bytes = response.bytes().await.map_err(|e| self.transport_error(e))?;
+                let bytes = response
+                    .bytes()
+                    .await
+                    .map_err(|e| self.transport_error(e))?;
                 let completion: ChatCompletion = serde_json::from_slice(&bytes).map_err(|e| {
                     ModelError::Protocol(format!("the completion is not valid JSON: {e}"))
                 })?;
@@ -211,11 +214,14 @@ impl OpenAiClient {
                     if data.is_empty() {
                         continue;
                     }
-                    let chunk: ChatChunk = serde_json::from_str(data).map_err(|e| AttemptError {
-                        error: ModelError::Protocol(format!("a streamed chunk is not valid JSON: {e}")),
-                        retry_after: None,
-                        streamed,
-                    })?;
+                    let chunk: ChatChunk =
+                        serde_json::from_str(data).map_err(|e| AttemptError {
+                            error: ModelError::Protocol(format!(
+                                "a streamed chunk is not valid JSON: {e}"
+                            )),
+                            retry_after: None,
+                            streamed,
+                        })?;
                     if let Some(text) = accumulator.push(chunk) {
                         streamed = true;
                         sink(&text);
@@ -328,10 +334,13 @@ pub fn redact_secret(text: &str, secret: &str) -> String {
 
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = value.parse::<f64>() {
-        if seconds.is_finite() && seconds >= 0.0 {
-            return Some(Duration::from_secs_f64(seconds.min(MAX_RETRY_AFTER.as_secs_f64())));
-        }
+    if let Ok(seconds) = value.parse::<f64>()
+        && seconds.is_finite()
+        && seconds >= 0.0
+    {
+        return Some(Duration::from_secs_f64(
+            seconds.min(MAX_RETRY_AFTER.as_secs_f64()),
+        ));
     }
     None
 }
@@ -343,7 +352,8 @@ mod tests {
     #[test]
     fn redaction_hides_whole_and_partial_keys() {
         let key = "sk-canary-0123456789abcdef";
-        let text = format!("Incorrect API key provided: {key}; also sk-canary-01...cdef and 3456789abc");
+        let text =
+            format!("Incorrect API key provided: {key}; also sk-canary-01...cdef and 3456789abc");
         let redacted = redact_secret(&text, key);
         assert!(!redacted.contains(key));
         assert!(!redacted.contains("3456789abc"));
@@ -355,7 +365,10 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(RETRY_AFTER, "2".parse().unwrap());
         assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
-        headers.insert(RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        headers.insert(
+            RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
         assert_eq!(retry_after(&headers), None);
     }
 }

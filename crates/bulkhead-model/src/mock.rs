@@ -62,13 +62,13 @@ impl MockModel {
 
     /// The mock's answer to a conversation.
     pub fn reply(messages: &[ChatMessage]) -> MockReply {
-        if let Some(last) = messages.last() {
-            if last.role == "tool" {
-                return MockReply::Text(format!(
-                    "tool result: {}",
-                    last.content.as_deref().unwrap_or_default()
-                ));
-            }
+        if let Some(last) = messages.last()
+            && last.role == "tool"
+        {
+            return MockReply::Text(format!(
+                "tool result: {}",
+                last.content.as_deref().unwrap_or_default()
+            ));
         }
         let user = messages
             .iter()
@@ -93,14 +93,12 @@ impl MockModel {
                 };
             }
         }
-        if let Some(code) = user.strip_prefix("fail:") {
-            if let Ok(status) = code.trim().parse::<u16>() {
-                if let Ok(status) = StatusCode::from_u16(status) {
-                    if status.is_client_error() || status.is_server_error() {
-                        return MockReply::Fail(status);
-                    }
-                }
-            }
+        if let Some(code) = user.strip_prefix("fail:")
+            && let Ok(status) = code.trim().parse::<u16>()
+            && let Ok(status) = StatusCode::from_u16(status)
+            && (status.is_client_error() || status.is_server_error())
+        {
+            return MockReply::Fail(status);
         }
         MockReply::Text(format!("echo: {user}"))
     }
@@ -123,7 +121,10 @@ impl MockModel {
     }
 
     fn next_call_id(&self) -> String {
-        format!("call_mock_{}", self.calls.fetch_add(1, Ordering::Relaxed) + 1)
+        format!(
+            "call_mock_{}",
+            self.calls.fetch_add(1, Ordering::Relaxed) + 1
+        )
     }
 
     /// The in-process path: the same answers as the HTTP server, without a
@@ -174,9 +175,16 @@ impl MockModel {
         Router::new()
             .route("/v1/chat/completions", post(chat_completions))
             .route("/v1/models", get(models))
-            .route("/health", get(|| async { Json(json!({"status": "healthy"})) }))
+            .route(
+                "/health",
+                get(|| async { Json(json!({"status": "healthy"})) }),
+            )
             .fallback(|| async {
-                error_response(StatusCode::NOT_FOUND, "not_found", "no such route on the mock model")
+                error_response(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no such route on the mock model",
+                )
             })
             .with_state(self)
     }
@@ -341,7 +349,10 @@ async fn chat_completions(State(mock): State<Arc<MockModel>>, body: Bytes) -> Re
             None,
         ));
     }
-    chunks.push(chunk(vec![delta(Delta::default(), Some(finish_reason))], None));
+    chunks.push(chunk(
+        vec![delta(Delta::default(), Some(finish_reason))],
+        None,
+    ));
     if request.stream_options.is_some_and(|o| o.include_usage) {
         chunks.push(chunk(Vec::new(), Some(usage)));
     }
@@ -363,8 +374,15 @@ mod tests {
 
     #[test]
     fn echoes_the_last_user_message() {
-        let messages = [user("first"), ChatMessage::text("assistant", "echo: first"), user("hello there")];
-        assert_eq!(MockModel::reply(&messages), MockReply::Text("echo: hello there".into()));
+        let messages = [
+            user("first"),
+            ChatMessage::text("assistant", "echo: first"),
+            user("hello there"),
+        ];
+        assert_eq!(
+            MockModel::reply(&messages),
+            MockReply::Text("echo: hello there".into())
+        );
         let usage = MockModel::usage(&messages, &MockModel::reply(&messages));
         assert_eq!(usage.prompt_tokens, 5);
         assert_eq!(usage.completion_tokens, 3);
@@ -376,11 +394,17 @@ mod tests {
         let reply = MockModel::reply(&[user("tool:current_time {\"tz\": \"UTC\"}")]);
         assert_eq!(
             reply,
-            MockReply::ToolCall { name: "current_time".into(), arguments: "{\"tz\": \"UTC\"}".into() }
+            MockReply::ToolCall {
+                name: "current_time".into(),
+                arguments: "{\"tz\": \"UTC\"}".into()
+            }
         );
         assert_eq!(
             MockModel::reply(&[user("tool:current_time")]),
-            MockReply::ToolCall { name: "current_time".into(), arguments: "{}".into() }
+            MockReply::ToolCall {
+                name: "current_time".into(),
+                arguments: "{}".into()
+            }
         );
         let mut result = ChatMessage::text("tool", "12:00");
         result.tool_call_id = Some("call_1".into());
@@ -392,7 +416,13 @@ mod tests {
 
     #[test]
     fn fail_prefix_asks_for_an_error_status() {
-        assert_eq!(MockModel::reply(&[user("fail:503")]), MockReply::Fail(StatusCode::SERVICE_UNAVAILABLE));
-        assert_eq!(MockModel::reply(&[user("fail:200")]), MockReply::Text("echo: fail:200".into()));
+        assert_eq!(
+            MockModel::reply(&[user("fail:503")]),
+            MockReply::Fail(StatusCode::SERVICE_UNAVAILABLE)
+        );
+        assert_eq!(
+            MockModel::reply(&[user("fail:200")]),
+            MockReply::Text("echo: fail:200".into())
+        );
     }
 }

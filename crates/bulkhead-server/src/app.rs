@@ -45,14 +45,21 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         let store = connect_store(&config).await?;
         let applied = store.migrate().await.context("database migration failed")?;
-        tracing::info!(backend = store.backend().as_str(), migrations = applied, "database ready");
+        tracing::info!(
+            backend = store.backend().as_str(),
+            migrations = applied,
+            "database ready"
+        );
         if store.backend() == bulkhead_store::Backend::Sqlite {
             let recovered = store
                 .recover_abandoned_runs(bulkhead_agent::now_ms())
                 .await
                 .context("could not recover runs left by a previous process")?;
             if recovered > 0 {
-                tracing::warn!(runs = recovered, "marked runs left unfinished by a previous process as interrupted");
+                tracing::warn!(
+                    runs = recovered,
+                    "marked runs left unfinished by a previous process as interrupted"
+                );
             }
         }
         let model = match &config.model.endpoint {
@@ -80,7 +87,9 @@ impl App {
             }
         };
         if config.redis_url.is_some() {
-            tracing::warn!("REDIS_URL is set, but this version keeps all coordination in the database and does not use Redis");
+            tracing::warn!(
+                "REDIS_URL is set, but this version keeps all coordination in the database and does not use Redis"
+            );
         }
         let model = Arc::new(model);
         // A session lock outlives the longest silence of a healthy run: one
@@ -111,16 +120,18 @@ impl App {
             return Ok(());
         };
         let mut cached = self.model_probe.lock().await;
-        if let Some((at, result)) = cached.as_ref() {
-            if at.elapsed() < PROBE_TTL {
-                return result.clone();
-            }
+        if let Some((at, result)) = cached.as_ref()
+            && at.elapsed() < PROBE_TTL
+        {
+            return result.clone();
         }
         let result = client.probe(PROBE_TIMEOUT).await.map_err(|e| {
             tracing::warn!(error = %e, "model endpoint probe failed");
             match e {
                 bulkhead_model::ModelError::Status { message, .. } => message,
-                bulkhead_model::ModelError::Timeout(_) => "the model endpoint did not answer in time".into(),
+                bulkhead_model::ModelError::Timeout(_) => {
+                    "the model endpoint did not answer in time".into()
+                }
                 _ => "the model endpoint is unreachable".into(),
             }
         });
@@ -185,7 +196,10 @@ impl Server {
     /// `/ready` fails and no run starts, runs in flight get the grace to
     /// finish and the rest are interrupted; then the listener closes and the
     /// database pool with it.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let Server { app, listener } = self;
         tracing::info!(
             address = %listener.local_addr()?,
@@ -219,7 +233,9 @@ impl Server {
         // Handlers answered as their runs ended; give the last responses a
         // moment to be written.
         match tokio::time::timeout(Duration::from_secs(2), &mut server).await {
-            Ok(result) => result.context("the server task failed")?.context("the server failed")?,
+            Ok(result) => result
+                .context("the server task failed")?
+                .context("the server failed")?,
             Err(_) => {
                 tracing::warn!("connections still open after the drain; closing them");
                 server.abort();

@@ -121,8 +121,8 @@ impl Environment {
         match dotenvy::from_path_iter(".env") {
             Ok(entries) => {
                 for entry in entries {
-                    let (key, value) = entry
-                        .map_err(|e| invalid(".env", format!("cannot be parsed: {e}")))?;
+                    let (key, value) =
+                        entry.map_err(|e| invalid(".env", format!("cannot be parsed: {e}")))?;
                     vars.insert(key, value);
                 }
             }
@@ -206,7 +206,10 @@ impl Reader<'_> {
             Some(text) => match text.to_ascii_lowercase().as_str() {
                 "1" | "true" | "yes" | "on" => Ok(true),
                 "0" | "false" | "no" | "off" => Ok(false),
-                _ => Err(invalid(name, format!("expected true or false, got {text:?}"))),
+                _ => Err(invalid(
+                    name,
+                    format!("expected true or false, got {text:?}"),
+                )),
             },
         }
     }
@@ -228,12 +231,19 @@ impl Reader<'_> {
 
     /// `<NAME>`, else the file `<NAME>_FILE` names, else
     /// `<secrets dir>/<name>`. Setting both of the first two is an error.
-    fn secret(&mut self, name: &'static str, file_var: &'static str) -> Result<Option<SecretString>, ConfigError> {
+    fn secret(
+        &mut self,
+        name: &'static str,
+        file_var: &'static str,
+    ) -> Result<Option<SecretString>, ConfigError> {
         let direct = self.env.get(name);
         let file = self.env.get(file_var);
         let (value, source) = match (direct, file) {
             (Some(_), Some(_)) => {
-                return Err(invalid(name, format!("set either {name} or {file_var}, not both")));
+                return Err(invalid(
+                    name,
+                    format!("set either {name} or {file_var}, not both"),
+                ));
             }
             (Some(value), None) => (Some(value.to_string()), Source::Environment),
             (None, Some(path)) => {
@@ -249,7 +259,10 @@ impl Reader<'_> {
                     Ok(value) => (Some(value), Source::File(path)),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, Source::Default),
                     Err(e) => {
-                        return Err(invalid(name, format!("cannot read {}: {e}", path.display())));
+                        return Err(invalid(
+                            name,
+                            format!("cannot read {}: {e}", path.display()),
+                        ));
                     }
                 }
             }
@@ -273,7 +286,11 @@ impl Config {
             env,
             sources: HashMap::new(),
         };
-        let mode = match r.raw("AGENT_MODE").map(|m| m.to_ascii_lowercase()).as_deref() {
+        let mode = match r
+            .raw("AGENT_MODE")
+            .map(|m| m.to_ascii_lowercase())
+            .as_deref()
+        {
             None | Some("development") | Some("dev") => AgentMode::Development,
             Some("production") | Some("prod") => AgentMode::Production,
             Some(other) => {
@@ -306,7 +323,8 @@ impl Config {
             "a whole number from 1 to 1000",
             |n| (1..=1000).contains(n),
         )?;
-        let database_connect_timeout = r.seconds("DATABASE_CONNECT_TIMEOUT_SECONDS", 30.0, 3600.0)?;
+        let database_connect_timeout =
+            r.seconds("DATABASE_CONNECT_TIMEOUT_SECONDS", 30.0, 3600.0)?;
 
         let redis_url = r.secret("REDIS_URL", "REDIS_URL_FILE")?;
         if let Some(url) = &redis_url {
@@ -343,9 +361,12 @@ impl Config {
                 *n >= 1
             })?,
             timeout: r.seconds("MODEL_TIMEOUT_SECONDS", 60.0, 3600.0)?,
-            max_retries: r.parse("MODEL_MAX_RETRIES", 3u32, "a whole number from 0 to 10", |n| {
-                *n <= 10
-            })?,
+            max_retries: r.parse(
+                "MODEL_MAX_RETRIES",
+                3u32,
+                "a whole number from 0 to 10",
+                |n| *n <= 10,
+            )?,
             mock_latency: Duration::from_millis(r.parse(
                 "MOCK_MODEL_LATENCY_MS",
                 0u64,
@@ -356,14 +377,17 @@ impl Config {
         };
 
         let log_level = r.raw("LOG_LEVEL").unwrap_or_else(|| "info".into());
-        let log_level = normalise_log_level(&log_level)
-            .ok_or_else(|| {
-                invalid(
-                    "LOG_LEVEL",
-                    format!("expected trace, debug, info, warn or error, got {log_level:?}"),
-                )
-            })?;
-        let log_format = match r.raw("LOG_FORMAT").map(|f| f.to_ascii_lowercase()).as_deref() {
+        let log_level = normalise_log_level(&log_level).ok_or_else(|| {
+            invalid(
+                "LOG_LEVEL",
+                format!("expected trace, debug, info, warn or error, got {log_level:?}"),
+            )
+        })?;
+        let log_format = match r
+            .raw("LOG_FORMAT")
+            .map(|f| f.to_ascii_lowercase())
+            .as_deref()
+        {
             None => match mode {
                 AgentMode::Production => LogFormat::Json,
                 AgentMode::Development => LogFormat::Text,
@@ -371,7 +395,10 @@ impl Config {
             Some("json") => LogFormat::Json,
             Some("text") | Some("pretty") => LogFormat::Text,
             Some(other) => {
-                return Err(invalid("LOG_FORMAT", format!("expected json or text, got {other:?}")));
+                return Err(invalid(
+                    "LOG_FORMAT",
+                    format!("expected json or text, got {other:?}"),
+                ));
             }
         };
 
@@ -421,8 +448,14 @@ impl Config {
             ("AGENT_ROLE", optional(&self.agent_role)),
             ("HOST", self.host.to_string()),
             ("PORT", self.port.to_string()),
-            ("DATABASE_URL", redact_url_password(self.database_url.expose_secret())),
-            ("DATABASE_MAX_CONNECTIONS", self.database_max_connections.to_string()),
+            (
+                "DATABASE_URL",
+                redact_url_password(self.database_url.expose_secret()),
+            ),
+            (
+                "DATABASE_MAX_CONNECTIONS",
+                self.database_max_connections.to_string(),
+            ),
             (
                 "DATABASE_CONNECT_TIMEOUT_SECONDS",
                 self.database_connect_timeout.as_secs_f64().to_string(),
@@ -446,15 +479,24 @@ impl Config {
             ("OPENAI_API_KEY", secret(&self.model.api_key)),
             ("TEMPERATURE", self.model.temperature.to_string()),
             ("MAX_TOKENS", self.model.max_tokens.to_string()),
-            ("MODEL_TIMEOUT_SECONDS", self.model.timeout.as_secs_f64().to_string()),
+            (
+                "MODEL_TIMEOUT_SECONDS",
+                self.model.timeout.as_secs_f64().to_string(),
+            ),
             ("MODEL_MAX_RETRIES", self.model.max_retries.to_string()),
-            ("MOCK_MODEL_LATENCY_MS", self.model.mock_latency.as_millis().to_string()),
+            (
+                "MOCK_MODEL_LATENCY_MS",
+                self.model.mock_latency.as_millis().to_string(),
+            ),
             ("MAX_STEPS", self.max_steps.to_string()),
             ("SYSTEM_PROMPT", optional(&self.system_prompt)),
             ("ENABLE_STREAMING", self.enable_streaming.to_string()),
             ("ENABLE_TRACING", self.enable_tracing.to_string()),
             ("MAX_BODY_BYTES", self.max_body_bytes.to_string()),
-            ("SHUTDOWN_GRACE_SECONDS", self.shutdown_grace.as_secs_f64().to_string()),
+            (
+                "SHUTDOWN_GRACE_SECONDS",
+                self.shutdown_grace.as_secs_f64().to_string(),
+            ),
             ("LOG_LEVEL", self.log_level.clone()),
             (
                 "LOG_FORMAT",
@@ -609,11 +651,17 @@ mod tests {
             ("SECRETS_DIR", secrets_dir),
         ]))
         .unwrap();
-        assert_eq!(from_file.model.api_key.as_ref().unwrap().expose_secret(), "sk-from-file");
+        assert_eq!(
+            from_file.model.api_key.as_ref().unwrap().expose_secret(),
+            "sk-from-file"
+        );
 
         let from_dir =
             Config::from_env(&Environment::from_pairs([("SECRETS_DIR", secrets_dir)])).unwrap();
-        assert_eq!(from_dir.model.api_key.as_ref().unwrap().expose_secret(), "sk-from-secrets-dir");
+        assert_eq!(
+            from_dir.model.api_key.as_ref().unwrap().expose_secret(),
+            "sk-from-secrets-dir"
+        );
 
         let both = Config::from_env(&Environment::from_pairs([
             ("OPENAI_API_KEY", "sk-env"),
@@ -628,7 +676,10 @@ mod tests {
         assert!(!described.contains("sk-from-file"), "{described}");
         assert!(described.contains("[redacted]"));
         let debug = format!("{from_file:?}");
-        assert!(!debug.contains("sk-from-file"), "Debug leaks the key: {debug}");
+        assert!(
+            !debug.contains("sk-from-file"),
+            "Debug leaks the key: {debug}"
+        );
     }
 
     #[test]
@@ -637,7 +688,13 @@ mod tests {
             redact_url_password("postgres://bulkhead:s3cret@db:5432/bulkhead"),
             "postgres://bulkhead:[redacted]@db:5432/bulkhead"
         );
-        assert_eq!(redact_url_password("sqlite://data/bulkhead.db"), "sqlite://data/bulkhead.db");
-        assert_eq!(redact_url_password("redis://:pw@redis:6379/0"), "redis://:[redacted]@redis:6379/0");
+        assert_eq!(
+            redact_url_password("sqlite://data/bulkhead.db"),
+            "sqlite://data/bulkhead.db"
+        );
+        assert_eq!(
+            redact_url_password("redis://:pw@redis:6379/0"),
+            "redis://:[redacted]@redis:6379/0"
+        );
     }
 }

@@ -49,16 +49,28 @@ pub async fn json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
         )
     })?;
     serde_json::from_str(text).map_err(|e| {
-        ApiError::bad_request("invalid_json", format!("the request body is not valid JSON: {e}"))
+        ApiError::bad_request(
+            "invalid_json",
+            format!("the request body is not valid JSON: {e}"),
+        )
     })
 }
 
 /// A UUID from a path or a body, in canonical lowercase form.
-pub fn parse_id(value: &str, what: &'static str, code: &'static str, status: StatusCode) -> Result<String, ApiError> {
+pub fn parse_id(
+    value: &str,
+    what: &'static str,
+    code: &'static str,
+    status: StatusCode,
+) -> Result<String, ApiError> {
     uuid::Uuid::try_parse(value)
         .map(|id| id.hyphenated().to_string())
         .map_err(|_| {
             let shown: String = value.chars().take(64).collect();
-            ApiError::new(status, code, format!("{what} must be a UUID, got {shown:?}"))
+            ApiError::new(
+                status,
+                code,
+                format!("{what} must be a UUID, got {shown:?}"),
+            )
         })
 }

@@ -156,7 +156,10 @@ fn assert_error(status: StatusCode, body: &Value, expected_status: StatusCode, c
 async fn probes_answer(kind: DbKind) {
     let app = spawn_app(kind, &[]).await;
     let (status, body) = app.get("/health").await;
-    assert_eq!((status, body), (StatusCode::OK, json!({"status": "healthy"})));
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, json!({"status": "healthy"}))
+    );
     let (status, body) = app.get("/ready").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "ready");
@@ -243,7 +246,10 @@ async fn sessions_runs_and_events_are_readable(kind: DbKind) {
     let (status, events) = app.get(&format!("/runs/{run_id}/events")).await;
     assert_eq!(status, StatusCode::OK);
     let events = events["events"].as_array().unwrap();
-    let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, ["run_started", "message_delta", "run_completed"]);
     let ids: Vec<i64> = events.iter().map(|e| e["id"].as_i64().unwrap()).collect();
     assert_eq!(ids, [1, 2, 3]);
@@ -266,7 +272,12 @@ async fn unknown_and_malformed_ids_are_rejected(kind: DbKind) {
     let (status, body) = app
         .post_agent(json!({"message": "hi", "session_id": "not-a-uuid"}))
         .await;
-    assert_error(status, &body, StatusCode::UNPROCESSABLE_ENTITY, "invalid_session_id");
+    assert_error(
+        status,
+        &body,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_session_id",
+    );
     for path in [
         format!("/sessions/{unknown}"),
         format!("/sessions/{unknown}/runs"),
@@ -274,7 +285,10 @@ async fn unknown_and_malformed_ids_are_rejected(kind: DbKind) {
         let (status, body) = app.get(&path).await;
         assert_error(status, &body, StatusCode::NOT_FOUND, "session_not_found");
     }
-    for path in [format!("/runs/{unknown}"), format!("/runs/{unknown}/events")] {
+    for path in [
+        format!("/runs/{unknown}"),
+        format!("/runs/{unknown}/events"),
+    ] {
         let (status, body) = app.get(&path).await;
         assert_error(status, &body, StatusCode::NOT_FOUND, "run_not_found");
     }
@@ -329,10 +343,19 @@ async fn tools_are_called_and_recorded(kind: DbKind) {
     let run_id = body["run_id"].as_str().unwrap();
     let (_, events) = app.get(&format!("/runs/{run_id}/events")).await;
     let events = events["events"].as_array().unwrap();
-    let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
     assert_eq!(
         kinds,
-        ["run_started", "tool_call", "tool_result", "message_delta", "run_completed"]
+        [
+            "run_started",
+            "tool_call",
+            "tool_result",
+            "message_delta",
+            "run_completed"
+        ]
     );
     assert_eq!(events[1]["data"]["name"], "current_time");
     assert_eq!(events[1]["data"]["arguments"], "{\"format\": \"unix\"}");
@@ -345,30 +368,52 @@ async fn tools_are_called_and_recorded(kind: DbKind) {
     let session = body["session_id"].as_str().unwrap();
     let (_, conversation) = app.get(&format!("/sessions/{session}")).await;
     let messages = conversation["messages"].as_array().unwrap();
-    let roles: Vec<&str> = messages.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    let roles: Vec<&str> = messages
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
     assert_eq!(roles, ["user", "assistant", "tool", "assistant"]);
-    assert_eq!(messages[1]["tool_calls"][0]["function"]["name"], "current_time");
-    assert_eq!(messages[2]["tool_call_id"], messages[1]["tool_calls"][0]["id"]);
+    assert_eq!(
+        messages[1]["tool_calls"][0]["function"]["name"],
+        "current_time"
+    );
+    assert_eq!(
+        messages[2]["tool_call_id"],
+        messages[1]["tool_calls"][0]["id"]
+    );
 
     // The conversation with tool messages in it goes back to the model.
     let (status, body) = app
         .post_agent(json!({"message": "thanks", "session_id": session}))
         .await;
-    assert_eq!((status, body["response"].as_str()), (StatusCode::OK, Some("echo: thanks")));
+    assert_eq!(
+        (status, body["response"].as_str()),
+        (StatusCode::OK, Some("echo: thanks"))
+    );
 }
 
 async fn tool_errors_go_back_to_the_model(kind: DbKind) {
     let app = spawn_app(kind, &[]).await;
-    let (status, body) = app.post_agent(json!({"message": "tool:format_disk {}"})).await;
+    let (status, body) = app
+        .post_agent(json!({"message": "tool:format_disk {}"}))
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["response"], "tool result: error: unknown tool `format_disk`");
+    assert_eq!(
+        body["response"],
+        "tool result: error: unknown tool `format_disk`"
+    );
     let (_, events) = app
-        .get(&format!("/runs/{}/events", body["run_id"].as_str().unwrap()))
+        .get(&format!(
+            "/runs/{}/events",
+            body["run_id"].as_str().unwrap()
+        ))
         .await;
     assert_eq!(events["events"][2]["event"], "tool_result");
     assert_eq!(events["events"][2]["data"]["is_error"], true);
 
-    let (_, body) = app.post_agent(json!({"message": "tool:current_time {not json"})).await;
+    let (_, body) = app
+        .post_agent(json!({"message": "tool:current_time {not json"}))
+        .await;
     assert!(
         body["response"]
             .as_str()
@@ -386,7 +431,14 @@ async fn streaming_sends_numbered_events_that_match_the_record(kind: DbKind) {
     let kinds: Vec<&str> = events.iter().map(|(_, kind, _)| kind.as_str()).collect();
     assert_eq!(
         kinds,
-        ["run_started", "message_delta", "message_delta", "message_delta", "message_delta", "run_completed"]
+        [
+            "run_started",
+            "message_delta",
+            "message_delta",
+            "message_delta",
+            "message_delta",
+            "run_completed"
+        ]
     );
     let ids: Vec<i64> = events.iter().map(|(id, ..)| *id).collect();
     assert_eq!(ids, (1..=6).collect::<Vec<_>>());
@@ -420,7 +472,9 @@ async fn streaming_sends_numbered_events_that_match_the_record(kind: DbKind) {
 
     // A streamed turn continues the same session.
     let events = app
-        .stream_agent(json!({"message": "tool:current_time", "session_id": session, "stream": true}))
+        .stream_agent(
+            json!({"message": "tool:current_time", "session_id": session, "stream": true}),
+        )
         .await;
     let kinds: Vec<&str> = events.iter().map(|(_, kind, _)| kind.as_str()).collect();
     assert_eq!(kinds[..3], ["run_started", "tool_call", "tool_result"]);
@@ -456,17 +510,29 @@ async fn accept_header_asks_for_a_stream(kind: DbKind) {
 
 async fn streaming_can_be_turned_off(kind: DbKind) {
     let app = spawn_app(kind, &[("ENABLE_STREAMING", "false")]).await;
-    let (status, body) = app.post_agent(json!({"message": "hi", "stream": true})).await;
+    let (status, body) = app
+        .post_agent(json!({"message": "hi", "stream": true}))
+        .await;
     assert_error(status, &body, StatusCode::BAD_REQUEST, "streaming_disabled");
     let (status, body) = app.post_agent(json!({"message": "hi"})).await;
-    assert_eq!((status, body["response"].as_str()), (StatusCode::OK, Some("echo: hi")));
+    assert_eq!(
+        (status, body["response"].as_str()),
+        (StatusCode::OK, Some("echo: hi"))
+    );
 }
 
 async fn a_remote_model_is_called_over_http(kind: DbKind) {
     let endpoint = spawn_mock_model(Duration::ZERO).await;
-    let app = spawn_app(kind, &[("MODEL_ENDPOINT", &endpoint), ("AGENT_MODE", "production")]).await;
+    let app = spawn_app(
+        kind,
+        &[("MODEL_ENDPOINT", &endpoint), ("AGENT_MODE", "production")],
+    )
+    .await;
     let (_, ready) = app.get("/ready").await;
-    assert_eq!(ready["checks"]["model"], json!({"status": "ok", "kind": "remote"}));
+    assert_eq!(
+        ready["checks"]["model"],
+        json!({"status": "ok", "kind": "remote"})
+    );
     let (status, body) = app.post_agent(json!({"message": "over the wire"})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["response"], "echo: over the wire");
@@ -474,19 +540,31 @@ async fn a_remote_model_is_called_over_http(kind: DbKind) {
     let session = body["session_id"].as_str().unwrap();
 
     let events = app
-        .stream_agent(json!({"message": "tool:current_time", "session_id": session, "stream": true}))
+        .stream_agent(
+            json!({"message": "tool:current_time", "session_id": session, "stream": true}),
+        )
         .await;
     let kinds: Vec<&str> = events.iter().map(|(_, kind, _)| kind.as_str()).collect();
     assert_eq!(kinds[..3], ["run_started", "tool_call", "tool_result"]);
     let done = &events.last().unwrap().2;
     assert_eq!(events.last().unwrap().1, "run_completed");
-    assert!(done["response"].as_str().unwrap().starts_with("tool result: 20"), "{done}");
+    assert!(
+        done["response"]
+            .as_str()
+            .unwrap()
+            .starts_with("tool result: 20"),
+        "{done}"
+    );
     assert!(done["tokens_used"].as_i64().unwrap() > 0);
 }
 
 async fn upstream_errors_answer_502_and_keep_the_record(kind: DbKind) {
     let endpoint = spawn_mock_model(Duration::ZERO).await;
-    let app = spawn_app(kind, &[("MODEL_ENDPOINT", &endpoint), ("MODEL_MAX_RETRIES", "0")]).await;
+    let app = spawn_app(
+        kind,
+        &[("MODEL_ENDPOINT", &endpoint), ("MODEL_MAX_RETRIES", "0")],
+    )
+    .await;
     let (status, body) = app.post_agent(json!({"message": "fail:500"})).await;
     assert_error(status, &body, StatusCode::BAD_GATEWAY, "model_error");
     let session = body["error"]["session_id"].as_str().unwrap();
@@ -496,7 +574,10 @@ async fn upstream_errors_answer_502_and_keep_the_record(kind: DbKind) {
     assert_eq!(run["status"], "failed");
     assert_eq!(run["error"]["code"], "model_error");
     let (_, conversation) = app.get(&format!("/sessions/{session}")).await;
-    assert_eq!(conversation["messages"][0]["content"], "fail:500", "the user's message stays");
+    assert_eq!(
+        conversation["messages"][0]["content"], "fail:500",
+        "the user's message stays"
+    );
     let (_, events) = app.get(&format!("/runs/{run_id}/events")).await;
     let last = events["events"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["event"], "run_failed");
@@ -506,7 +587,10 @@ async fn upstream_errors_answer_502_and_keep_the_record(kind: DbKind) {
     let (status, body) = app
         .post_agent(json!({"message": "better now", "session_id": session}))
         .await;
-    assert_eq!((status, body["response"].as_str()), (StatusCode::OK, Some("echo: better now")));
+    assert_eq!(
+        (status, body["response"].as_str()),
+        (StatusCode::OK, Some("echo: better now"))
+    );
 
     // Streaming clients get the failure as the last event.
     let events = app
@@ -522,22 +606,35 @@ async fn upstream_timeouts_answer_504(kind: DbKind) {
     let endpoint = spawn_mock_model(Duration::from_millis(1500)).await;
     let app = spawn_app(
         kind,
-        &[("MODEL_ENDPOINT", &endpoint), ("MODEL_TIMEOUT_SECONDS", "0.2")],
+        &[
+            ("MODEL_ENDPOINT", &endpoint),
+            ("MODEL_TIMEOUT_SECONDS", "0.2"),
+        ],
     )
     .await;
     let (status, body) = app.post_agent(json!({"message": "too slow"})).await;
     assert_error(status, &body, StatusCode::GATEWAY_TIMEOUT, "model_timeout");
     let (_, run) = app
-        .get(&format!("/runs/{}", body["error"]["run_id"].as_str().unwrap()))
+        .get(&format!(
+            "/runs/{}",
+            body["error"]["run_id"].as_str().unwrap()
+        ))
         .await;
     assert_eq!(run["status"], "failed");
 }
 
 async fn an_unreachable_model_answers_502_and_fails_readiness(kind: DbKind) {
     // A port that was free a moment ago: nothing listens there.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let endpoint = format!("http://{closed}/v1");
-    let app = spawn_app(kind, &[("MODEL_ENDPOINT", &endpoint), ("MODEL_MAX_RETRIES", "1")]).await;
+    let app = spawn_app(
+        kind,
+        &[("MODEL_ENDPOINT", &endpoint), ("MODEL_MAX_RETRIES", "1")],
+    )
+    .await;
     let (status, body) = app.post_agent(json!({"message": "anyone?"})).await;
     assert_error(status, &body, StatusCode::BAD_GATEWAY, "model_error");
     let (status, ready) = app.get("/ready").await;
@@ -546,17 +643,29 @@ async fn an_unreachable_model_answers_502_and_fails_readiness(kind: DbKind) {
     assert_eq!(ready["checks"]["model"]["status"], "fail");
     assert_eq!(ready["checks"]["database"]["status"], "ok");
     let (status, _) = app.get("/health").await;
-    assert_eq!(status, StatusCode::OK, "liveness does not depend on the model");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "liveness does not depend on the model"
+    );
 }
 
 async fn max_steps_bounds_the_loop(kind: DbKind) {
     let app = spawn_app(kind, &[("MAX_STEPS", "1")]).await;
-    let (status, body) = app.post_agent(json!({"message": "tool:current_time"})).await;
+    let (status, body) = app
+        .post_agent(json!({"message": "tool:current_time"}))
+        .await;
     assert_error(status, &body, StatusCode::BAD_GATEWAY, "max_steps_exceeded");
     let (_, run) = app
-        .get(&format!("/runs/{}", body["error"]["run_id"].as_str().unwrap()))
+        .get(&format!(
+            "/runs/{}",
+            body["error"]["run_id"].as_str().unwrap()
+        ))
         .await;
-    assert_eq!((run["status"].as_str(), run["steps"].as_i64()), (Some("failed"), Some(1)));
+    assert_eq!(
+        (run["status"].as_str(), run["steps"].as_i64()),
+        (Some("failed"), Some(1))
+    );
 }
 
 async fn a_busy_session_answers_409_and_history_stays_whole(kind: DbKind) {
@@ -596,9 +705,17 @@ async fn a_busy_session_answers_409_and_history_stays_whole(kind: DbKind) {
         .iter()
         .map(|m| m["role"].as_str().unwrap())
         .collect();
-    assert_eq!(roles, ["user", "assistant", "user", "assistant"], "no interleaving");
+    assert_eq!(
+        roles,
+        ["user", "assistant", "user", "assistant"],
+        "no interleaving"
+    );
     let (_, runs) = app.get(&format!("/sessions/{session}/runs")).await;
-    assert_eq!(runs["runs"].as_array().unwrap().len(), 2, "refused runs leave no trace");
+    assert_eq!(
+        runs["runs"].as_array().unwrap().len(),
+        2,
+        "refused runs leave no trace"
+    );
 
     // While a run holds the session it cannot be deleted either.
     let slow = {
@@ -621,19 +738,67 @@ async fn a_busy_session_answers_409_and_history_stays_whole(kind: DbKind) {
 async fn bad_input_gets_clear_errors(kind: DbKind) {
     let app = spawn_app(kind, &[("MAX_BODY_BYTES", "2048")]).await;
     let cases: Vec<(Vec<u8>, StatusCode, &str)> = vec![
-        (b"{\"message\": ".to_vec(), StatusCode::BAD_REQUEST, "invalid_json"),
+        (
+            b"{\"message\": ".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
         (b"".to_vec(), StatusCode::BAD_REQUEST, "invalid_json"),
-        (b"not json at all".to_vec(), StatusCode::BAD_REQUEST, "invalid_json"),
-        (b"{\"message\": \"caf\xc3\x28\"}".to_vec(), StatusCode::BAD_REQUEST, "invalid_utf8"),
-        (b"{}".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-        (b"[\"hi\"]".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-        (b"{\"message\": 42}".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-        (b"{\"message\": null}".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-        (b"{\"message\": \"\"}".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-        (b"{\"message\": \"   \"}".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-        (b"{\"message\": \"a\\u0000b\"}".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-        (b"{\"message\": \"hi\", \"session_id\": 7}".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-        (b"{\"message\": \"hi\", \"stream\": \"yes\"}".to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (
+            b"not json at all".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            b"{\"message\": \"caf\xc3\x28\"}".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_utf8",
+        ),
+        (
+            b"{}".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            b"[\"hi\"]".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            b"{\"message\": 42}".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            b"{\"message\": null}".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            b"{\"message\": \"\"}".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            b"{\"message\": \"   \"}".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            b"{\"message\": \"a\\u0000b\"}".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            b"{\"message\": \"hi\", \"session_id\": 7}".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            b"{\"message\": \"hi\", \"stream\": \"yes\"}".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
         (
             format!("{{\"message\": \"{}\"}}", "x".repeat(4096)).into_bytes(),
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -641,7 +806,10 @@ async fn bad_input_gets_clear_errors(kind: DbKind) {
         ),
     ];
     for (body, status, code) in cases {
-        let shown = String::from_utf8_lossy(&body).chars().take(60).collect::<String>();
+        let shown = String::from_utf8_lossy(&body)
+            .chars()
+            .take(60)
+            .collect::<String>();
         let (got_status, got) = app.post_raw(body).await;
         assert_eq!(got_status, status, "{shown}: {got}");
         assert_eq!(got["error"]["code"], code, "{shown}: {got}");
@@ -662,20 +830,36 @@ async fn bad_input_gets_clear_errors(kind: DbKind) {
 
     let (status, body) = app.get("/no/such/route").await;
     assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
-    let response = app.client.get(format!("{}/agent", app.base)).send().await.unwrap();
+    let response = app
+        .client
+        .get(format!("{}/agent", app.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "method_not_allowed");
 
     // Still serving, and nothing was recorded by the refused requests.
     let (status, body) = app.post_agent(json!({"message": "still here"})).await;
-    assert_eq!((status, body["response"].as_str()), (StatusCode::OK, Some("echo: still here")));
+    assert_eq!(
+        (status, body["response"].as_str()),
+        (StatusCode::OK, Some("echo: still here"))
+    );
 }
 
 async fn request_ids_are_returned(kind: DbKind) {
     let app = spawn_app(kind, &[]).await;
-    let response = app.client.get(format!("{}/health", app.base)).send().await.unwrap();
-    let generated = response.headers()["x-request-id"].to_str().unwrap().to_string();
+    let response = app
+        .client
+        .get(format!("{}/health", app.base))
+        .send()
+        .await
+        .unwrap();
+    let generated = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(uuid::Uuid::parse_str(&generated).is_ok(), "{generated}");
     let response = app
         .client
@@ -691,7 +875,10 @@ async fn request_ids_are_returned(kind: DbKind) {
 async fn shutdown_drains_runs_in_flight(kind: DbKind) {
     let mut app = spawn_app(
         kind,
-        &[("MOCK_MODEL_LATENCY_MS", "1000"), ("SHUTDOWN_GRACE_SECONDS", "5")],
+        &[
+            ("MOCK_MODEL_LATENCY_MS", "1000"),
+            ("SHUTDOWN_GRACE_SECONDS", "5"),
+        ],
     )
     .await;
     let (_, first) = app.post_agent(json!({"message": "before"})).await;
@@ -714,18 +901,30 @@ async fn shutdown_drains_runs_in_flight(kind: DbKind) {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
     assert_eq!(ready["checks"]["server"]["status"], "fail");
     let (status, body) = app.post_agent(json!({"message": "too late"})).await;
-    assert_error(status, &body, StatusCode::SERVICE_UNAVAILABLE, "shutting_down");
+    assert_error(
+        status,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting_down",
+    );
     let (status, _) = app.get("/health").await;
     assert_eq!(status, StatusCode::OK);
 
     let (status, body) = in_flight.await.unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["response"], "echo: finish me");
-    app.server.take().unwrap().await.unwrap().expect("clean stop");
+    app.server
+        .take()
+        .unwrap()
+        .await
+        .unwrap()
+        .expect("clean stop");
 
     // The record survived the stop: reopen the same database.
     let db = std::mem::replace(&mut app._db, TestDb::new(DbKind::Sqlite).await);
-    let store = bulkhead_store::Store::connect(&db.url, &Default::default()).await.unwrap();
+    let store = bulkhead_store::Store::connect(&db.url, &Default::default())
+        .await
+        .unwrap();
     let runs = store.runs(&session).await.unwrap();
     assert_eq!(runs.len(), 2);
     assert!(runs.iter().all(|r| r.status == "completed"), "{runs:?}");
@@ -735,26 +934,44 @@ async fn shutdown_drains_runs_in_flight(kind: DbKind) {
 async fn shutdown_interrupts_runs_past_the_grace(kind: DbKind) {
     let mut app = spawn_app(
         kind,
-        &[("MOCK_MODEL_LATENCY_MS", "5000"), ("SHUTDOWN_GRACE_SECONDS", "0.3")],
+        &[
+            ("MOCK_MODEL_LATENCY_MS", "5000"),
+            ("SHUTDOWN_GRACE_SECONDS", "0.3"),
+        ],
     )
     .await;
     let in_flight = {
         let client = app.client.clone();
         let url = format!("{}/agent", app.base);
         tokio::spawn(async move {
-            let response = client.post(url).json(&json!({"message": "never done"})).send().await.unwrap();
+            let response = client
+                .post(url)
+                .json(&json!({"message": "never done"}))
+                .send()
+                .await
+                .unwrap();
             (response.status(), response.json::<Value>().await.unwrap())
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = std::time::Instant::now();
     app.shut_down().await.expect("clean stop");
-    assert!(started.elapsed() < Duration::from_secs(4), "the grace bounds the drain");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the grace bounds the drain"
+    );
     let (status, body) = in_flight.await.unwrap();
-    assert_error(status, &body, StatusCode::SERVICE_UNAVAILABLE, "run_interrupted");
+    assert_error(
+        status,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "run_interrupted",
+    );
 
     let db = std::mem::replace(&mut app._db, TestDb::new(DbKind::Sqlite).await);
-    let store = bulkhead_store::Store::connect(&db.url, &Default::default()).await.unwrap();
+    let store = bulkhead_store::Store::connect(&db.url, &Default::default())
+        .await
+        .unwrap();
     let run = store
         .run(body["error"]["run_id"].as_str().unwrap())
         .await
@@ -836,7 +1053,9 @@ async fn request_bodies_never_cause_a_server_error(kind: DbKind) {
         Just(Value::Null),
         any::<bool>().prop_map(Value::from),
         any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
         ".{0,40}".prop_map(Value::from),
         Just(Value::from(session.clone())),
         Just(Value::from("8c1d1f1e-32fb-4c39-9d0a-6c3b1f0e7a11")),
@@ -854,8 +1073,9 @@ async fn request_bodies_never_cause_a_server_error(kind: DbKind) {
         Just("stream".to_string()),
         ".{0,8}"
     ];
-    let agent_like = prop::collection::vec((field, json_value.clone()), 0..4)
-        .prop_map(|fields| serde_json::to_vec(&Value::Object(fields.into_iter().collect())).unwrap());
+    let agent_like = prop::collection::vec((field, json_value.clone()), 0..4).prop_map(|fields| {
+        serde_json::to_vec(&Value::Object(fields.into_iter().collect())).unwrap()
+    });
     let bodies = prop_oneof![
         prop::collection::vec(any::<u8>(), 0..256),
         json_value.prop_map(|v| serde_json::to_vec(&v).unwrap()),

@@ -11,11 +11,11 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::QueryBuilder;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::QueryBuilder;
 
 mod model;
 pub use model::*;
@@ -84,10 +84,7 @@ impl Default for StoreOptions {
 
 #[derive(Clone)]
 enum Pools {
-    Sqlite {
-        read: SqlitePool,
-        write: SqlitePool,
-    },
+    Sqlite { read: SqlitePool, write: SqlitePool },
     Postgres(PgPool),
 }
 
@@ -132,9 +129,8 @@ const ROWS_PER_INSERT: usize = 500;
 macro_rules! insert_events {
     ($tx:ident, $run_id:expr, $events:expr) => {
         for chunk in $events.chunks(ROWS_PER_INSERT) {
-            let mut insert = QueryBuilder::new(
-                "INSERT INTO run_events (run_id, seq, kind, data, created_at) ",
-            );
+            let mut insert =
+                QueryBuilder::new("INSERT INTO run_events (run_id, seq, kind, data, created_at) ");
             insert.push_values(chunk, |mut row, event| {
                 row.push_bind($run_id)
                     .push_bind(event.seq)
@@ -516,7 +512,6 @@ impl Store {
 const RUN_COLUMNS: &str = "id, session_id, status, input, output, tokens_used, steps, \
     error_code, error_message, created_at, finished_at";
 
-
 async fn connect_sqlite(url: &str, options: &StoreOptions) -> Result<Pools, StoreError> {
     let connect = SqliteConnectOptions::from_str(url)
         .map_err(|e| StoreError::InvalidUrl(e.to_string()))?
@@ -544,13 +539,13 @@ async fn connect_sqlite(url: &str, options: &StoreOptions) -> Result<Pools, Stor
             write: pool,
         });
     }
-    if let Some(parent) = std::path::Path::new(&filename).parent() {
-        if !parent.as_os_str().is_empty() {
-            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
-                path: parent.display().to_string(),
-                source,
-            })?;
-        }
+    if let Some(parent) = std::path::Path::new(&filename).parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
+            path: parent.display().to_string(),
+            source,
+        })?;
     }
     let write = SqlitePoolOptions::new()
         .max_connections(1)

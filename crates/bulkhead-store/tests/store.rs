@@ -7,16 +7,28 @@ use bulkhead_store::{
 use bulkhead_testing::{DbKind, TestDb, on_both_databases};
 
 async fn open(db: &TestDb) -> Store {
-    let store = Store::connect(&db.url, &StoreOptions::default()).await.unwrap();
+    let store = Store::connect(&db.url, &StoreOptions::default())
+        .await
+        .unwrap();
     store.migrate().await.unwrap();
     store
 }
 
 fn started(now: i64) -> NewEvent {
-    NewEvent { seq: 1, kind: "run_started", data: "{}".into(), created_at: now }
+    NewEvent {
+        seq: 1,
+        kind: "run_started",
+        data: "{}".into(),
+        created_at: now,
+    }
 }
 
-fn begin<'a>(session: SessionRef<'a>, run_id: &'a str, now: i64, stale_before: i64) -> BeginRun<'a> {
+fn begin<'a>(
+    session: SessionRef<'a>,
+    run_id: &'a str,
+    now: i64,
+    stale_before: i64,
+) -> BeginRun<'a> {
     BeginRun {
         session,
         run_id,
@@ -28,11 +40,29 @@ fn begin<'a>(session: SessionRef<'a>, run_id: &'a str, now: i64, stale_before: i
 }
 
 async fn finish(store: &Store, session_id: &str, run_id: &str, now: i64) {
-    let messages = [NewMessage { role: "assistant", content: Some("hi".into()), tool_calls: None, tool_call_id: None }];
-    let events = [NewEvent { seq: 2, kind: "run_completed", data: "{}".into(), created_at: now }];
+    let messages = [NewMessage {
+        role: "assistant",
+        content: Some("hi".into()),
+        tool_calls: None,
+        tool_call_id: None,
+    }];
+    let events = [NewEvent {
+        seq: 2,
+        kind: "run_completed",
+        data: "{}".into(),
+        created_at: now,
+    }];
     store
         .finish_run(&FinishRun {
-            progress: RunProgress { run_id, session_id, messages: &messages, events: &events, tokens_used: 3, steps: 1, now },
+            progress: RunProgress {
+                run_id,
+                session_id,
+                messages: &messages,
+                events: &events,
+                tokens_used: 3,
+                steps: 1,
+                now,
+            },
             status: RunStatus::Completed,
             output: Some("hi"),
             error: None,
@@ -47,47 +77,93 @@ async fn migrations_apply_once_and_are_idempotent(kind: DbKind) {
     assert_eq!(store.migrate().await.unwrap(), 1);
     store.ping().await.unwrap();
     if kind == DbKind::Sqlite {
-        assert!(db.dir.path().join("bulkhead.db").exists(), "the SQLite file is created");
+        assert!(
+            db.dir.path().join("bulkhead.db").exists(),
+            "the SQLite file is created"
+        );
     }
 }
 
 async fn a_session_holds_one_run_at_a_time(kind: DbKind) {
     let db = TestDb::new(kind).await;
     let store = open(&db).await;
-    store.begin_run(&begin(SessionRef::New("s1"), "r1", 1_000, 0)).await.unwrap();
-    let busy = store.begin_run(&begin(SessionRef::Existing("s1"), "r2", 1_001, 0)).await;
-    assert!(matches!(busy, Err(BeginRunError::SessionBusy { ref active_run_id }) if active_run_id == "r1"), "{busy:?}");
-    assert_eq!(store.delete_session("s1").await.unwrap(), DeleteOutcome::Busy);
+    store
+        .begin_run(&begin(SessionRef::New("s1"), "r1", 1_000, 0))
+        .await
+        .unwrap();
+    let busy = store
+        .begin_run(&begin(SessionRef::Existing("s1"), "r2", 1_001, 0))
+        .await;
+    assert!(
+        matches!(busy, Err(BeginRunError::SessionBusy { ref active_run_id }) if active_run_id == "r1"),
+        "{busy:?}"
+    );
+    assert_eq!(
+        store.delete_session("s1").await.unwrap(),
+        DeleteOutcome::Busy
+    );
     // The refused run left nothing behind.
     assert!(store.run("r2").await.unwrap().is_none());
     assert_eq!(store.messages("s1").await.unwrap().len(), 1);
 
     finish(&store, "s1", "r1", 1_002).await;
-    store.begin_run(&begin(SessionRef::Existing("s1"), "r2", 1_003, 0)).await.unwrap();
-    let roles: Vec<String> = store.messages("s1").await.unwrap().into_iter().map(|m| m.role).collect();
+    store
+        .begin_run(&begin(SessionRef::Existing("s1"), "r2", 1_003, 0))
+        .await
+        .unwrap();
+    let roles: Vec<String> = store
+        .messages("s1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.role)
+        .collect();
     assert_eq!(roles, ["user", "assistant", "user"]);
     let run = store.run("r1").await.unwrap().unwrap();
-    assert_eq!((run.status.as_str(), run.output.as_deref(), run.tokens_used), ("completed", Some("hi"), 3));
+    assert_eq!(
+        (run.status.as_str(), run.output.as_deref(), run.tokens_used),
+        ("completed", Some("hi"), 3)
+    );
     let events = store.run_events("r1", 0).await.unwrap();
-    assert_eq!(events.iter().map(|e| (e.seq, e.kind.as_str())).collect::<Vec<_>>(), [(1, "run_started"), (2, "run_completed")]);
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.seq, e.kind.as_str()))
+            .collect::<Vec<_>>(),
+        [(1, "run_started"), (2, "run_completed")]
+    );
     assert_eq!(store.run_events("r1", 1).await.unwrap().len(), 1);
 }
 
 async fn unknown_sessions_are_reported(kind: DbKind) {
     let db = TestDb::new(kind).await;
     let store = open(&db).await;
-    let missing = store.begin_run(&begin(SessionRef::Existing("nope"), "r1", 1, 0)).await;
-    assert!(matches!(missing, Err(BeginRunError::SessionNotFound)), "{missing:?}");
-    assert_eq!(store.delete_session("nope").await.unwrap(), DeleteOutcome::NotFound);
+    let missing = store
+        .begin_run(&begin(SessionRef::Existing("nope"), "r1", 1, 0))
+        .await;
+    assert!(
+        matches!(missing, Err(BeginRunError::SessionNotFound)),
+        "{missing:?}"
+    );
+    assert_eq!(
+        store.delete_session("nope").await.unwrap(),
+        DeleteOutcome::NotFound
+    );
 }
 
 async fn an_abandoned_lock_is_taken_over(kind: DbKind) {
     let db = TestDb::new(kind).await;
     let store = open(&db).await;
-    store.begin_run(&begin(SessionRef::New("s1"), "r1", 1_000, 0)).await.unwrap();
+    store
+        .begin_run(&begin(SessionRef::New("s1"), "r1", 1_000, 0))
+        .await
+        .unwrap();
     // The lock was taken at 1000; a run at 5000 treating locks older than
     // 2000 as abandoned takes it over and closes the dead run.
-    store.begin_run(&begin(SessionRef::Existing("s1"), "r2", 5_000, 2_000)).await.unwrap();
+    store
+        .begin_run(&begin(SessionRef::Existing("s1"), "r2", 5_000, 2_000))
+        .await
+        .unwrap();
     let dead = store.run("r1").await.unwrap().unwrap();
     assert_eq!(dead.status, "interrupted");
     assert_eq!(dead.error_code.as_deref(), Some("lock_expired"));
@@ -97,9 +173,15 @@ async fn an_abandoned_lock_is_taken_over(kind: DbKind) {
 async fn deleting_a_session_removes_its_history(kind: DbKind) {
     let db = TestDb::new(kind).await;
     let store = open(&db).await;
-    store.begin_run(&begin(SessionRef::New("s1"), "r1", 1_000, 0)).await.unwrap();
+    store
+        .begin_run(&begin(SessionRef::New("s1"), "r1", 1_000, 0))
+        .await
+        .unwrap();
     finish(&store, "s1", "r1", 1_001).await;
-    assert_eq!(store.delete_session("s1").await.unwrap(), DeleteOutcome::Deleted);
+    assert_eq!(
+        store.delete_session("s1").await.unwrap(),
+        DeleteOutcome::Deleted
+    );
     assert!(store.session("s1").await.unwrap().is_none());
     assert!(store.messages("s1").await.unwrap().is_empty());
     assert!(store.run("r1").await.unwrap().is_none());
@@ -109,10 +191,19 @@ async fn deleting_a_session_removes_its_history(kind: DbKind) {
 async fn runs_left_running_are_recovered(kind: DbKind) {
     let db = TestDb::new(kind).await;
     let store = open(&db).await;
-    store.begin_run(&begin(SessionRef::New("s1"), "r1", 1_000, 0)).await.unwrap();
+    store
+        .begin_run(&begin(SessionRef::New("s1"), "r1", 1_000, 0))
+        .await
+        .unwrap();
     assert_eq!(store.recover_abandoned_runs(2_000).await.unwrap(), 1);
-    assert_eq!(store.run("r1").await.unwrap().unwrap().status, "interrupted");
-    assert_eq!(store.session("s1").await.unwrap().unwrap().active_run_id, None);
+    assert_eq!(
+        store.run("r1").await.unwrap().unwrap().status,
+        "interrupted"
+    );
+    assert_eq!(
+        store.session("s1").await.unwrap().unwrap().active_run_id,
+        None
+    );
 }
 
 on_both_databases!(

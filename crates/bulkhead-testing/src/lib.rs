@@ -54,7 +54,9 @@ impl TestDb {
                     .await
                     .expect("creating a test database");
                 let _ = connection.close().await;
-                let base = admin.rsplit_once('/').map_or(admin.as_str(), |(base, _)| base);
+                let base = admin
+                    .rsplit_once('/')
+                    .map_or(admin.as_str(), |(base, _)| base);
                 TestDb {
                     kind,
                     url: format!("{base}/{name}"),
@@ -122,6 +124,10 @@ pub async fn spawn_mock_model(latency: Duration) -> String {
         .expect("binding the mock model");
     let address = listener.local_addr().expect("mock model address");
     let mock = Arc::new(bulkhead_model::MockModel::new(latency));
-    tokio::spawn(bulkhead_model::mock::serve(listener, mock, std::future::pending()));
+    tokio::spawn(bulkhead_model::mock::serve(
+        listener,
+        mock,
+        std::future::pending(),
+    ));
     format!("http://{address}/v1")
 }

@@ -15,7 +15,10 @@ const HELP: &str = "Type a message and press Enter. Commands: /new (new session)
 pub async fn run(url: Option<String>, session: Option<String>) -> ExitCode {
     let base = url.unwrap_or_else(|| {
         let port = std::env::var("PORT").ok().filter(|p| !p.trim().is_empty());
-        format!("http://127.0.0.1:{}", port.as_deref().unwrap_or("8000").trim())
+        format!(
+            "http://127.0.0.1:{}",
+            port.as_deref().unwrap_or("8000").trim()
+        )
     });
     let base = base.trim_end_matches('/').to_string();
     let client = match reqwest::Client::builder().build() {
@@ -93,7 +96,10 @@ async fn send(
     if !response.status().is_success() {
         let status = response.status();
         let body: Value = response.json().await.unwrap_or(Value::Null);
-        let code = body.pointer("/error/code").and_then(Value::as_str).unwrap_or("");
+        let code = body
+            .pointer("/error/code")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let text = body
             .pointer("/error/message")
             .and_then(Value::as_str)
@@ -144,7 +150,9 @@ async fn send(
                 }
                 eprintln!(
                     "error: {}",
-                    data.pointer("/error/message").and_then(Value::as_str).unwrap_or("the run failed")
+                    data.pointer("/error/message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("the run failed")
                 );
             }
             _ => {}

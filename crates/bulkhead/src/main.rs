@@ -100,7 +100,10 @@ fn runtime(multi_thread: bool) -> tokio::runtime::Runtime {
     } else {
         tokio::runtime::Builder::new_current_thread()
     };
-    builder.enable_all().build().expect("starting the async runtime")
+    builder
+        .enable_all()
+        .build()
+        .expect("starting the async runtime")
 }
 
 /// The configuration, or one line on stderr naming what is wrong.
@@ -143,7 +146,10 @@ async fn mock_model(address: SocketAddr, latency: Duration) -> ExitCode {
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .with_context(|| format!("could not listen on {address}"))?;
-        println!("mock model listening on http://{}/v1", listener.local_addr()?);
+        println!(
+            "mock model listening on http://{}/v1",
+            listener.local_addr()?
+        );
         std::io::stdout().flush()?;
         bulkhead_model::mock::serve(listener, Arc::new(MockModel::new(latency)), shutdown).await?;
         anyhow::Ok(())
@@ -157,9 +163,17 @@ async fn mock_model(address: SocketAddr, latency: Duration) -> ExitCode {
 
 async fn healthcheck(port: Option<u16>, timeout: Duration) -> ExitCode {
     let port = port
-        .or_else(|| std::env::var("PORT").ok().and_then(|p| p.trim().parse().ok()))
+        .or_else(|| {
+            std::env::var("PORT")
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+        })
         .unwrap_or(8000);
-    let client = match reqwest::Client::builder().no_proxy().timeout(timeout).build() {
+    let client = match reqwest::Client::builder()
+        .no_proxy()
+        .timeout(timeout)
+        .build()
+    {
         Ok(client) => client,
         Err(_) => return ExitCode::FAILURE,
     };
@@ -196,7 +210,10 @@ fn migrate() -> ExitCode {
     });
     match result {
         Ok((backend, count)) => {
-            println!("database ({}) is up to date: {count} migration(s) applied", backend.as_str());
+            println!(
+                "database ({}) is up to date: {count} migration(s) applied",
+                backend.as_str()
+            );
             ExitCode::SUCCESS
         }
         Err(error) => fail(&error),
@@ -213,7 +230,10 @@ fn print_config(json: bool) -> ExitCode {
         let object: serde_json::Map<String, serde_json::Value> = rows
             .into_iter()
             .map(|(name, value, source)| {
-                (name.to_string(), serde_json::json!({"value": value, "source": source}))
+                (
+                    name.to_string(),
+                    serde_json::json!({"value": value, "source": source}),
+                )
             })
             .collect();
         println!("{}", serde_json::Value::Object(object));

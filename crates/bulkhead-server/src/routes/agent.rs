@@ -84,7 +84,9 @@ pub async fn post_agent(
     let request =
         AgentRequest::from_json(json_body(&headers, body, state.config.max_body_bytes).await?)?;
     // An explicit `"stream"` wins over the Accept header.
-    let stream = request.stream.unwrap_or_else(|| wants_event_stream(&headers));
+    let stream = request
+        .stream
+        .unwrap_or_else(|| wants_event_stream(&headers));
     if stream && !state.config.enable_streaming {
         return Err(ApiError::bad_request(
             "streaming_disabled",

@@ -46,7 +46,10 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let model = if state.engine.model().is_mock() {
         Ok(json!({"kind": "mock"}))
     } else {
-        state.probe_model().await.map(|()| json!({"kind": "remote"}))
+        state
+            .probe_model()
+            .await
+            .map(|()| json!({"kind": "remote"}))
     };
     check("model", model);
 

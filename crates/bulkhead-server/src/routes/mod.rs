@@ -89,6 +89,9 @@ fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
 pub(crate) fn timestamp(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }

@@ -13,7 +13,12 @@ use crate::error::ApiError;
 use crate::extract::parse_id;
 
 fn session_id(raw: &str) -> Result<String, ApiError> {
-    parse_id(raw, "the session id", "invalid_session_id", StatusCode::BAD_REQUEST)
+    parse_id(
+        raw,
+        "the session id",
+        "invalid_session_id",
+        StatusCode::BAD_REQUEST,
+    )
 }
 
 fn run_id(raw: &str) -> Result<String, ApiError> {
@@ -119,7 +124,12 @@ pub async fn get_run(
     Path(raw): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = run_id(&raw)?;
-    let run = state.engine.store().run(&id).await?.ok_or_else(run_not_found)?;
+    let run = state
+        .engine
+        .store()
+        .run(&id)
+        .await?
+        .ok_or_else(run_not_found)?;
     Ok(Json(run_json(run)))
 }
 
@@ -139,7 +149,10 @@ pub async fn run_events(
 ) -> Result<Json<Value>, ApiError> {
     let id = run_id(&raw)?;
     let Query(query) = query.map_err(|_| {
-        ApiError::bad_request("invalid_query", "`after` must be a whole number (an event id)")
+        ApiError::bad_request(
+            "invalid_query",
+            "`after` must be a whole number (an event id)",
+        )
     })?;
     let store = state.engine.store();
     let run = store.run(&id).await?.ok_or_else(run_not_found)?;
@@ -156,5 +169,7 @@ pub async fn run_events(
             })
         })
         .collect();
-    Ok(Json(json!({"run_id": id, "status": run.status, "events": events})))
+    Ok(Json(
+        json!({"run_id": id, "status": run.status, "events": events}),
+    ))
 }

@@ -1,0 +1,735 @@
+//! The `bulkhead` binary as users run it: real processes, real signals,
+//! real databases, logs read from stdout.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bulkhead_testing::{DbKind, TestDb, on_both_databases, spawn_mock_model};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+/// The binary with an empty environment, in a scratch folder.
+fn bulkhead(dir: &std::path::Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bulkhead"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SECRETS_DIR", dir.join("no-secrets"))
+        .current_dir(dir);
+    command
+}
+
+struct Process {
+    child: Child,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    fn spawn(mut command: Command) -> Process {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let collect = |stream: Box<dyn std::io::Read + Send>| {
+            let lines = Arc::new(Mutex::new(Vec::new()));
+            let sink = Arc::clone(&lines);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    sink.lock().unwrap().push(line);
+                }
+            });
+            lines
+        };
+        let stdout = collect(Box::new(child.stdout.take().unwrap()));
+        let stderr = collect(Box::new(child.stderr.take().unwrap()));
+        Process {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits for a stdout line matching `find` and returns what it extracts.
+    fn wait_for<T>(&mut self, what: &str, find: impl Fn(&str) -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(found) = self.stdout.lock().unwrap().iter().find_map(|l| find(l)) {
+                return found;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "exited ({status}) before {what}: {:?} {:?}",
+                    self.stdout, self.stderr
+                );
+            }
+            assert!(Instant::now() < deadline, "no {what}: {:?}", self.stdout);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader threads drain the pipes.
+                std::thread::sleep(Duration::from_millis(100));
+                return status;
+            }
+            assert!(Instant::now() < deadline, "still running after {within:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn all_output(&self) -> String {
+        let mut all = self.stdout.lock().unwrap().join("\n");
+        all.push('\n');
+        all.push_str(&self.stderr.lock().unwrap().join("\n"));
+        all
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `bulkhead serve` on a free port with JSON logs; returns it with its URL.
+fn serve(dir: &std::path::Path, env: &[(&str, &str)]) -> (Process, String) {
+    let mut command = bulkhead(dir);
+    command
+        .arg("serve")
+        .env("HOST", "127.0.0.1")
+        .env("PORT", "0")
+        .env("LOG_FORMAT", "json");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut process = Process::spawn(command);
+    let address = process.wait_for("the listening line", |line| {
+        let event: Value = serde_json::from_str(line).ok()?;
+        (event["message"] == "listening").then(|| event["address"].as_str().unwrap().to_string())
+    });
+    (process, format!("http://{address}"))
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = bulkhead(dir.path()).arg("--help").output().unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    for command in [
+        "serve",
+        "mock-model",
+        "healthcheck",
+        "migrate",
+        "config",
+        "chat",
+    ] {
+        assert!(
+            text.contains(command),
+            "{command} missing from --help: {text}"
+        );
+        let output = bulkhead(dir.path())
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{command} --help");
+        assert!(
+            String::from_utf8(output.stdout)
+                .unwrap()
+                .contains("Usage: bulkhead")
+        );
+    }
+}
+
+#[test]
+fn config_prints_the_effective_values_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = bulkhead(dir.path())
+        .arg("config")
+        .env("OPENAI_API_KEY", "sk-canary-config-123456")
+        .env(
+            "DATABASE_URL",
+            "postgres://bulkhead:hunter2hunter2@db:5432/bulkhead",
+        )
+        .env("TEMPERATURE", "0.2")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        !text.contains("sk-canary-config-123456") && !text.contains("hunter2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("OPENAI_API_KEY") && text.contains("[redacted]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("postgres://bulkhead:[redacted]@db:5432/bulkhead"),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("TEMPERATURE")
+            && l.contains("0.2")
+            && l.contains("environment")),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("MODEL_NAME")
+            && l.contains("gpt-4o-mini")
+            && l.contains("default")),
+        "{text}"
+    );
+
+    let output = bulkhead(dir.path())
+        .args(["config", "--json"])
+        .output()
+        .unwrap();
+    let json: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["PORT"]["value"], "8000");
+    assert_eq!(json["AGENT_MODE"]["value"], "development");
+}
+
+#[test]
+fn invalid_configuration_fails_with_one_line_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, value) in [
+        ("TEMPERATURE", "hot"),
+        ("PORT", "99999"),
+        ("AGENT_MODE", "staging"),
+    ] {
+        for subcommand in ["config", "serve"] {
+            let output = bulkhead(dir.path())
+                .arg(subcommand)
+                .env(name, value)
+                .output()
+                .unwrap();
+            assert_eq!(
+                output.status.code(),
+                Some(2),
+                "{subcommand} with {name}={value}"
+            );
+            let stderr = String::from_utf8(output.stderr).unwrap();
+            assert_eq!(stderr.lines().count(), 1, "{stderr}");
+            assert!(stderr.contains(name), "{stderr}");
+        }
+    }
+}
+
+#[test]
+fn production_refuses_to_start_without_a_model_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = bulkhead(dir.path())
+        .arg("serve")
+        .env("AGENT_MODE", "production")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("MODEL_ENDPOINT") && stderr.contains("production"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("data").exists(), "nothing was started");
+}
+
+#[test]
+fn healthcheck_reports_whether_the_server_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let status = bulkhead(dir.path())
+        .arg("healthcheck")
+        .env("PORT", closed.port().to_string())
+        .output()
+        .unwrap()
+        .status;
+    assert_eq!(status.code(), Some(1));
+
+    let (_server, url) = serve(dir.path(), &[]);
+    let port = url.rsplit(':').next().unwrap();
+    let status = bulkhead(dir.path())
+        .arg("healthcheck")
+        .env("PORT", port)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = bulkhead(dir.path())
+        .args(["healthcheck", "--port", port])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn migrate_prepares_the_database(kind: DbKind) {
+    let db = TestDb::new(kind).await;
+    let output = bulkhead(db.dir.path())
+        .arg("migrate")
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("up to date"), "{text}");
+    let store = bulkhead_store::Store::connect(&db.url, &Default::default())
+        .await
+        .unwrap();
+    assert!(
+        store.session("none").await.unwrap().is_none(),
+        "the schema is there"
+    );
+    store.close().await;
+}
+
+#[tokio::test]
+async fn mock_model_serves_the_openai_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = bulkhead(dir.path());
+    command.args(["mock-model", "--port", "0"]);
+    let mut process = Process::spawn(command);
+    let base = process.wait_for("the address", |line| {
+        line.strip_prefix("mock model listening on ")
+            .map(str::to_owned)
+    });
+    let client = reqwest::Client::new();
+    let models: Value = client
+        .get(format!("{base}/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "bulkhead-mock");
+
+    let body = json!({"model": "any", "messages": [{"role": "user", "content": "hi there"}]});
+    let completion: Value = client
+        .post(format!("{base}/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        completion["choices"][0]["message"]["content"],
+        "echo: hi there"
+    );
+    assert_eq!(completion["usage"]["total_tokens"], 5);
+
+    let mut stream = body.clone();
+    stream["stream"] = json!(true);
+    stream["stream_options"] = json!({"include_usage": true});
+    let text = client
+        .post(format!("{base}/chat/completions"))
+        .json(&stream)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("\"content\":\"echo: \""), "{text}");
+    assert!(text.contains("\"total_tokens\":5"), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+
+    let response = client
+        .post(format!("{base}/chat/completions"))
+        .json(&json!({"model": "any", "messages": [{"role": "user", "content": "fail:429"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+
+    process.signal(Signal::SIGTERM);
+    assert!(process.wait_exit(Duration::from_secs(5)).success());
+}
+
+async fn sigterm_drains_the_run_in_flight(kind: DbKind) {
+    let db = TestDb::new(kind).await;
+    let (mut server, url) = serve(
+        db.dir.path(),
+        &[("DATABASE_URL", &db.url), ("MOCK_MODEL_LATENCY_MS", "1500")],
+    );
+    let client = reqwest::Client::new();
+    let request = tokio::spawn({
+        let client = client.clone();
+        let url = format!("{url}/agent");
+        async move {
+            let response = client
+                .post(url)
+                .json(&json!({"message": "slow one"}))
+                .send()
+                .await
+                .unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        }
+    });
+    server.wait_for("the run to start", |line| {
+        line.contains("run started").then_some(())
+    });
+    server.signal(Signal::SIGTERM);
+    let (status, body) = request.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["response"], "echo: slow one");
+    let exit = server.wait_exit(Duration::from_secs(10));
+    assert_eq!(exit.code(), Some(0), "{}", server.all_output());
+    let logs = server.all_output();
+    assert!(
+        logs.contains("SIGTERM") && logs.contains("stopped"),
+        "{logs}"
+    );
+
+    let store = bulkhead_store::Store::connect(&db.url, &Default::default())
+        .await
+        .unwrap();
+    let run = store
+        .run(body["run_id"].as_str().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.status, "completed");
+    assert_eq!(run.output.as_deref(), Some("echo: slow one"));
+    store.close().await;
+}
+
+on_both_databases!(
+    migrate_prepares_the_database,
+    sigterm_drains_the_run_in_flight
+);
+
+const CANARY: &str = "sk-canary-7f3a9c2e5b1d4086a2c4e6f8";
+
+/// An upstream that checks the key, and quotes it back in its 401 like
+/// OpenAI does, to prove Bulkhead never passes upstream text on verbatim.
+async fn spawn_key_checking_upstream() -> (String, Arc<Mutex<Vec<String>>>) {
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move |headers: HeaderMap, body: String| {
+            let record = Arc::clone(&record);
+            async move {
+                let auth = headers.get("authorization").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+                record.lock().unwrap().push(auth.clone());
+                if auth != format!("Bearer {CANARY}") || body.contains("leak") {
+                    let message = format!("Incorrect API key provided: {CANARY}. You can find your API key at ...");
+                    return (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": {"message": message}}))).into_response();
+                }
+                axum::Json(json!({
+                    "id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "authorised"}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+                }))
+                .into_response()
+            }
+        }),
+    )
+    .route("/v1/models", axum::routing::get(|| async { axum::Json(json!({"data": []})) }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{address}/v1"), seen)
+}
+
+async fn exercise_and_collect(url: &str) -> String {
+    let client = reqwest::Client::new();
+    let mut seen = String::new();
+    let ok = client
+        .post(format!("{url}/agent"))
+        .json(&json!({"message": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let ok: Value = ok.json().await.unwrap();
+    assert_eq!(
+        ok["response"], "authorised",
+        "the key from the secret reached the model"
+    );
+    seen.push_str(&ok.to_string());
+    let session = ok["session_id"].as_str().unwrap();
+    let leak = client
+        .post(format!("{url}/agent"))
+        .json(&json!({"message": "please leak", "session_id": session}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(leak.status(), 502);
+    seen.push_str(&leak.text().await.unwrap());
+    let stream = client
+        .post(format!("{url}/agent"))
+        .json(&json!({"message": "leak via stream", "session_id": session, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    seen.push_str(&stream.text().await.unwrap());
+    for path in [
+        "/ready".to_string(),
+        "/health".to_string(),
+        format!("/sessions/{session}"),
+        format!("/sessions/{session}/runs"),
+        format!("/runs/{}/events", ok["run_id"].as_str().unwrap()),
+        "/nope".to_string(),
+    ] {
+        seen.push_str(
+            &client
+                .get(format!("{url}{path}"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+        );
+    }
+    for (_, runs) in [(
+        (),
+        client
+            .get(format!("{url}/sessions/{session}/runs"))
+            .send()
+            .await
+            .unwrap(),
+    )] {
+        let runs: Value = runs.json().await.unwrap();
+        for run in runs["runs"].as_array().unwrap() {
+            let events = client
+                .get(format!(
+                    "{url}/runs/{}/events",
+                    run["run_id"].as_str().unwrap()
+                ))
+                .send()
+                .await
+                .unwrap();
+            seen.push_str(&events.text().await.unwrap());
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_key_appears_in_no_log_error_or_response() {
+    let (endpoint, upstream_seen) = spawn_key_checking_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("openai_api_key");
+    std::fs::write(&key_file, format!("{CANARY}\n")).unwrap();
+    let secrets_dir = dir.path().join("secrets");
+    std::fs::create_dir(&secrets_dir).unwrap();
+    std::fs::write(secrets_dir.join("openai_api_key"), CANARY).unwrap();
+
+    // From OPENAI_API_KEY_FILE, then from the secrets folder.
+    let key_path = key_file.display().to_string();
+    let secrets_path = secrets_dir.display().to_string();
+    let variants: [Vec<(&str, &str)>; 2] = [
+        vec![("OPENAI_API_KEY_FILE", &key_path)],
+        vec![("SECRETS_DIR", &secrets_path)],
+    ];
+    for variant in variants {
+        let mut env = vec![
+            ("MODEL_ENDPOINT", endpoint.as_str()),
+            ("AGENT_MODE", "production"),
+            ("LOG_LEVEL", "trace"),
+            ("MODEL_MAX_RETRIES", "0"),
+        ];
+        env.extend(variant.iter().copied());
+        let (mut server, url) = serve(dir.path(), &env);
+        let responses = exercise_and_collect(&url).await;
+        let mut config = bulkhead(dir.path());
+        config.arg("config");
+        for (key, value) in &env {
+            config.env(key, value);
+        }
+        let config = config.output().unwrap();
+        assert!(config.status.success());
+        server.signal(Signal::SIGTERM);
+        assert!(server.wait_exit(Duration::from_secs(10)).success());
+        let logs = server.all_output();
+        assert!(logs.lines().count() > 20, "trace logging is on: {logs}");
+        for (what, text) in [
+            ("responses", responses),
+            ("logs", logs),
+            ("config", String::from_utf8(config.stdout).unwrap()),
+        ] {
+            assert!(
+                !text.contains(CANARY),
+                "the key leaked into the {what}: {text}"
+            );
+            assert!(
+                !text.contains(&CANARY[3..15]),
+                "part of the key leaked into the {what}: {text}"
+            );
+        }
+    }
+    let seen = upstream_seen.lock().unwrap();
+    assert!(
+        seen.iter().all(|auth| auth == &format!("Bearer {CANARY}")),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_json_lines_carrying_the_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, url) = serve(dir.path(), &[("AGENT_MODE", "development")]);
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("{url}/agent"))
+        .header("x-request-id", "req-under-test-42")
+        .json(&json!({"message": "log me"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "req-under-test-42");
+    server.signal(Signal::SIGINT);
+    assert!(
+        server.wait_exit(Duration::from_secs(10)).success(),
+        "SIGINT also stops cleanly"
+    );
+    let lines = server.stdout.lock().unwrap().clone();
+    let events: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not a JSON line: {l}")))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["level"] == "WARN"
+                && e["message"].as_str().unwrap_or("").contains("MOCK MODEL")),
+        "the mock model is announced loudly"
+    );
+    let tagged: Vec<&Value> = events
+        .iter()
+        .filter(|e| {
+            e["spans"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["request_id"] == "req-under-test-42"))
+        })
+        .collect();
+    let messages: Vec<&str> = tagged
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    for expected in [
+        "run started",
+        "run completed",
+        "finished processing request",
+    ] {
+        assert!(
+            messages.contains(&expected),
+            "{expected} not tagged with the request id: {messages:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_streams_replies_and_keeps_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(dir.path(), &[]);
+    let mut chat = bulkhead(dir.path())
+        .args(["chat", "--url", &url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    chat.stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello chat\ntool:current_time\n/session\n/quit\n")
+        .unwrap();
+    let output = chat.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stdout.contains("agent> echo: hello chat"), "{stdout}");
+    assert!(stdout.contains("agent> tool result: 20"), "{stdout}");
+    assert!(stderr.contains("[tool current_time"), "{stderr}");
+    let session = stderr
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("(session ")
+                .and_then(|s| s.strip_suffix(')'))
+        })
+        .unwrap_or_else(|| panic!("{stderr}"));
+    let conversation: Value = reqwest::get(format!("{url}/sessions/{session}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let users: Vec<&str> = conversation["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| m["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        users,
+        ["hello chat", "tool:current_time"],
+        "both lines went to one session"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_database_is_created_beside_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = spawn_mock_model(Duration::ZERO).await;
+    let (mut server, url) = serve(dir.path(), &[("MODEL_ENDPOINT", &endpoint)]);
+    let body: Value = reqwest::Client::new()
+        .post(format!("{url}/agent"))
+        .json(&json!({"message": "persist me"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["response"], "echo: persist me");
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+    assert!(
+        dir.path().join("data/bulkhead.db").exists(),
+        "sqlite://data/bulkhead.db, folder created"
+    );
+
+    // A restart on the same file continues the conversation.
+    let (_server, url) = serve(dir.path(), &[("MODEL_ENDPOINT", &endpoint)]);
+    let session = body["session_id"].as_str().unwrap();
+    let next: Value = reqwest::Client::new()
+        .post(format!("{url}/agent"))
+        .json(&json!({"message": "still here", "session_id": session}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(next["session_id"], session);
+    assert_eq!(next["response"], "echo: still here");
+}
