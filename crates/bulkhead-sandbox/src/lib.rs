@@ -1,0 +1,225 @@
+//! Run untrusted commands with hard limits and a record of what happened.
+//!
+//! A [`Backend`] makes one [`Sandbox`] per session; a sandbox runs
+//! [`Operation`]s (a command, or a file operation inside its workspace) and
+//! reports each as an [`ExecResult`]: exit code or signal, why it was
+//! stopped, and its output capped (head and tail kept, true size and sha256
+//! of the whole recorded).
+//!
+//! The `namespace` backend needs no daemon: every operation runs in fresh
+//! Linux namespaces (user, pid, mount, net, ipc, uts, cgroup) under a PID 1
+//! of its own, on a read-only view of the host's system folders with the
+//! session's workspace writable and a size-capped tmpfs at /tmp, as a
+//! non-root user with no capabilities, no_new_privs, a seccomp filter and a
+//! landlock ruleset, inside a cgroup that caps memory (no swap), pids and
+//! CPU. Only the workspace persists from one operation to the next.
+//!
+//! This crate knows nothing of HTTP, of agents or of the database.
+
+// The namespace backend forks, execs and calls a handful of syscalls that
+// have no safe wrapper; every `unsafe` block says why it is sound.
+#![allow(unsafe_code)]
+
+pub mod namespace;
+mod output;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+pub use output::CapturedOutput;
+
+/// Hard limits applied to every operation in a sandbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Memory (and memory + swap: no swap) in bytes.
+    pub memory_bytes: u64,
+    /// CPU time per wall second (1.0 = one core).
+    pub cpus: f64,
+    /// Processes and threads at once.
+    pub pids: u32,
+    /// Wall-clock time of one operation; the whole process tree is killed
+    /// when it is over.
+    #[serde(with = "duration_ms")]
+    pub timeout: Duration,
+    /// Bytes of stdout and of stderr kept (half head, half tail).
+    pub output_bytes: usize,
+    /// Size of the workspace and of /tmp, each.
+    pub disk_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 256 << 20,
+            cpus: 1.0,
+            pids: 128,
+            timeout: Duration::from_secs(30),
+            output_bytes: 64 << 10,
+            disk_bytes: 128 << 20,
+        }
+    }
+}
+
+impl Limits {
+    /// An operation producing more than this much output is a flood: it is
+    /// killed with [`KilledReason::OutputLimit`].
+    pub fn output_flood_bytes(&self) -> u64 {
+        (self.output_bytes as u64)
+            .saturating_mul(1024)
+            .max(16 << 20)
+    }
+}
+
+mod duration_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(value.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(deserializer)?))
+    }
+}
+
+/// What to run in a sandbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Operation {
+    /// A program and its arguments; a bare name is looked up in PATH.
+    Exec {
+        argv: Vec<String>,
+        /// Shorter than the sandbox's timeout, if given.
+        #[serde(default, with = "optional_duration_ms")]
+        timeout: Option<Duration>,
+    },
+    /// A file in the workspace; its content is the operation's stdout.
+    ReadFile { path: String },
+    /// Creates or replaces a file in the workspace (parents created).
+    WriteFile { path: String, content: String },
+    /// The entries of a folder in the workspace, as JSON on stdout.
+    ListDir { path: String },
+}
+
+mod optional_duration_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(
+        value: &Option<Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(d) => serializer.serialize_some(&(d.as_millis() as u64)),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(deserializer)?.map(Duration::from_millis))
+    }
+}
+
+/// Why the sandbox stopped an operation, or the limit it ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KilledReason {
+    Timeout,
+    Oom,
+    Pids,
+    OutputLimit,
+    Disk,
+}
+
+impl KilledReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KilledReason::Timeout => "timeout",
+            KilledReason::Oom => "oom",
+            KilledReason::Pids => "pids",
+            KilledReason::OutputLimit => "output_limit",
+            KilledReason::Disk => "disk",
+        }
+    }
+}
+
+/// How an operation ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// Set when the program exited.
+    pub exit_code: Option<i32>,
+    /// Set when a signal ended it.
+    pub signal: Option<i32>,
+    pub killed_reason: Option<KilledReason>,
+    pub stdout: CapturedOutput,
+    pub stderr: CapturedOutput,
+    pub duration_ms: u64,
+}
+
+impl ExecResult {
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0) && self.killed_reason.is_none()
+    }
+
+    /// The exit code a shell would report: the code, or 128 + signal.
+    pub fn shell_status(&self) -> i32 {
+        match (self.exit_code, self.signal) {
+            (Some(code), _) => code,
+            (None, Some(signal)) => 128 + signal,
+            (None, None) => 1,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// Isolation could not be set up; nothing was run.
+    #[error("sandbox unavailable: {0}")]
+    Unavailable(String),
+    /// The request itself is wrong (empty command, say).
+    #[error("invalid sandbox request: {0}")]
+    Invalid(String),
+    #[error("sandbox I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What a backend could set up on this machine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Probe {
+    pub backend: String,
+    /// Facts about the isolation in place (cgroup version, landlock ABI…).
+    pub details: Vec<String>,
+}
+
+/// One session's sandbox.
+pub trait Sandbox: Send + Sync {
+    fn backend(&self) -> &'static str;
+    fn limits(&self) -> &Limits;
+    fn run<'a>(
+        &'a self,
+        operation: &'a Operation,
+    ) -> BoxFuture<'a, Result<ExecResult, SandboxError>>;
+    /// Removes the sandbox and its workspace.
+    fn destroy(&self) -> BoxFuture<'_, Result<(), SandboxError>>;
+}
+
+/// A kind of sandbox.
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Checks that isolation can be had here by running a command in a
+    /// fresh sandbox. An error means tool calls must be refused.
+    fn probe(&self) -> BoxFuture<'_, Result<Probe, SandboxError>>;
+    fn create<'a>(
+        &'a self,
+        id: &'a str,
+        limits: &'a Limits,
+    ) -> BoxFuture<'a, Result<Arc<dyn Sandbox>, SandboxError>>;
+}

@@ -1,0 +1,313 @@
+//! The helper process, host side. Single-threaded by construction (it is a
+//! fresh process that starts no threads), so `fork` is sound here.
+//!
+//! ```text
+//! helper (host)                 ── cgroup, uid maps, output caps, timeout
+//!   └─ child (new user/mnt/net/ipc/uts ns, root inside = an unprivileged
+//!        │    host uid; in the cgroup)
+//!        └─ init, PID 1 of the new pid ns  ── mounts, pivot_root, reaps
+//!             └─ the program (nested user ns: uid 1000, no capabilities,
+//!                  no_new_privs, seccomp, landlock)
+//! ```
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::waitpid;
+use nix::unistd::{ForkResult, Pid, fork, pipe2};
+
+use super::cgroup::Cgroup;
+use super::inside::{self, InitStatus};
+use super::{HelperReport, HelperRequest};
+use crate::output::OutputCapture;
+use crate::{ExecResult, KilledReason, Operation};
+
+/// Entry point of the helper process: reads a request on stdin, prints one
+/// report on stdout, exits.
+pub fn helper_main() -> ! {
+    let report = match read_request() {
+        Ok(request) => match run(&request) {
+            Ok(result) => HelperReport::Finished(result),
+            Err(reason) => HelperReport::Unavailable(reason),
+        },
+        Err(reason) => HelperReport::Unavailable(reason),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let _ = serde_json::to_writer(&mut stdout, &report);
+    let _ = stdout.flush();
+    std::process::exit(0)
+}
+
+fn read_request() -> Result<HelperRequest, String> {
+    let mut body = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut body)
+        .map_err(|e| format!("cannot read the request: {e}"))?;
+    serde_json::from_slice(&body).map_err(|e| format!("invalid request: {e}"))
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
+    pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
+}
+
+/// The file descriptors the child side needs, by raw number (they are
+/// inherited across fork; the child owns its copies).
+pub(crate) struct ChildFds {
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+    /// Init reports the program's status here.
+    pub status: RawFd,
+    /// The child writes one byte when it has unshared…
+    pub unshared: RawFd,
+    /// …and waits for one byte once its ids are mapped.
+    pub mapped: RawFd,
+}
+
+fn run(request: &HelperRequest) -> Result<ExecResult, String> {
+    let cgroup = Cgroup::create(&request.run_id, &request.limits)
+        .map_err(|e| format!("cannot set up resource limits: {e}"))?;
+    let result = run_in(request, &cgroup);
+    cgroup.remove();
+    result
+}
+
+fn run_in(request: &HelperRequest, cgroup: &Cgroup) -> Result<ExecResult, String> {
+    let root = request.state_dir.join(format!("root-{}", request.run_id));
+    std::fs::create_dir_all(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+    let result = run_with_root(request, cgroup, &root);
+    let _ = std::fs::remove_dir(&root);
+    result
+}
+
+fn run_with_root(
+    request: &HelperRequest,
+    cgroup: &Cgroup,
+    root: &std::path::Path,
+) -> Result<ExecResult, String> {
+    let (stdout_r, stdout_w) = pipe()?;
+    let (stderr_r, stderr_w) = pipe()?;
+    let (status_r, status_w) = pipe()?;
+    let (unshared_r, unshared_w) = pipe()?;
+    let (mapped_r, mapped_w) = pipe()?;
+    let started = Instant::now();
+    let timeout = match &request.operation {
+        Operation::Exec {
+            timeout: Some(t), ..
+        } => (*t).min(request.limits.timeout),
+        _ => request.limits.timeout,
+    };
+
+    // SAFETY: the helper is single-threaded (no runtime, no threads), so the
+    // child may do anything after fork.
+    let child = match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Child => {
+            drop((stdout_r, stderr_r, status_r, unshared_r, mapped_w));
+            let fds = ChildFds {
+                stdout: stdout_w.as_raw_fd(),
+                stderr: stderr_w.as_raw_fd(),
+                status: status_w.as_raw_fd(),
+                unshared: unshared_w.as_raw_fd(),
+                mapped: mapped_r.as_raw_fd(),
+            };
+            inside::child_main(request, root, &fds)
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop((stdout_w, stderr_w, status_w, unshared_w, mapped_r));
+
+    let setup = (|| {
+        wait_byte(&unshared_r, Duration::from_secs(10))
+            .map_err(|e| format!("the sandbox did not start: {e}"))?;
+        map_ids(child, request.host_uid, request.host_gid)?;
+        cgroup
+            .add(child.as_raw())
+            .map_err(|e| format!("cannot apply resource limits: {e}"))?;
+        nix::unistd::write(&mapped_w, b"g")
+            .map_err(|e| format!("cannot release the sandbox: {e}"))?;
+        Ok::<(), String>(())
+    })();
+    if let Err(reason) = setup {
+        let _ = kill(child, Signal::SIGKILL);
+        let _ = waitpid(child, None);
+        return Err(reason);
+    }
+    drop(mapped_w);
+
+    let mut stdout = OutputCapture::new(request.limits.output_bytes);
+    let mut stderr = OutputCapture::new(request.limits.output_bytes);
+    let mut status_bytes = Vec::new();
+    let flood = request.limits.output_flood_bytes();
+    let deadline = started + timeout;
+    let mut killed = None;
+    let mut open = [Some(stdout_r), Some(stderr_r), Some(status_r)];
+    let mut buffer = vec![0u8; 64 << 10];
+    while open.iter().any(Option::is_some) {
+        let now = Instant::now();
+        if now >= deadline && killed.is_none() {
+            killed = Some(KilledReason::Timeout);
+            kill_everything(child, cgroup);
+        }
+        let wait = if killed.is_some() {
+            // Killed: the pipes close as the processes die.
+            Duration::from_millis(100)
+        } else {
+            deadline - now
+        };
+        let mut fds: Vec<PollFd> = open
+            .iter()
+            .flatten()
+            .map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
+            .collect();
+        let ready = poll(
+            &mut fds,
+            PollTimeout::try_from(wait.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX),
+        );
+        let revents: Vec<bool> = fds
+            .iter()
+            .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        match ready {
+            Ok(0) => {
+                if killed.is_some() {
+                    // Whatever still holds a pipe is gone or going; stop.
+                    break;
+                }
+                continue;
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(format!("poll: {e}")),
+        }
+        let mut slot_of_ready = open
+            .iter()
+            .enumerate()
+            .filter(|(_, fd)| fd.is_some())
+            .map(|(slot, _)| slot)
+            .zip(revents)
+            .filter(|(_, ready)| *ready)
+            .map(|(slot, _)| slot)
+            .collect::<Vec<_>>();
+        for slot in slot_of_ready.drain(..) {
+            let fd = open[slot].as_ref().expect("open slot");
+            match nix::unistd::read(fd, &mut buffer) {
+                Ok(0) => open[slot] = None,
+                Ok(n) => match slot {
+                    0 => stdout.push(&buffer[..n]),
+                    1 => stderr.push(&buffer[..n]),
+                    _ => status_bytes.extend_from_slice(&buffer[..n.min(4096)]),
+                },
+                Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
+                Err(_) => open[slot] = None,
+            }
+        }
+        if killed.is_none() && stdout.total() + stderr.total() > flood {
+            killed = Some(KilledReason::OutputLimit);
+            kill_everything(child, cgroup);
+        }
+    }
+    let _ = waitpid(child, None);
+    let duration_ms = started.elapsed().as_millis() as u64;
+
+    let mut status = None;
+    for line in status_bytes
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+    {
+        match serde_json::from_slice::<InitStatus>(line) {
+            Ok(InitStatus::SetupFailed { reason }) => return Err(reason),
+            Ok(other) => status = Some(other),
+            Err(_) => {}
+        }
+    }
+    let strikes = cgroup.strikes();
+    let (exit_code, signal, tmp_full) = match status {
+        Some(InitStatus::Exited { code, tmp_full }) => (Some(code), None, tmp_full),
+        Some(InitStatus::Signaled { signal, tmp_full }) => (None, Some(signal), tmp_full),
+        Some(InitStatus::SetupFailed { .. }) => unreachable!("returned above"),
+        // Killed (by us or by the OOM killer) before init could report.
+        None if killed.is_some() || strikes.oom_kills > 0 => (None, Some(libc::SIGKILL), false),
+        None => {
+            return Err(
+                "the sandbox ended before reporting (its setup was killed or crashed)".into(),
+            );
+        }
+    };
+    let workspace_full = nix::sys::statvfs::statvfs(&request.workspace)
+        .map(|s| s.blocks_available() == 0)
+        .unwrap_or(false);
+    let killed_reason = killed.or_else(|| {
+        if strikes.oom_kills > 0 {
+            Some(KilledReason::Oom)
+        } else if strikes.pids_refusals > 0 {
+            Some(KilledReason::Pids)
+        } else if tmp_full || workspace_full || signal == Some(libc::SIGXFSZ) {
+            Some(KilledReason::Disk)
+        } else {
+            None
+        }
+    });
+    Ok(ExecResult {
+        exit_code,
+        signal,
+        killed_reason,
+        stdout: stdout.finish(),
+        stderr: stderr.finish(),
+        duration_ms,
+    })
+}
+
+fn kill_everything(child: Pid, cgroup: &Cgroup) {
+    // The child's death takes init (parent-death signal), and init's death
+    // takes every process of its pid namespace; the cgroup sweep is for
+    // anything in between.
+    let _ = kill(child, Signal::SIGKILL);
+    cgroup.kill_all();
+}
+
+fn wait_byte(fd: &OwnedFd, within: Duration) -> Result<(), String> {
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    match poll(
+        &mut fds,
+        PollTimeout::try_from(within.as_millis() as i32).unwrap_or(PollTimeout::MAX),
+    ) {
+        Ok(0) => return Err("timed out".into()),
+        Ok(_) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let mut byte = [0u8; 1];
+    match nix::unistd::read(fd, &mut byte) {
+        Ok(1) => Ok(()),
+        Ok(_) => Err("it exited during setup".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Maps root of the sandbox's user namespace to the host ids chosen for
+/// it (an unprivileged uid when the server is root, else the server's own).
+/// Only the parent namespace may write these maps. The program later drops
+/// to uid 1000 in a nested user namespace of its own.
+fn map_ids(child: Pid, host_uid: u32, host_gid: u32) -> Result<(), String> {
+    let proc = format!("/proc/{}", child.as_raw());
+    let write = |file: &str, content: &str| {
+        std::fs::write(format!("{proc}/{file}"), content)
+            .map_err(|e| format!("cannot write {file} of the sandbox: {e}"))
+    };
+    write("uid_map", &format!("0 {host_uid} 1\n"))?;
+    if !nix::unistd::geteuid().is_root() {
+        // Unprivileged: the kernel requires setgroups to be denied first.
+        write("setgroups", "deny")?;
+    }
+    write("gid_map", &format!("0 {host_gid} 1\n"))?;
+    Ok(())
+}
+
+/// Turns a raw descriptor inherited across fork into an owned one.
+pub(crate) fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: the caller owns `fd` (inherited across fork, not otherwise
+    // wrapped in this process image).
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}

@@ -1,0 +1,351 @@
+//! The namespace backend: no daemon, one helper process per operation.
+//!
+//! The server side ([`NamespaceBackend`]) spawns the helper executable
+//! (`bulkhead __sandbox-helper`, or the `bulkhead-sandbox-helper` binary),
+//! writes the operation to its stdin and reads one JSON report from its
+//! stdout. The helper is a plain single-threaded process, so it may fork
+//! freely: it creates the cgroup, forks a child that unshares the
+//! namespaces, maps the child's user ids, and pumps the program's output
+//! through the caps until it ends or its time is up. See `helper.rs` for the
+//! host side and `inside.rs` for what runs inside the namespaces.
+
+mod cgroup;
+mod helper;
+mod inside;
+mod seccomp;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub use helper::helper_main;
+
+use crate::{Backend, ExecResult, Limits, Operation, Probe, Sandbox, SandboxError};
+
+/// The uid (and gid) sandboxed programs have inside their namespaces.
+pub const SANDBOX_UID: u32 = 1000;
+
+/// What the server hands the helper for one operation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct HelperRequest {
+    pub operation: Operation,
+    pub limits: Limits,
+    /// Host folder mounted at /workspace.
+    pub workspace: PathBuf,
+    /// Host folder the helper may create scratch folders in.
+    pub state_dir: PathBuf,
+    /// Host uid and gid that the sandbox's uid 1000 maps to.
+    pub host_uid: u32,
+    pub host_gid: u32,
+    /// Unique per operation; names its cgroup.
+    pub run_id: String,
+}
+
+/// The helper's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum HelperReport {
+    Finished(ExecResult),
+    /// Isolation could not be set up; nothing ran.
+    Unavailable(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct NamespaceConfig {
+    /// An executable whose `main` calls [`helper_main`] when started with
+    /// `helper_args`.
+    pub helper: PathBuf,
+    pub helper_args: Vec<String>,
+    /// Where session workspaces live on the host.
+    pub root: PathBuf,
+    /// Host uid/gid for sandboxed programs when the server runs as root
+    /// (otherwise the server's own ids are used).
+    pub host_uid: u32,
+    pub host_gid: u32,
+}
+
+impl NamespaceConfig {
+    /// The `bulkhead` binary's hidden subcommand as the helper.
+    pub fn for_current_exe(root: PathBuf) -> std::io::Result<NamespaceConfig> {
+        Ok(NamespaceConfig {
+            helper: std::env::current_exe()?,
+            helper_args: vec!["__sandbox-helper".into()],
+            root,
+            host_uid: 100_000,
+            host_gid: 100_000,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NamespaceBackend {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: NamespaceConfig,
+    privileged: bool,
+    uid: u32,
+    gid: u32,
+    counter: AtomicU64,
+}
+
+impl NamespaceBackend {
+    pub fn new(config: NamespaceConfig) -> NamespaceBackend {
+        let privileged = nix::unistd::geteuid().is_root();
+        let (uid, gid) = if privileged {
+            (config.host_uid, config.host_gid)
+        } else {
+            (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            )
+        };
+        NamespaceBackend {
+            inner: Arc::new(Inner {
+                config,
+                privileged,
+                uid,
+                gid,
+                counter: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    fn state_dir(&self) -> PathBuf {
+        self.config.root.join(".state")
+    }
+
+    async fn run_helper(
+        &self,
+        workspace: &Path,
+        limits: &Limits,
+        operation: &Operation,
+    ) -> Result<ExecResult, SandboxError> {
+        if let Operation::Exec { argv, .. } = operation {
+            if argv.is_empty() || argv[0].is_empty() {
+                return Err(SandboxError::Invalid("the command is empty".into()));
+            }
+            if argv.iter().any(|a| a.contains('\0')) {
+                return Err(SandboxError::Invalid(
+                    "arguments must not contain NUL".into(),
+                ));
+            }
+        }
+        let request = HelperRequest {
+            operation: operation.clone(),
+            limits: limits.clone(),
+            workspace: workspace.to_path_buf(),
+            state_dir: self.state_dir(),
+            host_uid: self.uid,
+            host_gid: self.gid,
+            run_id: format!(
+                "{}-{}",
+                std::process::id(),
+                self.counter.fetch_add(1, Ordering::Relaxed)
+            ),
+        };
+        let mut child = tokio::process::Command::new(&self.config.helper)
+            .args(&self.config.helper_args)
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // If the caller gives up (shutdown), the helper dies, and with
+            // it the whole sandbox (parent-death signals down the chain).
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                SandboxError::Unavailable(format!(
+                    "cannot start the sandbox helper {}: {e}",
+                    self.config.helper.display()
+                ))
+            })?;
+        let body = serde_json::to_vec(&request)
+            .map_err(|e| SandboxError::Invalid(format!("cannot encode the request: {e}")))?;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin.write_all(&body).await?;
+        drop(stdin);
+        let mut report = Vec::new();
+        let mut diagnostics = Vec::new();
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let mut stderr = child.stderr.take().expect("piped stderr").take(64 << 10);
+        let (read_out, read_err) = tokio::join!(
+            stdout.read_to_end(&mut report),
+            stderr.read_to_end(&mut diagnostics)
+        );
+        read_out?;
+        read_err?;
+        let status = child.wait().await?;
+        match serde_json::from_slice::<HelperReport>(&report) {
+            Ok(HelperReport::Finished(result)) => Ok(result),
+            Ok(HelperReport::Unavailable(reason)) => Err(SandboxError::Unavailable(reason)),
+            Err(_) => Err(SandboxError::Unavailable(format!(
+                "the sandbox helper failed ({status}): {}",
+                String::from_utf8_lossy(&diagnostics).trim()
+            ))),
+        }
+    }
+}
+
+impl Backend for NamespaceBackend {
+    fn name(&self) -> &'static str {
+        "namespace"
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Result<Probe, SandboxError>> {
+        Box::pin(async move {
+            let sandbox = self.create("probe", &Limits::default()).await?;
+            let result = sandbox
+                .run(&Operation::Exec {
+                    argv: vec![
+                        "/bin/sh".into(),
+                        "-c".into(),
+                        "id -u; cat /proc/self/status".into(),
+                    ],
+                    timeout: None,
+                })
+                .await;
+            let _ = sandbox.destroy().await;
+            let result = result?;
+            if !result.success() {
+                return Err(SandboxError::Unavailable(format!(
+                    "a probe command failed in the sandbox: {}",
+                    result.stderr.text.trim()
+                )));
+            }
+            let text = &result.stdout.text;
+            let uid_line = text.lines().next().unwrap_or_default().trim().to_string();
+            let field = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+                    .unwrap_or_default()
+            };
+            if uid_line != SANDBOX_UID.to_string() || field("CapEff:") != "0000000000000000" {
+                return Err(SandboxError::Unavailable(format!(
+                    "the probe ran with uid {uid_line} and capabilities {}",
+                    field("CapEff:")
+                )));
+            }
+            let mut details = vec![
+                format!("cgroup v{}", cgroup::version().unwrap_or(0)),
+                format!("seccomp mode {}", field("Seccomp:")),
+                format!("no_new_privs {}", field("NoNewPrivs:")),
+                format!("landlock ABI {}", inside::landlock_abi()),
+            ];
+            details.push(if self.inner.privileged {
+                "workspace: size-capped tmpfs".into()
+            } else {
+                "workspace: host folder, files capped by RLIMIT_FSIZE (not running as root)".into()
+            });
+            Ok(Probe {
+                backend: "namespace".into(),
+                details,
+            })
+        })
+    }
+
+    fn create<'a>(
+        &'a self,
+        id: &'a str,
+        limits: &'a Limits,
+    ) -> BoxFuture<'a, Result<Arc<dyn Sandbox>, SandboxError>> {
+        Box::pin(async move {
+            if id.is_empty()
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(SandboxError::Invalid(format!("invalid sandbox id {id:?}")));
+            }
+            let inner = &self.inner;
+            let workspace = inner.config.root.join(id);
+            std::fs::create_dir_all(inner.state_dir())?;
+            std::fs::create_dir_all(&workspace)?;
+            if inner.privileged {
+                mount_workspace(&workspace, limits, inner.uid, inner.gid)?;
+            }
+            Ok(Arc::new(NamespaceSandbox {
+                inner: Arc::clone(inner),
+                workspace,
+                limits: limits.clone(),
+            }) as Arc<dyn Sandbox>)
+        })
+    }
+}
+
+/// A size-capped tmpfs owned by the sandbox's host uid, so the disk limit
+/// is the kernel's and not a promise.
+fn mount_workspace(path: &Path, limits: &Limits, uid: u32, gid: u32) -> Result<(), SandboxError> {
+    use nix::mount::{MsFlags, mount};
+    if is_mount_point(path) {
+        return Ok(());
+    }
+    let options = format!("size={},uid={uid},gid={gid},mode=0700", limits.disk_bytes);
+    mount(
+        Some("bulkhead-workspace"),
+        path,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(options.as_str()),
+    )
+    .map_err(|e| SandboxError::Unavailable(format!("cannot mount the workspace tmpfs: {e}")))
+}
+
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(canonical) = path.canonicalize() else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|mount_point| Path::new(mount_point) == canonical)
+}
+
+struct NamespaceSandbox {
+    inner: Arc<Inner>,
+    workspace: PathBuf,
+    limits: Limits,
+}
+
+impl Sandbox for NamespaceSandbox {
+    fn backend(&self) -> &'static str {
+        "namespace"
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn run<'b>(
+        &'b self,
+        operation: &'b Operation,
+    ) -> BoxFuture<'b, Result<ExecResult, SandboxError>> {
+        Box::pin(
+            self.inner
+                .run_helper(&self.workspace, &self.limits, operation),
+        )
+    }
+
+    fn destroy(&self) -> BoxFuture<'_, Result<(), SandboxError>> {
+        Box::pin(async move {
+            if self.inner.privileged {
+                let _ = nix::mount::umount2(&self.workspace, nix::mount::MntFlags::MNT_DETACH);
+            }
+            match std::fs::remove_dir_all(&self.workspace) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+}
