@@ -42,7 +42,7 @@ pub struct Limits {
     pub pids: u32,
     /// Wall-clock time of one operation; the whole process tree is killed
     /// when it is over.
-    #[serde(with = "duration_ms")]
+    #[serde(rename = "timeout_ms", with = "duration_ms")]
     pub timeout: Duration,
     /// Bytes of stdout and of stderr kept (half head, half tail).
     pub output_bytes: usize,
@@ -95,7 +95,7 @@ pub enum Operation {
     Exec {
         argv: Vec<String>,
         /// Shorter than the sandbox's timeout, if given.
-        #[serde(default, with = "optional_duration_ms")]
+        #[serde(default, rename = "timeout_ms", with = "optional_duration_ms")]
         timeout: Option<Duration>,
     },
     /// A file in the workspace; its content is the operation's stdout.
@@ -159,6 +159,10 @@ pub struct ExecResult {
     /// Set when a signal ended it.
     pub signal: Option<i32>,
     pub killed_reason: Option<KilledReason>,
+    /// Every limit the operation ran into, whether or not it stopped it (a
+    /// fork bomb hits `pids` before the timeout ends it).
+    #[serde(default)]
+    pub limits_hit: Vec<KilledReason>,
     pub stdout: CapturedOutput,
     pub stderr: CapturedOutput,
     pub duration_ms: u64,

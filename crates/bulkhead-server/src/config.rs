@@ -83,6 +83,31 @@ pub struct ModelConfig {
     pub mock_latency: Duration,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxBackendKind {
+    Namespace,
+    Docker,
+}
+
+impl SandboxBackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxBackendKind::Namespace => "namespace",
+            SandboxBackendKind::Docker => "docker",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub backend: SandboxBackendKind,
+    pub limits: bulkhead_sandbox::Limits,
+    /// Where session workspaces live on the host.
+    pub root: PathBuf,
+    /// Host uid and gid sandboxed programs run as when the server is root.
+    pub host_uid: u32,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub mode: AgentMode,
@@ -102,6 +127,7 @@ pub struct Config {
     pub max_steps: u32,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
+    pub sandbox: SandboxConfig,
     sources: HashMap<&'static str, Source>,
 }
 
@@ -227,6 +253,33 @@ impl Reader<'_> {
             |s: &f64| s.is_finite() && *s > 0.0 && *s <= max,
         )?;
         Ok(Duration::from_secs_f64(seconds))
+    }
+
+    /// A size in bytes, written as `268435456`, `256m`, `64k` or `1g`.
+    fn size(&mut self, name: &'static str, default: u64, min: u64) -> Result<u64, ConfigError> {
+        let Some(text) = self.raw(name) else {
+            return Ok(default);
+        };
+        let lower = text.to_ascii_lowercase();
+        let lower = lower.trim_end_matches('b');
+        let (digits, unit) = match lower.char_indices().last() {
+            Some((i, 'k')) => (&lower[..i], 1u64 << 10),
+            Some((i, 'm')) => (&lower[..i], 1 << 20),
+            Some((i, 'g')) => (&lower[..i], 1 << 30),
+            _ => (lower, 1),
+        };
+        digits
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(unit))
+            .filter(|bytes| *bytes >= min)
+            .ok_or_else(|| {
+                invalid(
+                    name,
+                    format!("expected a size of at least {min} bytes such as 256m, 64k or 1g, got {text:?}"),
+                )
+            })
     }
 
     /// `<NAME>`, else the file `<NAME>_FILE` names, else
@@ -402,6 +455,51 @@ impl Config {
             }
         };
 
+        let sandbox = SandboxConfig {
+            backend: match r
+                .raw("SANDBOX_BACKEND")
+                .map(|b| b.to_ascii_lowercase())
+                .as_deref()
+            {
+                None | Some("namespace") => SandboxBackendKind::Namespace,
+                Some("docker") => SandboxBackendKind::Docker,
+                Some(other) => {
+                    return Err(invalid(
+                        "SANDBOX_BACKEND",
+                        format!("expected namespace or docker, got {other:?}"),
+                    ));
+                }
+            },
+            limits: bulkhead_sandbox::Limits {
+                memory_bytes: r.size("SANDBOX_MEMORY", 256 << 20, 4 << 20)?,
+                cpus: r.parse(
+                    "SANDBOX_CPUS",
+                    1.0f64,
+                    "a number of CPUs from 0.01 to 256",
+                    |c| (0.01..=256.0).contains(c),
+                )?,
+                pids: r.parse(
+                    "SANDBOX_PIDS",
+                    128u32,
+                    "a whole number from 4 to 100000",
+                    |n| (4..=100_000).contains(n),
+                )?,
+                timeout: r.seconds("SANDBOX_TIMEOUT_SECONDS", 30.0, 86_400.0)?,
+                output_bytes: r.size("SANDBOX_OUTPUT_LIMIT", 64 << 10, 256)? as usize,
+                disk_bytes: r.size("SANDBOX_DISK", 128 << 20, 1 << 20)?,
+            },
+            root: r
+                .raw("SANDBOX_ROOT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("data/sandboxes")),
+            host_uid: r.parse(
+                "SANDBOX_HOST_UID",
+                100_000u32,
+                "a uid from 1 to 4294967294",
+                |u| *u >= 1 && *u < u32::MAX,
+            )?,
+        };
+
         let config = Config {
             mode,
             host,
@@ -427,6 +525,7 @@ impl Config {
                 |n| (1024..=1 << 30).contains(n),
             )?,
             shutdown_grace: r.seconds("SHUTDOWN_GRACE_SECONDS", 8.0, 3600.0)?,
+            sandbox,
             sources: HashMap::new(),
         };
         Ok(Config {
@@ -497,6 +596,24 @@ impl Config {
                 "SHUTDOWN_GRACE_SECONDS",
                 self.shutdown_grace.as_secs_f64().to_string(),
             ),
+            ("SANDBOX_BACKEND", self.sandbox.backend.as_str().into()),
+            (
+                "SANDBOX_MEMORY",
+                self.sandbox.limits.memory_bytes.to_string(),
+            ),
+            ("SANDBOX_CPUS", self.sandbox.limits.cpus.to_string()),
+            ("SANDBOX_PIDS", self.sandbox.limits.pids.to_string()),
+            (
+                "SANDBOX_TIMEOUT_SECONDS",
+                self.sandbox.limits.timeout.as_secs_f64().to_string(),
+            ),
+            (
+                "SANDBOX_OUTPUT_LIMIT",
+                self.sandbox.limits.output_bytes.to_string(),
+            ),
+            ("SANDBOX_DISK", self.sandbox.limits.disk_bytes.to_string()),
+            ("SANDBOX_ROOT", self.sandbox.root.display().to_string()),
+            ("SANDBOX_HOST_UID", self.sandbox.host_uid.to_string()),
             ("LOG_LEVEL", self.log_level.clone()),
             (
                 "LOG_FORMAT",
@@ -600,6 +717,21 @@ mod tests {
         assert!(config.enable_streaming);
         assert!(config.uses_mock_model());
         assert_eq!(config.database_url.expose_secret(), DEFAULT_DATABASE_URL);
+        assert_eq!(config.sandbox.backend, SandboxBackendKind::Namespace);
+        assert_eq!(config.sandbox.limits, bulkhead_sandbox::Limits::default());
+    }
+
+    #[test]
+    fn sandbox_sizes_take_units() {
+        let config = load(&[
+            ("SANDBOX_MEMORY", "512m"),
+            ("SANDBOX_DISK", "1g"),
+            ("SANDBOX_OUTPUT_LIMIT", "16k"),
+        ])
+        .unwrap();
+        assert_eq!(config.sandbox.limits.memory_bytes, 512 << 20);
+        assert_eq!(config.sandbox.limits.disk_bytes, 1 << 30);
+        assert_eq!(config.sandbox.limits.output_bytes, 16 << 10);
     }
 
     #[test]
@@ -629,6 +761,10 @@ mod tests {
             ("MODEL_ENDPOINT", "api.openai.com"),
             ("LOG_LEVEL", "loud"),
             ("SHUTDOWN_GRACE_SECONDS", "-1"),
+            ("SANDBOX_BACKEND", "chroot"),
+            ("SANDBOX_MEMORY", "lots"),
+            ("SANDBOX_MEMORY", "1k"),
+            ("SANDBOX_PIDS", "0"),
         ] {
             let error = load(&[(name, value)]).unwrap_err();
             assert_eq!(error.variable, name, "{name}={value}: {error}");

@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 mod extract;
 mod routes;
+pub mod sandbox;
 
 pub use app::{App, AppState, Server, shutdown_signal};
 pub use config::{Config, ConfigError, Environment};

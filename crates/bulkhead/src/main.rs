@@ -3,6 +3,7 @@
 
 mod chat;
 mod logging;
+mod sandbox;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -62,6 +63,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run commands in a sandbox, as the agent's tools do.
+    Sandbox {
+        #[command(subcommand)]
+        command: sandbox::SandboxCommand,
+    },
+    /// The namespace sandbox's per-operation helper (internal).
+    #[command(name = "__sandbox-helper", hide = true)]
+    SandboxHelper,
     /// Talk to a running server from the terminal, with streamed replies.
     Chat {
         /// Base URL of the server (default: http://127.0.0.1:$PORT).
@@ -91,6 +100,15 @@ fn main() -> ExitCode {
         Command::Migrate => migrate(),
         Command::Config { json } => print_config(json),
         Command::Chat { url, session } => runtime(false).block_on(chat::run(url, session)),
+        Command::Sandbox { command } => {
+            let config = match load_config() {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            runtime(false).block_on(sandbox::run(command, &config))
+        }
+        // Must not start a runtime: the helper forks.
+        Command::SandboxHelper => bulkhead_sandbox::namespace::helper_main(),
     }
 }
 

@@ -239,21 +239,23 @@ fn run_with_root(
     let workspace_full = nix::sys::statvfs::statvfs(&request.workspace)
         .map(|s| s.blocks_available() == 0)
         .unwrap_or(false);
-    let killed_reason = killed.or_else(|| {
-        if strikes.oom_kills > 0 {
-            Some(KilledReason::Oom)
-        } else if strikes.pids_refusals > 0 {
-            Some(KilledReason::Pids)
-        } else if tmp_full || workspace_full || signal == Some(libc::SIGXFSZ) {
-            Some(KilledReason::Disk)
-        } else {
-            None
-        }
-    });
+    let mut limits_hit: Vec<KilledReason> = killed.into_iter().collect();
+    if strikes.oom_kills > 0 {
+        limits_hit.push(KilledReason::Oom);
+    }
+    if strikes.pids_refusals > 0 {
+        limits_hit.push(KilledReason::Pids);
+    }
+    if tmp_full || workspace_full || signal == Some(libc::SIGXFSZ) {
+        limits_hit.push(KilledReason::Disk);
+    }
+    // What stopped it: our kill, else the first limit that struck.
+    let killed_reason = limits_hit.first().copied();
     Ok(ExecResult {
         exit_code,
         signal,
         killed_reason,
+        limits_hit,
         stdout: stdout.finish(),
         stderr: stderr.finish(),
         duration_ms,

@@ -389,6 +389,8 @@ fn program_main(request: &HelperRequest, fds: &ChildFds) -> ! {
         Operation::WriteFile { path, content } => file_result(write_workspace_file(path, content)),
         Operation::ListDir { path } => file_result(list_dir(path)),
     };
+    // `_exit` skips the buffered stdout's flush.
+    let _ = std::io::stdout().flush();
     // SAFETY: _exit is always sound.
     unsafe { libc::_exit(code) }
 }
