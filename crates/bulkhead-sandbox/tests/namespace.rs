@@ -1,0 +1,519 @@
+//! The hostile battery against the namespace backend: every case asserts
+//! containment, the right record, and a sandbox that still works after.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkhead_sandbox::namespace::{NamespaceBackend, NamespaceConfig};
+use bulkhead_sandbox::{Backend, ExecResult, KilledReason, Limits, Operation, Sandbox};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    sandbox: Arc<dyn Sandbox>,
+}
+
+fn limits() -> Limits {
+    Limits {
+        memory_bytes: 64 << 20,
+        cpus: 1.0,
+        pids: 32,
+        timeout: Duration::from_secs(3),
+        output_bytes: 4096,
+        disk_bytes: 8 << 20,
+    }
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("sandboxes");
+    let backend = NamespaceBackend::new(NamespaceConfig {
+        helper: PathBuf::from(env!("CARGO_BIN_EXE_bulkhead-sandbox-helper")),
+        helper_args: Vec::new(),
+        root: root.clone(),
+        host_uid: 100_000,
+        host_gid: 100_000,
+    });
+    let sandbox = backend
+        .create("session-1", &limits())
+        .await
+        .expect("sandbox");
+    Fixture {
+        _dir: dir,
+        root,
+        sandbox,
+    }
+}
+
+impl Fixture {
+    async fn sh(&self, script: &str) -> ExecResult {
+        self.run(Operation::Exec {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            timeout: None,
+        })
+        .await
+    }
+
+    async fn run(&self, operation: Operation) -> ExecResult {
+        self.sandbox
+            .run(&operation)
+            .await
+            .expect("the sandbox runs")
+    }
+
+    /// The sandbox still runs commands normally.
+    async fn assert_healthy(&self) {
+        let result = self.sh("echo still-ok").await;
+        assert_eq!(result.exit_code, Some(0), "{result:?}");
+        assert_eq!(result.stdout.text, "still-ok\n");
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(
+            &self.root.join("session-1"),
+            nix::mount::MntFlags::MNT_DETACH,
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_command_runs_as_an_unprivileged_user_with_nothing_extra() {
+    let f = fixture().await;
+    let result = f
+        .sh("id -u; id -g; hostname; pwd; grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; ls /")
+        .await;
+    assert_eq!(result.exit_code, Some(0), "{result:?}");
+    let out = result.stdout.text;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..4], ["1000", "1000", "sandbox", "/workspace"]);
+    assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
+    assert!(out.contains("CapBnd:\t0000000000000000"), "{out}");
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    assert!(out.contains("Seccomp:\t2"), "{out}");
+    assert!(
+        !out.contains("\nhome\n") && !out.contains("\nroot\n") && !out.contains("\nrun\n"),
+        "{out}"
+    );
+    assert!(result.killed_reason.is_none());
+    assert_eq!(result.stdout.total_bytes as usize, out.len());
+}
+
+#[tokio::test]
+async fn the_workspace_persists_between_commands_and_tmp_does_not() {
+    let f = fixture().await;
+    let result = f
+        .sh("echo kept > notes.txt; echo gone > /tmp/scratch")
+        .await;
+    assert_eq!(result.exit_code, Some(0), "{result:?}");
+    let result = f
+        .sh("cat /workspace/notes.txt; cat /tmp/scratch 2>&1 || true")
+        .await;
+    assert!(result.stdout.text.starts_with("kept\n"), "{result:?}");
+    assert!(result.stdout.text.contains("No such file"), "{result:?}");
+}
+
+#[tokio::test]
+async fn a_fork_bomb_is_contained_by_the_pids_limit() {
+    let f = fixture().await;
+    let result = f
+        .run(Operation::Exec {
+            argv: vec![
+                "python3".into(),
+                "-c".into(),
+                "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass".into(),
+            ],
+            timeout: Some(Duration::from_secs(2)),
+        })
+        .await;
+    assert!(
+        result.limits_hit.contains(&KilledReason::Pids),
+        "{result:?}"
+    );
+    assert_eq!(
+        result.killed_reason,
+        Some(KilledReason::Timeout),
+        "{result:?}"
+    );
+    f.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn memory_beyond_the_limit_is_killed_as_oom() {
+    let f = fixture().await;
+    let result = f
+        .run(Operation::Exec {
+            argv: vec![
+                "python3".into(),
+                "-c".into(),
+                "x = bytearray(512 * 1024 * 1024)".into(),
+            ],
+            timeout: None,
+        })
+        .await;
+    assert_eq!(result.killed_reason, Some(KilledReason::Oom), "{result:?}");
+    assert_eq!(result.signal, Some(9), "{result:?}");
+    f.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn an_endless_loop_is_killed_at_the_timeout_with_its_children() {
+    let f = fixture().await;
+    let started = std::time::Instant::now();
+    let result = f.sh("sleep 1000 & while :; do :; done").await;
+    assert_eq!(
+        result.killed_reason,
+        Some(KilledReason::Timeout),
+        "{result:?}"
+    );
+    assert!(result.duration_ms >= 3000, "{result:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the kill is prompt"
+    );
+    // Nothing of it is left: its cgroup and processes are gone.
+    let leftovers = std::process::Command::new("pgrep")
+        .args(["-f", "sleep 1000"])
+        .output()
+        .unwrap();
+    assert!(
+        leftovers.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&leftovers.stdout)
+    );
+    f.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn background_processes_do_not_outlive_their_command() {
+    let f = fixture().await;
+    let result = f.sh("sleep 777 & echo started").await;
+    assert_eq!(result.stdout.text, "started\n");
+    let leftovers = std::process::Command::new("pgrep")
+        .args(["-f", "sleep 777"])
+        .output()
+        .unwrap();
+    assert!(
+        leftovers.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&leftovers.stdout)
+    );
+}
+
+#[tokio::test]
+async fn an_output_flood_is_truncated_and_stopped() {
+    let f = fixture().await;
+    let result = f
+        .run(Operation::Exec {
+            argv: vec!["yes".into(), "flood".into()],
+            timeout: None,
+        })
+        .await;
+    assert_eq!(
+        result.killed_reason,
+        Some(KilledReason::OutputLimit),
+        "{:?}",
+        result.killed_reason
+    );
+    assert!(result.stdout.truncated);
+    assert!(
+        result.stdout.total_bytes > 16 << 20,
+        "true size recorded: {}",
+        result.stdout.total_bytes
+    );
+    assert!(
+        result.stdout.text.len() < 4096 + 100,
+        "only head and tail kept: {}",
+        result.stdout.text.len()
+    );
+    assert!(result.stdout.text.starts_with("flood\nflood\n"));
+    assert!(result.stdout.text.contains("bytes omitted"));
+    assert_eq!(result.stdout.sha256.len(), 64);
+
+    // Under the flood threshold the program finishes, truncated but whole.
+    let result = f
+        .sh("head -c 100000 /dev/zero | tr '\\0' 'a'; echo; echo end")
+        .await;
+    assert_eq!(result.exit_code, Some(0));
+    assert!(result.killed_reason.is_none());
+    assert!(result.stdout.truncated);
+    assert_eq!(result.stdout.total_bytes, 100_005);
+    assert!(result.stdout.text.ends_with("\nend\n"));
+    f.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn filling_tmp_or_the_workspace_stops_at_the_cap() {
+    let f = fixture().await;
+    for target in ["/tmp/fill", "/workspace/fill"] {
+        let result = f
+            .sh(&format!(
+                "dd if=/dev/zero of={target} bs=1M count=64 2>&1; echo rc=$?"
+            ))
+            .await;
+        assert_eq!(
+            result.killed_reason,
+            Some(KilledReason::Disk),
+            "{target}: {result:?}"
+        );
+        assert!(!result.stdout.text.contains("rc=0"), "{target}: {result:?}");
+    }
+    // Many small files fill it too.
+    let result = f
+        .sh("i=0; while [ $i -lt 200 ]; do head -c 100000 /dev/zero > /workspace/f$i || break; i=$((i+1)); done; echo $i")
+        .await;
+    assert_eq!(result.killed_reason, Some(KilledReason::Disk), "{result:?}");
+    let written: u32 = result.stdout.text.trim().parse().unwrap();
+    assert!(written < 200, "the workspace cap held at {written} files");
+    f.sh("rm -f /workspace/f* /workspace/fill").await;
+    f.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn the_network_is_empty() {
+    let f = fixture().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let result = f
+        .run(Operation::Exec {
+            argv: vec![
+                "python3".into(),
+                "-c".into(),
+                format!(
+                    "import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n    print('connected')\nexcept OSError as e:\n    print('refused', e)\ntry:\n    socket.getaddrinfo('example.com', 443)\n    print('resolved')\nexcept OSError as e:\n    print('no dns', e)"
+                ),
+            ],
+            timeout: None,
+        })
+        .await;
+    let out = &result.stdout.text;
+    assert!(
+        out.contains("refused") && !out.contains("connected"),
+        "{result:?}"
+    );
+    assert!(
+        out.contains("no dns") && !out.contains("resolved"),
+        "{result:?}"
+    );
+    assert!(
+        listener.accept().is_err(),
+        "nothing reached the host's listener"
+    );
+    let result = f.sh("cat /proc/net/dev | tail -n +3 | cut -d: -f1").await;
+    assert_eq!(
+        result.stdout.text.trim(),
+        "lo",
+        "only a loopback device: {result:?}"
+    );
+}
+
+#[tokio::test]
+async fn host_secrets_and_environment_are_out_of_reach() {
+    let f = fixture().await;
+    let me = std::process::id();
+    let result = f
+        .sh(&format!(
+            "cat /etc/shadow; ls /run/secrets; cat /proc/1/environ; cat /proc/{me}/environ; env; ls /proc | grep -c '^[0-9]'"
+        ))
+        .await;
+    let out = &result.stdout.text;
+    let err = &result.stderr.text;
+    assert!(err.contains("/etc/shadow: No such file"), "{err}");
+    assert!(
+        err.contains("/run/secrets") && err.contains("No such file"),
+        "{err}"
+    );
+    assert!(err.contains("/proc/1/environ: Permission denied"), "{err}");
+    assert!(
+        err.contains(&format!("/proc/{me}/environ: No such file")) || me < 10,
+        "{err}"
+    );
+    for line in out.lines().filter(|l| l.contains('=')) {
+        let name = line.split('=').next().unwrap();
+        assert!(
+            [
+                "PATH", "HOME", "USER", "LOGNAME", "LANG", "TERM", "TMPDIR", "PWD", "SHLVL", "_"
+            ]
+            .contains(&name),
+            "unexpected variable in the sandbox: {line}"
+        );
+    }
+    let processes: u32 = out.lines().last().unwrap().trim().parse().unwrap();
+    assert!(
+        processes < 10,
+        "only the sandbox's own processes are visible: {processes}"
+    );
+}
+
+#[tokio::test]
+async fn writing_outside_the_workspace_fails() {
+    let f = fixture().await;
+    let result = f
+        .sh("for p in /x /etc/x /usr/x /usr/bin/x /bin/x /dev/x /proc/x; do touch $p 2>/dev/null && echo WROTE $p; done; echo done")
+        .await;
+    assert_eq!(result.stdout.text, "done\n", "{result:?}");
+    assert!(!std::path::Path::new("/usr/x").exists());
+}
+
+#[tokio::test]
+async fn privilege_escalation_fails() {
+    let f = fixture().await;
+    let result = f
+        .sh("su -c id root </dev/null; sudo id </dev/null; python3 -c 'import os; os.setuid(0)'; mount -t tmpfs none /tmp; unshare -r id; unshare -U id; unshare -m id; umount /workspace; chroot / id; echo end")
+        .await;
+    let out = &result.stdout.text;
+    assert!(!out.contains("uid=0"), "{result:?}");
+    assert!(out.ends_with("end\n"), "{result:?}");
+    let result = f.sh("grep ' /tmp ' /proc/mounts | grep -c tmpfs").await;
+    assert_eq!(result.stdout.text.trim(), "1", "no second tmpfs appeared");
+    let result = f.sh("ls /workspace >/dev/null && echo mounted").await;
+    assert_eq!(result.stdout.text, "mounted\n");
+}
+
+#[tokio::test]
+async fn killing_the_parent_or_init_changes_nothing() {
+    let f = fixture().await;
+    let result = f
+        .sh("kill -9 1; kill -9 $PPID; kill -9 -1; echo survived")
+        .await;
+    // kill -1 may take the shell itself; init and the helper must survive
+    // to report whatever happened.
+    assert!(
+        result.exit_code.is_some() || result.signal.is_some(),
+        "{result:?}"
+    );
+    f.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn file_operations_stay_inside_the_workspace() {
+    let f = fixture().await;
+    let write = |path: &str, content: &str| Operation::WriteFile {
+        path: path.into(),
+        content: content.into(),
+    };
+    let read = |path: &str| Operation::ReadFile { path: path.into() };
+
+    let result = f.run(write("notes/todo.txt", "buy milk")).await;
+    assert_eq!(result.exit_code, Some(0), "{result:?}");
+    let result = f.run(read("notes/todo.txt")).await;
+    assert_eq!(result.stdout.text, "buy milk");
+    let result = f.run(read("/workspace/notes/todo.txt")).await;
+    assert_eq!(result.stdout.text, "buy milk");
+    let result = f.run(Operation::ListDir { path: ".".into() }).await;
+    let listing: serde_json::Value = serde_json::from_str(&result.stdout.text).unwrap();
+    assert_eq!(listing[0]["name"], "notes");
+    assert_eq!(listing[0]["type"], "dir");
+
+    f.sh("ln -s /etc/passwd passwd-link; ln -s / root-link; ln -s /tmp tmp-link")
+        .await;
+    for (operation, expected) in [
+        (read("../etc/passwd"), "outside the workspace"),
+        (read("/etc/passwd"), "outside the workspace"),
+        (read("notes/../../etc/hostname"), "outside the workspace"),
+        (read("passwd-link"), "resolves outside the workspace"),
+        (
+            read("root-link/etc/passwd"),
+            "resolves outside the workspace",
+        ),
+        (write("../escape.txt", "x"), "outside the workspace"),
+        (write("/etc/evil", "x"), "outside the workspace"),
+        (write("passwd-link", "x"), "symbolic link"),
+        (
+            write("tmp-link/evil", "x"),
+            "resolves outside the workspace",
+        ),
+        (
+            Operation::ListDir { path: "..".into() },
+            "outside the workspace",
+        ),
+        (
+            Operation::ListDir {
+                path: "root-link".into(),
+            },
+            "resolves outside the workspace",
+        ),
+    ] {
+        let result = f.run(operation.clone()).await;
+        assert_eq!(result.exit_code, Some(1), "{operation:?}: {result:?}");
+        assert!(
+            result.stderr.text.contains(expected),
+            "{operation:?}: {}",
+            result.stderr.text
+        );
+    }
+    // The host saw none of it.
+    let mut passwd = String::new();
+    std::fs::File::open("/etc/passwd")
+        .unwrap()
+        .read_to_string(&mut passwd)
+        .unwrap();
+    assert!(passwd.contains("root:"));
+    f.assert_healthy().await;
+}
+
+#[tokio::test]
+async fn unknown_commands_and_bad_requests_are_clear() {
+    let f = fixture().await;
+    let result = f
+        .run(Operation::Exec {
+            argv: vec!["no-such-tool".into()],
+            timeout: None,
+        })
+        .await;
+    assert_eq!(result.exit_code, Some(127));
+    assert!(
+        result
+            .stderr
+            .text
+            .contains("no-such-tool: command not found")
+    );
+    let error = f
+        .sandbox
+        .run(&Operation::Exec {
+            argv: vec![],
+            timeout: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, bulkhead_sandbox::SandboxError::Invalid(_)),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn the_probe_reports_the_isolation_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = NamespaceBackend::new(NamespaceConfig {
+        helper: PathBuf::from(env!("CARGO_BIN_EXE_bulkhead-sandbox-helper")),
+        helper_args: Vec::new(),
+        root: dir.path().to_path_buf(),
+        host_uid: 100_000,
+        host_gid: 100_000,
+    });
+    let probe = backend.probe().await.expect("isolation is available here");
+    let details = probe.details.join(", ");
+    assert!(
+        details.contains("seccomp mode 2") && details.contains("no_new_privs 1"),
+        "{details}"
+    );
+
+    // A helper that cannot run means no sandbox, never an unsandboxed run.
+    let broken = NamespaceBackend::new(NamespaceConfig {
+        helper: PathBuf::from("/nonexistent/helper"),
+        helper_args: Vec::new(),
+        root: dir.path().to_path_buf(),
+        host_uid: 100_000,
+        host_gid: 100_000,
+    });
+    let error = broken.probe().await.unwrap_err();
+    assert!(
+        matches!(error, bulkhead_sandbox::SandboxError::Unavailable(_)),
+        "{error}"
+    );
+}
