@@ -7,6 +7,7 @@
 //! them: a client that goes away does not lose its run, and shutdown can
 //! wait for all of them and interrupt the ones that outlast the grace.
 
+mod sandboxes;
 mod tools;
 
 use std::sync::Arc;
@@ -15,8 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bulkhead_model::{ChatMessage, Completion, Model, ModelError, ToolCall};
 use bulkhead_store::{
-    BeginRun, BeginRunError, FinishRun, NewEvent, NewMessage, RunProgress, RunStatus, SessionRef,
-    Store, StoreError,
+    BeginRun, BeginRunError, DeleteOutcome, FinishRun, NewEvent, NewMessage, NewToolExecution,
+    RunProgress, RunStatus, SessionRef, Store, StoreError, ToolExecutionEnd,
 };
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
@@ -24,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub use tools::{Tool, ToolError, ToolRegistry};
+pub use sandboxes::SandboxManager;
+pub use tools::{Tool, ToolContext, ToolError, ToolOutput, ToolRegistry};
 
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
@@ -35,6 +37,9 @@ pub struct EngineSettings {
     /// A session lock not refreshed for this long is presumed abandoned
     /// (its holder crashed) and may be taken over.
     pub lock_ttl: Duration,
+    /// Values never to be written into the audit trail (API keys, database
+    /// passwords), should a model echo them into tool arguments.
+    pub secrets: Vec<String>,
 }
 
 /// One event of a run, as streamed to a client and stored.
@@ -115,6 +120,7 @@ pub struct Engine {
     store: Store,
     model: Arc<Model>,
     tools: ToolRegistry,
+    sandboxes: Option<Arc<SandboxManager>>,
     settings: EngineSettings,
     runs: TaskTracker,
     interrupt: CancellationToken,
@@ -133,12 +139,14 @@ impl Engine {
         store: Store,
         model: Arc<Model>,
         tools: ToolRegistry,
+        sandboxes: Option<Arc<SandboxManager>>,
         settings: EngineSettings,
     ) -> Engine {
         Engine {
             store,
             model,
             tools,
+            sandboxes,
             settings,
             runs: TaskTracker::new(),
             interrupt: CancellationToken::new(),
@@ -152,6 +160,21 @@ impl Engine {
 
     pub fn model(&self) -> &Model {
         &self.model
+    }
+
+    pub fn sandboxes(&self) -> Option<&SandboxManager> {
+        self.sandboxes.as_deref()
+    }
+
+    /// Deletes a session (unless a run holds it) and destroys its sandbox.
+    pub async fn delete_session(&self, session_id: &str) -> Result<DeleteOutcome, StoreError> {
+        let outcome = self.store.delete_session(session_id).await?;
+        if outcome == DeleteOutcome::Deleted
+            && let Some(sandboxes) = &self.sandboxes
+        {
+            sandboxes.release(session_id).await;
+        }
+        Ok(outcome)
     }
 
     pub fn is_accepting(&self) -> bool {
@@ -347,7 +370,7 @@ impl Engine {
                 .map(|u| u.total_tokens as i64)
                 .unwrap_or_default();
             if completion.tool_calls.is_empty() {
-                return Ok(completion.content);
+                return Ok(sanitize(completion.content));
             }
             self.run_tools(state, &mut conversation, completion).await?;
             let now = now_ms();
@@ -416,7 +439,7 @@ impl Engine {
         let calls: Vec<ToolCall> = completion.tool_calls;
         let assistant = ChatMessage {
             role: "assistant".into(),
-            content: (!completion.content.is_empty()).then_some(completion.content),
+            content: (!completion.content.is_empty()).then(|| sanitize(completion.content)),
             tool_calls: Some(calls.clone()),
             tool_call_id: None,
         };
@@ -429,25 +452,34 @@ impl Engine {
         conversation.push(assistant);
         for call in calls {
             let name = call.function.name.as_str();
+            let audit_id = uuid::Uuid::new_v4().to_string();
             state.emit(
                 "tool_call",
-                json!({"id": call.id, "name": name, "arguments": call.function.arguments}),
+                json!({"id": call.id, "name": name, "arguments": call.function.arguments, "audit_id": audit_id}),
                 now_ms(),
             );
-            let result = tokio::select! {
-                result = self.tools.call(name, &call.function.arguments) => result,
-                () = self.interrupt.cancelled() => return Err(interrupted()),
-            };
-            let (content, is_error) = match result {
-                Ok(output) => (output, false),
-                Err(e) => (format!("error: {e}"), true),
-            };
-            tracing::info!(tool = name, is_error, "tool call finished");
-            state.emit(
-                "tool_result",
-                json!({"id": call.id, "name": name, "content": content, "is_error": is_error}),
-                now_ms(),
-            );
+            let output = self.audited_call(state, &audit_id, &call).await?;
+            let mut result = json!({
+                "id": call.id,
+                "name": name,
+                "content": output.content,
+                "is_error": output.is_error,
+                "audit_id": audit_id,
+            });
+            if let Some(execution) = &output.execution {
+                result["execution"] = json!({
+                    "exit_code": execution.exit_code,
+                    "signal": execution.signal,
+                    "killed_reason": execution.killed_reason,
+                    "limits_hit": execution.limits_hit,
+                    "duration_ms": execution.duration_ms,
+                    "stdout_bytes": execution.stdout.total_bytes,
+                    "stderr_bytes": execution.stderr.total_bytes,
+                    "truncated": execution.stdout.truncated || execution.stderr.truncated,
+                });
+            }
+            state.emit("tool_result", result, now_ms());
+            let content = sanitize(output.content);
             state.pending_messages.push(NewMessage {
                 role: "tool",
                 content: Some(content.clone()),
@@ -462,6 +494,128 @@ impl Engine {
             });
         }
         Ok(())
+    }
+
+    /// Records the call, runs it, completes the record. A call that cannot
+    /// be recorded is not run.
+    async fn audited_call(
+        &self,
+        state: &RunState,
+        audit_id: &str,
+        call: &ToolCall,
+    ) -> Result<ToolOutput, Failure> {
+        let name = call.function.name.as_str();
+        let sandboxed = self.tools.is_sandboxed(name);
+        let (backend, limits) = match (&self.sandboxes, sandboxed) {
+            (Some(sandboxes), true) => (
+                sandboxes.backend_name(),
+                serde_json::to_string(sandboxes.limits()).ok(),
+            ),
+            (None, true) => ("none", None),
+            (_, false) => ("builtin", None),
+        };
+        let arguments = redact_arguments(&call.function.arguments, &self.settings.secrets);
+        let started_at = now_ms();
+        let recorded = self
+            .store
+            .start_tool_execution(&NewToolExecution {
+                id: audit_id,
+                session_id: &state.session_id,
+                run_id: &state.run_id,
+                call_id: &call.id,
+                tool: name,
+                arguments: &arguments,
+                backend,
+                limits: limits.as_deref(),
+                started_at,
+            })
+            .await;
+        if let Err(e) = recorded {
+            tracing::error!(error = %e, tool = name, "could not record a tool call; it was not run");
+            return Ok(ToolOutput {
+                content:
+                    "error: the call could not be recorded in the audit trail, so it was not run"
+                        .into(),
+                is_error: true,
+                execution: None,
+            });
+        }
+        let context = ToolContext {
+            session_id: &state.session_id,
+            sandboxes: self.sandboxes.as_deref(),
+        };
+        let result = tokio::select! {
+            result = self.tools.call(context, name, &call.function.arguments) => result,
+            () = self.interrupt.cancelled() => {
+                let end = ToolExecutionEnd {
+                    status: "interrupted",
+                    finished_at: now_ms(),
+                    error: Some("the server shut down during the call".into()),
+                    ..ToolExecutionEnd::default()
+                };
+                let _ = self.store.finish_tool_execution(audit_id, &end).await;
+                return Err(interrupted());
+            }
+        };
+        let finished_at = now_ms();
+        let (output, status, error) = match result {
+            Ok(output) => (output, "completed", None),
+            Err(e) => {
+                let status = if matches!(e, ToolError::Refused(_)) {
+                    "refused"
+                } else {
+                    "failed"
+                };
+                let message = e.to_string();
+                (
+                    ToolOutput {
+                        content: format!("error: {message}"),
+                        is_error: true,
+                        execution: None,
+                    },
+                    status,
+                    Some(message),
+                )
+            }
+        };
+        let execution = output.execution.as_ref();
+        let end = ToolExecutionEnd {
+            status,
+            finished_at,
+            exit_code: execution.and_then(|x| x.exit_code).map(i64::from),
+            signal: execution.and_then(|x| x.signal).map(i64::from),
+            killed_reason: execution
+                .and_then(|x| x.killed_reason)
+                .map(|r| r.as_str().to_string()),
+            limits_hit: execution.map(|x| json!(x.limits_hit).to_string()),
+            stdout_bytes: execution.map(|x| x.stdout.total_bytes as i64),
+            stderr_bytes: execution.map(|x| x.stderr.total_bytes as i64),
+            stdout_truncated: execution.map(|x| x.stdout.truncated),
+            stderr_truncated: execution.map(|x| x.stderr.truncated),
+            stdout_sha256: execution.map(|x| x.stdout.sha256.clone()),
+            stderr_sha256: execution.map(|x| x.stderr.sha256.clone()),
+            duration_ms: Some(execution.map_or(finished_at - started_at, |x| x.duration_ms as i64)),
+            error,
+        };
+        if let Err(e) = self.store.finish_tool_execution(audit_id, &end).await {
+            tracing::error!(error = %e, audit_id, "could not complete the record of a tool call");
+        }
+        tracing::info!(
+            audit_id,
+            tool = name,
+            backend,
+            status,
+            exit_code = end.exit_code,
+            signal = end.signal,
+            killed_reason = end.killed_reason.as_deref(),
+            duration_ms = end.duration_ms,
+            stdout_bytes = end.stdout_bytes,
+            stderr_bytes = end.stderr_bytes,
+            truncated =
+                end.stdout_truncated.unwrap_or(false) || end.stderr_truncated.unwrap_or(false),
+            "tool call audited"
+        );
+        Ok(output)
     }
 
     /// Stops taking runs, waits up to `grace` for those in flight, then
@@ -491,6 +645,58 @@ impl Engine {
             }
         }
     }
+}
+
+/// PostgreSQL text cannot hold NUL; a tool's output may.
+fn sanitize(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
+    }
+}
+
+/// Tool arguments as the audit trail keeps them: values under secret-looking
+/// keys and any configured secret are replaced by `[REDACTED]`.
+fn redact_arguments(arguments: &str, secrets: &[String]) -> String {
+    fn walk(value: &mut Value) {
+        match value {
+            Value::Object(map) => {
+                for (key, value) in map.iter_mut() {
+                    let key = key.to_ascii_lowercase();
+                    if [
+                        "password",
+                        "passwd",
+                        "secret",
+                        "token",
+                        "api_key",
+                        "apikey",
+                        "authorization",
+                    ]
+                    .iter()
+                    .any(|s| key.contains(s))
+                    {
+                        *value = Value::String("[REDACTED]".into());
+                    } else {
+                        walk(value);
+                    }
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut text = match serde_json::from_str::<Value>(arguments) {
+        Ok(mut value) => {
+            walk(&mut value);
+            value.to_string()
+        }
+        Err(_) => arguments.to_string(),
+    };
+    for secret in secrets.iter().filter(|s| s.len() >= 4) {
+        text = bulkhead_model::redact_secret(&text, secret);
+    }
+    sanitize(text)
 }
 
 fn interrupted() -> Failure {
@@ -586,5 +792,24 @@ impl RunState {
             steps: self.steps,
             now,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_arguments_hide_secrets() {
+        let redacted = redact_arguments(
+            r#"{"command": "curl -H 'x: sk-live-123456789' host", "api_key": "abc", "nested": {"Password": "p"}}"#,
+            &["sk-live-123456789".into()],
+        );
+        assert!(!redacted.contains("sk-live-123456789"), "{redacted}");
+        assert!(
+            !redacted.contains("\"abc\"") && !redacted.contains("\"p\""),
+            "{redacted}"
+        );
+        assert!(redacted.contains("curl -H"), "{redacted}");
     }
 }

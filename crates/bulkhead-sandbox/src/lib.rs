@@ -226,4 +226,7 @@ pub trait Backend: Send + Sync {
         id: &'a str,
         limits: &'a Limits,
     ) -> BoxFuture<'a, Result<Arc<dyn Sandbox>, SandboxError>>;
+    /// Removes the sandboxes a previous process left behind (a crash);
+    /// returns how many.
+    fn remove_orphans(&self) -> BoxFuture<'_, Result<usize, SandboxError>>;
 }

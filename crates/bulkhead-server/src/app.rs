@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bulkhead_agent::{Engine, EngineSettings, ToolRegistry};
+use bulkhead_agent::{Engine, EngineSettings, SandboxManager, ToolRegistry};
 use bulkhead_model::{MockModel, Model, ModelSettings, OpenAiClient};
 use bulkhead_store::{Store, StoreOptions};
 use secrecy::ExposeSecret;
@@ -97,14 +97,54 @@ impl App {
         let lock_ttl = config.model.timeout * (config.model.max_retries + 1)
             + Duration::from_secs(8) * config.model.max_retries
             + Duration::from_secs(120);
+        let backend = crate::sandbox::backend(config.sandbox.backend, &config.sandbox)
+            .map_err(|e| anyhow::anyhow!("SANDBOX_BACKEND: {e}"))?;
+        match backend.remove_orphans().await {
+            Ok(0) => {}
+            Ok(removed) => tracing::warn!(removed, "removed sandboxes left by a previous process"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not remove sandboxes left by a previous process")
+            }
+        }
+        let sandboxes = Arc::new(SandboxManager::new(
+            backend,
+            config.sandbox.limits.clone(),
+            config.sandbox.idle,
+        ));
+        let mut secrets: Vec<String> = Vec::new();
+        if let Some(key) = &config.model.api_key {
+            secrets.push(key.expose_secret().to_string());
+        }
+        for url in [Some(&config.database_url), config.redis_url.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(password) = url_password(url.expose_secret()) {
+                secrets.push(password);
+            }
+        }
+        // Tool calls lag the first sandbox probe by nothing: start it now.
+        tokio::spawn({
+            let sandboxes = Arc::clone(&sandboxes);
+            async move {
+                let _ = sandboxes.availability().await;
+                let mut tick = tokio::time::interval(sandboxes.reap_interval());
+                loop {
+                    tick.tick().await;
+                    sandboxes.reap_idle().await;
+                }
+            }
+        });
         let engine = Engine::new(
             store,
             model,
-            ToolRegistry::with_builtins(),
+            ToolRegistry::with_sandbox_tools(),
+            Some(sandboxes),
             EngineSettings {
                 max_steps: config.max_steps,
                 system_prompt: config.system_prompt.clone(),
                 lock_ttl,
+                secrets,
             },
         );
         Ok(App {
@@ -138,6 +178,14 @@ impl App {
         *cached = Some((Instant::now(), result.clone()));
         result
     }
+}
+
+/// The password of a `scheme://user:password@host/…` URL.
+fn url_password(url: &str) -> Option<String> {
+    let authority = url.split_once("://")?.1.split(['/', '?', '#']).next()?;
+    let userinfo = authority.rsplit_once('@')?.0;
+    let password = userinfo.split_once(':')?.1;
+    (!password.is_empty()).then(|| password.to_string())
 }
 
 async fn connect_store(config: &Config) -> anyhow::Result<Store> {
@@ -229,6 +277,9 @@ impl Server {
         // Keep answering while runs drain: `/ready` says 503 and new runs
         // are refused with a clear error, rather than connections refused.
         app.engine.shutdown(app.config.shutdown_grace).await;
+        if let Some(sandboxes) = app.engine.sandboxes() {
+            sandboxes.destroy_all().await;
+        }
         stop_accepting.cancel();
         // Handlers answered as their runs ended; give the last responses a
         // moment to be written.

@@ -106,6 +106,10 @@ pub struct SandboxConfig {
     pub root: PathBuf,
     /// Host uid and gid sandboxed programs run as when the server is root.
     pub host_uid: u32,
+    /// A session's sandbox unused this long is destroyed.
+    pub idle: Duration,
+    /// The namespace backend's helper executable (default: this binary).
+    pub helper: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -498,6 +502,8 @@ impl Config {
                 "a uid from 1 to 4294967294",
                 |u| *u >= 1 && *u < u32::MAX,
             )?,
+            idle: r.seconds("SANDBOX_IDLE_SECONDS", 600.0, 7.0 * 86_400.0)?,
+            helper: r.raw("SANDBOX_HELPER").map(PathBuf::from),
         };
 
         let config = Config {
@@ -614,6 +620,18 @@ impl Config {
             ("SANDBOX_DISK", self.sandbox.limits.disk_bytes.to_string()),
             ("SANDBOX_ROOT", self.sandbox.root.display().to_string()),
             ("SANDBOX_HOST_UID", self.sandbox.host_uid.to_string()),
+            (
+                "SANDBOX_IDLE_SECONDS",
+                self.sandbox.idle.as_secs_f64().to_string(),
+            ),
+            (
+                "SANDBOX_HELPER",
+                self.sandbox
+                    .helper
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "(this executable)".into()),
+            ),
             ("LOG_LEVEL", self.log_level.clone()),
             (
                 "LOG_FORMAT",

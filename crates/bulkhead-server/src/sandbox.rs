@@ -14,9 +14,9 @@ pub fn backend(
     match kind {
         SandboxBackendKind::Namespace => {
             let mut namespace =
-                NamespaceConfig::for_current_exe(config.root.clone()).map_err(|e| {
-                    format!("cannot find the bulkhead executable for the sandbox helper: {e}")
-                })?;
+                NamespaceConfig::with_helper(config.helper.clone(), config.root.clone()).map_err(
+                    |e| format!("cannot find the bulkhead executable for the sandbox helper: {e}"),
+                )?;
             namespace.host_uid = config.host_uid;
             namespace.host_gid = config.host_uid;
             Ok(Arc::new(NamespaceBackend::new(namespace)))

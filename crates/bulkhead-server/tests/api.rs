@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bulkhead_server::{Config, Environment, Server};
-use bulkhead_testing::{DbKind, TestDb, on_both_databases, spawn_mock_model};
+use bulkhead_testing::{DbKind, TestDb, on_both_databases, sandbox_helper, spawn_mock_model};
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use reqwest::StatusCode;
@@ -29,6 +29,16 @@ async fn spawn_app(kind: DbKind, env: &[(&str, &str)]) -> TestApp {
         ("HOST", "127.0.0.1".into()),
         ("PORT", "0".into()),
         ("SECRETS_DIR", secrets.display().to_string()),
+        (
+            "SANDBOX_ROOT",
+            db.dir.path().join("sandboxes").display().to_string(),
+        ),
+        ("SANDBOX_HELPER", sandbox_helper().display().to_string()),
+        ("SANDBOX_TIMEOUT_SECONDS", "3".to_string()),
+        ("SANDBOX_MEMORY", "64m".to_string()),
+        ("SANDBOX_PIDS", "32".to_string()),
+        ("SANDBOX_DISK", "8m".to_string()),
+        ("SANDBOX_OUTPUT_LIMIT", "4k".to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -172,6 +182,8 @@ async fn probes_answer(kind: DbKind) {
         }
     );
     assert_eq!(body["checks"]["model"]["status"], "ok");
+    assert_eq!(body["checks"]["sandbox"]["status"], "ok");
+    assert_eq!(body["checks"]["sandbox"]["backend"], "namespace");
 }
 
 async fn a_conversation_continues_with_its_history(kind: DbKind) {
@@ -1012,7 +1024,336 @@ async fn a_client_that_leaves_does_not_lose_its_run(kind: DbKind) {
     assert_eq!(status, "completed");
 }
 
+/// `tool:<name> <json>` through the agent loop: the answer, the run's
+/// events, and the session's audit record of the call.
+async fn call_tool(
+    app: &TestApp,
+    session: Option<&str>,
+    tool: &str,
+    arguments: Value,
+) -> (Value, Value) {
+    let (status, body) = app
+        .post_agent(json!({"message": format!("tool:{tool} {arguments}"), "session_id": session}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let session = body["session_id"].as_str().unwrap();
+    let (_, audit) = app.get(&format!("/sessions/{session}/audit")).await;
+    let record = audit["tool_calls"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    (body, record)
+}
+
+async fn sandboxed_tools_run_and_are_audited(kind: DbKind) {
+    let app = spawn_app(kind, &[]).await;
+    let (body, record) = call_tool(&app, None, "shell", json!({"command": "echo hi; id -u"})).await;
+    assert_eq!(
+        body["response"],
+        "tool result: exit code: 0\nstdout:\nhi\n1000\n"
+    );
+    let session = body["session_id"].as_str().unwrap().to_string();
+    assert_eq!(record["tool"], "shell");
+    assert_eq!(record["backend"], "namespace");
+    assert_eq!(record["status"], "completed");
+    assert_eq!(record["arguments"]["command"], "echo hi; id -u");
+    assert_eq!(record["exit_code"], 0);
+    assert_eq!(record["killed_reason"], Value::Null);
+    assert_eq!(record["stdout"]["bytes"], 8);
+    assert_eq!(record["stdout"]["truncated"], false);
+    // sha256 of "hi\n1000\n", the whole output.
+    assert_eq!(
+        record["stdout"]["sha256"],
+        "97fb486753ab6e44f54f457cf8a0202c5350639cc914ef86e370edff78a0c1eb"
+    );
+    assert_eq!(record["limits"]["memory_bytes"], 64 << 20);
+    assert_eq!(record["limits"]["pids"], 32);
+    assert!(record["finished_at"].is_string() && record["duration_ms"].is_number());
+    assert_eq!(record["run_id"], body["run_id"]);
+
+    // The run's events carry the same record.
+    let (_, events) = app
+        .get(&format!(
+            "/runs/{}/events",
+            body["run_id"].as_str().unwrap()
+        ))
+        .await;
+    let events = events["events"].as_array().unwrap();
+    assert_eq!(events[1]["event"], "tool_call");
+    assert_eq!(events[1]["data"]["audit_id"], record["audit_id"]);
+    assert_eq!(events[2]["data"]["execution"]["exit_code"], 0);
+    assert_eq!(events[2]["data"]["execution"]["stdout_bytes"], 8);
+
+    // The workspace persists across the session's runs.
+    let (body, _) = call_tool(
+        &app,
+        Some(&session),
+        "write_file",
+        json!({"path": "notes/a.txt", "content": "remember"}),
+    )
+    .await;
+    assert!(
+        body["response"].as_str().unwrap().contains("wrote 8 bytes"),
+        "{body}"
+    );
+    let (body, _) = call_tool(
+        &app,
+        Some(&session),
+        "read_file",
+        json!({"path": "notes/a.txt"}),
+    )
+    .await;
+    assert_eq!(body["response"], "tool result: remember");
+    let (body, _) = call_tool(&app, Some(&session), "list_dir", json!({})).await;
+    assert!(
+        body["response"]
+            .as_str()
+            .unwrap()
+            .contains("\"name\":\"notes\""),
+        "{body}"
+    );
+    let (body, _) = call_tool(
+        &app,
+        Some(&session),
+        "shell",
+        json!({"command": "cat notes/a.txt"}),
+    )
+    .await;
+    assert!(
+        body["response"].as_str().unwrap().contains("remember"),
+        "{body}"
+    );
+
+    // Another session sees none of it.
+    let (body, _) = call_tool(&app, None, "read_file", json!({"path": "notes/a.txt"})).await;
+    assert!(
+        body["response"].as_str().unwrap().contains("error:"),
+        "{body}"
+    );
+
+    let (_, audit) = app.get(&format!("/sessions/{session}/audit")).await;
+    assert_eq!(audit["tool_calls"].as_array().unwrap().len(), 5);
+}
+
+async fn hostile_tool_calls_are_contained_through_the_agent_loop(kind: DbKind) {
+    let app = spawn_app(kind, &[]).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cases: Vec<(&str, Value, Option<&str>, &str)> = vec![
+        (
+            "shell",
+            json!({"command": "python3 -c 'import os\nwhile True:\n  try: os.fork()\n  except OSError: pass'", "timeout_seconds": 1}),
+            Some("timeout"),
+            "stopped by the sandbox: timeout",
+        ),
+        (
+            "shell",
+            json!({"command": "python3 -c 'x = bytearray(512 << 20)'"}),
+            Some("oom"),
+            "stopped by the sandbox: oom",
+        ),
+        (
+            "shell",
+            json!({"command": "while :; do :; done"}),
+            Some("timeout"),
+            "stopped by the sandbox: timeout",
+        ),
+        (
+            "shell",
+            json!({"command": "yes"}),
+            Some("output_limit"),
+            "stdout truncated",
+        ),
+        (
+            "shell",
+            json!({"command": "dd if=/dev/zero of=/tmp/x bs=1M count=64"}),
+            Some("disk"),
+            "stopped by the sandbox: disk",
+        ),
+        (
+            "shell",
+            json!({"command": "dd if=/dev/zero of=big bs=1M count=64"}),
+            Some("disk"),
+            "stopped by the sandbox: disk",
+        ),
+        (
+            "shell",
+            json!({"command": format!("python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)\"")}),
+            None,
+            "exit code: 1",
+        ),
+        (
+            "shell",
+            json!({"command": "getent hosts example.com"}),
+            None,
+            "exit code: 2",
+        ),
+        (
+            "shell",
+            json!({"command": "cat /etc/shadow /proc/1/environ; ls /run/secrets"}),
+            None,
+            "No such file",
+        ),
+        (
+            "shell",
+            json!({"command": "touch /etc/evil /usr/evil"}),
+            None,
+            "Read-only file system",
+        ),
+        (
+            "shell",
+            json!({"command": "unshare -r id; mount -t tmpfs x /tmp; su root -c id"}),
+            None,
+            "exit code: 1",
+        ),
+        (
+            "shell",
+            json!({"command": "kill -9 1; echo alive"}),
+            None,
+            "alive",
+        ),
+        (
+            "read_file",
+            json!({"path": "../../etc/passwd"}),
+            None,
+            "outside the workspace",
+        ),
+        (
+            "read_file",
+            json!({"path": "/etc/passwd"}),
+            None,
+            "outside the workspace",
+        ),
+        (
+            "write_file",
+            json!({"path": "../x", "content": "x"}),
+            None,
+            "outside the workspace",
+        ),
+        (
+            "list_dir",
+            json!({"path": "/"}),
+            None,
+            "outside the workspace",
+        ),
+    ];
+    for (tool, arguments, killed, expected) in cases {
+        let (body, record) = call_tool(&app, None, tool, arguments.clone()).await;
+        let response = body["response"].as_str().unwrap();
+        assert!(
+            response.contains(expected),
+            "{tool} {arguments}: {response}"
+        );
+        assert_eq!(
+            record["killed_reason"].as_str(),
+            killed,
+            "{tool} {arguments}: {record}"
+        );
+        assert_eq!(record["status"], "completed", "{record}");
+        assert!(
+            response.len() < 12_000,
+            "the model gets a capped answer: {}",
+            response.len()
+        );
+    }
+    listener.set_nonblocking(true).unwrap();
+    assert!(
+        listener.accept().is_err(),
+        "nothing reached the host's listener"
+    );
+    let (status, ready) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::OK, "still healthy: {ready}");
+
+    // Symlinks pointing out of the workspace.
+    let (body, _) = call_tool(
+        &app,
+        None,
+        "shell",
+        json!({"command": "ln -s /etc/passwd p"}),
+    )
+    .await;
+    let session = body["session_id"].as_str().unwrap().to_string();
+    let (body, _) = call_tool(&app, Some(&session), "read_file", json!({"path": "p"})).await;
+    assert!(
+        body["response"]
+            .as_str()
+            .unwrap()
+            .contains("resolves outside the workspace"),
+        "{body}"
+    );
+    let (body, _) = call_tool(
+        &app,
+        Some(&session),
+        "write_file",
+        json!({"path": "p", "content": "x"}),
+    )
+    .await;
+    assert!(
+        body["response"].as_str().unwrap().contains("symbolic link"),
+        "{body}"
+    );
+}
+
+async fn deleting_a_session_destroys_its_workspace(kind: DbKind) {
+    let app = spawn_app(kind, &[]).await;
+    let (body, _) = call_tool(
+        &app,
+        None,
+        "write_file",
+        json!({"path": "f.txt", "content": "x"}),
+    )
+    .await;
+    let session = body["session_id"].as_str().unwrap();
+    let workspace = app._db.dir.path().join("sandboxes").join(session);
+    assert!(workspace.exists());
+    let response = app
+        .client
+        .delete(format!("{}/sessions/{session}", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert!(!workspace.exists(), "the workspace went with the session");
+}
+
+async fn without_isolation_tools_are_refused_and_not_ready(kind: DbKind) {
+    let app = spawn_app(kind, &[("SANDBOX_HELPER", "/nonexistent/helper")]).await;
+    let (status, ready) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
+    assert_eq!(ready["checks"]["sandbox"]["status"], "fail");
+    let (body, record) = call_tool(
+        &app,
+        None,
+        "shell",
+        json!({"command": "echo should-not-run"}),
+    )
+    .await;
+    let response = body["response"].as_str().unwrap();
+    assert!(
+        response.contains("sandbox unavailable") && response.contains("not run"),
+        "{response}"
+    );
+    assert!(!response.contains("should-not-run\n"), "{response}");
+    assert_eq!(record["status"], "refused");
+    assert_eq!(record["exit_code"], Value::Null);
+    // Tools that need no sandbox still work.
+    let (body, _) = call_tool(&app, None, "current_time", json!({"format": "unix"})).await;
+    assert!(
+        body["response"]
+            .as_str()
+            .unwrap()
+            .starts_with("tool result: 1"),
+        "{body}"
+    );
+}
+
 on_both_databases!(
+    sandboxed_tools_run_and_are_audited,
+    hostile_tool_calls_are_contained_through_the_agent_loop,
+    deleting_a_session_destroys_its_workspace,
+    without_isolation_tools_are_refused_and_not_ready,
     probes_answer,
     a_conversation_continues_with_its_history,
     sessions_runs_and_events_are_readable,

@@ -417,6 +417,84 @@ impl Store {
         })
     }
 
+    /// Records a tool call before it runs.
+    pub async fn start_tool_execution(
+        &self,
+        call: &NewToolExecution<'_>,
+    ) -> Result<(), StoreError> {
+        with_writer!(self, |pool| {
+            sqlx::query(
+                "INSERT INTO tool_executions \
+                 (id, session_id, run_id, call_id, tool, arguments, backend, limits, status, started_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'running', $9)",
+            )
+            .bind(call.id)
+            .bind(call.session_id)
+            .bind(call.run_id)
+            .bind(call.call_id)
+            .bind(call.tool)
+            .bind(call.arguments)
+            .bind(call.backend)
+            .bind(call.limits)
+            .bind(call.started_at)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Completes the record of a tool call.
+    pub async fn finish_tool_execution(
+        &self,
+        id: &str,
+        end: &ToolExecutionEnd,
+    ) -> Result<(), StoreError> {
+        with_writer!(self, |pool| {
+            sqlx::query(
+                "UPDATE tool_executions SET status = $1, finished_at = $2, exit_code = $3, signal = $4, \
+                 killed_reason = $5, limits_hit = $6, stdout_bytes = $7, stderr_bytes = $8, \
+                 stdout_truncated = $9, stderr_truncated = $10, stdout_sha256 = $11, \
+                 stderr_sha256 = $12, duration_ms = $13, error = $14 WHERE id = $15",
+            )
+            .bind(end.status)
+            .bind(end.finished_at)
+            .bind(end.exit_code)
+            .bind(end.signal)
+            .bind(end.killed_reason.as_deref())
+            .bind(end.limits_hit.as_deref())
+            .bind(end.stdout_bytes)
+            .bind(end.stderr_bytes)
+            .bind(end.stdout_truncated)
+            .bind(end.stderr_truncated)
+            .bind(end.stdout_sha256.as_deref())
+            .bind(end.stderr_sha256.as_deref())
+            .bind(end.duration_ms)
+            .bind(end.error.as_deref())
+            .bind(id)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// A session's tool calls, oldest first.
+    pub async fn tool_executions(
+        &self,
+        session_id: &str,
+    ) -> Result<Vec<ToolExecution>, StoreError> {
+        with_reader!(self, |pool| {
+            Ok(sqlx::query_as::<_, ToolExecution>(
+                "SELECT id, session_id, run_id, call_id, tool, arguments, backend, limits, status, \
+                 started_at, finished_at, exit_code, signal, killed_reason, limits_hit, stdout_bytes, \
+                 stderr_bytes, stdout_truncated, stderr_truncated, stdout_sha256, stderr_sha256, \
+                 duration_ms, error FROM tool_executions WHERE session_id = $1 ORDER BY started_at, id",
+            )
+            .bind(session_id)
+            .fetch_all(pool)
+            .await?)
+        })
+    }
+
     pub async fn session(&self, id: &str) -> Result<Option<Session>, StoreError> {
         with_reader!(self, |pool| {
             Ok(sqlx::query_as::<_, Session>(

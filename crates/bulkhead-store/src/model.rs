@@ -145,3 +145,67 @@ pub enum DeleteOutcome {
     NotFound,
     Busy,
 }
+
+/// A tool call as recorded before it runs.
+#[derive(Debug, Clone)]
+pub struct NewToolExecution<'a> {
+    pub id: &'a str,
+    pub session_id: &'a str,
+    pub run_id: &'a str,
+    pub call_id: &'a str,
+    pub tool: &'a str,
+    /// JSON, secrets redacted.
+    pub arguments: &'a str,
+    pub backend: &'a str,
+    /// JSON of the limits applied, for sandboxed tools.
+    pub limits: Option<&'a str>,
+    pub started_at: i64,
+}
+
+/// How a recorded tool call ended.
+#[derive(Debug, Clone, Default)]
+pub struct ToolExecutionEnd {
+    /// `completed` (it ran), `failed` (it could not run), or `refused`.
+    pub status: &'static str,
+    pub finished_at: i64,
+    pub exit_code: Option<i64>,
+    pub signal: Option<i64>,
+    pub killed_reason: Option<String>,
+    /// JSON array.
+    pub limits_hit: Option<String>,
+    pub stdout_bytes: Option<i64>,
+    pub stderr_bytes: Option<i64>,
+    pub stdout_truncated: Option<bool>,
+    pub stderr_truncated: Option<bool>,
+    pub stdout_sha256: Option<String>,
+    pub stderr_sha256: Option<String>,
+    pub duration_ms: Option<i64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct ToolExecution {
+    pub id: String,
+    pub session_id: String,
+    pub run_id: String,
+    pub call_id: String,
+    pub tool: String,
+    pub arguments: String,
+    pub backend: String,
+    pub limits: Option<String>,
+    pub status: String,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub exit_code: Option<i64>,
+    pub signal: Option<i64>,
+    pub killed_reason: Option<String>,
+    pub limits_hit: Option<String>,
+    pub stdout_bytes: Option<i64>,
+    pub stderr_bytes: Option<i64>,
+    pub stdout_truncated: Option<bool>,
+    pub stderr_truncated: Option<bool>,
+    pub stdout_sha256: Option<String>,
+    pub stderr_sha256: Option<String>,
+    pub duration_ms: Option<i64>,
+    pub error: Option<String>,
+}

@@ -131,3 +131,20 @@ pub async fn spawn_mock_model(latency: Duration) -> String {
     ));
     format!("http://{address}/v1")
 }
+
+/// The namespace sandbox's helper executable, built beside the test
+/// binaries by `cargo nextest run --workspace` (as `scripts/test` does).
+pub fn sandbox_helper() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let helper = profile.join("bulkhead-sandbox-helper");
+    assert!(
+        helper.exists(),
+        "{} is missing: build the workspace (scripts/test does) before running this test",
+        helper.display()
+    );
+    helper
+}

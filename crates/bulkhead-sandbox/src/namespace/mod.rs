@@ -58,7 +58,7 @@ pub(crate) enum HelperReport {
 #[derive(Debug, Clone)]
 pub struct NamespaceConfig {
     /// An executable whose `main` calls [`helper_main`] when started with
-    /// `helper_args`.
+    /// `helper_args` (the `bulkhead-sandbox-helper` binary ignores them).
     pub helper: PathBuf,
     pub helper_args: Vec<String>,
     /// Where session workspaces live on the host.
@@ -70,10 +70,14 @@ pub struct NamespaceConfig {
 }
 
 impl NamespaceConfig {
-    /// The `bulkhead` binary's hidden subcommand as the helper.
-    pub fn for_current_exe(root: PathBuf) -> std::io::Result<NamespaceConfig> {
+    /// `helper` (or, by default, the running `bulkhead` binary) started
+    /// with the hidden `__sandbox-helper` subcommand.
+    pub fn with_helper(helper: Option<PathBuf>, root: PathBuf) -> std::io::Result<NamespaceConfig> {
         Ok(NamespaceConfig {
-            helper: std::env::current_exe()?,
+            helper: match helper {
+                Some(helper) => helper,
+                None => std::env::current_exe()?,
+            },
             helper_args: vec!["__sandbox-helper".into()],
             root,
             host_uid: 100_000,
@@ -250,6 +254,29 @@ impl Backend for NamespaceBackend {
                 backend: "namespace".into(),
                 details,
             })
+        })
+    }
+
+    fn remove_orphans(&self) -> BoxFuture<'_, Result<usize, SandboxError>> {
+        Box::pin(async move {
+            let root = &self.inner.config.root;
+            let entries = match std::fs::read_dir(root) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+                Err(e) => return Err(e.into()),
+            };
+            let mut removed = 0;
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if entry.file_name() == ".state" {
+                    continue;
+                }
+                let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
+                if std::fs::remove_dir_all(&path).is_ok() {
+                    removed += 1;
+                }
+            }
+            Ok(removed)
         })
     }
 

@@ -53,6 +53,14 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     };
     check("model", model);
 
+    if let Some(sandboxes) = state.engine.sandboxes() {
+        let sandbox = sandboxes
+            .availability()
+            .await
+            .map(|_| json!({"backend": sandboxes.backend_name()}));
+        check("sandbox", sandbox);
+    }
+
     if !state.engine.is_accepting() {
         check("server", Err("shutting down".into()));
     }

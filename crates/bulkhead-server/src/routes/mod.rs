@@ -28,6 +28,7 @@ pub fn router(state: AppState) -> Router {
             get(sessions::get_session).delete(sessions::delete_session),
         )
         .route("/sessions/{session_id}/runs", get(sessions::session_runs))
+        .route("/sessions/{session_id}/audit", get(sessions::session_audit))
         .route("/runs/{run_id}", get(sessions::get_run))
         .route("/runs/{run_id}/events", get(sessions::run_events))
         .fallback(not_found)

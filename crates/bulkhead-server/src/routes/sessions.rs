@@ -71,7 +71,7 @@ pub async fn delete_session(
     Path(raw): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = session_id(&raw)?;
-    match state.engine.store().delete_session(&id).await? {
+    match state.engine.delete_session(&id).await? {
         DeleteOutcome::Deleted => {
             tracing::info!(session_id = %id, "session deleted");
             Ok(StatusCode::NO_CONTENT)
@@ -172,4 +172,48 @@ pub async fn run_events(
     Ok(Json(
         json!({"run_id": id, "status": run.status, "events": events}),
     ))
+}
+
+/// The session's tool calls as audited: what ran, where, under which
+/// limits, and how it ended. Oldest first.
+pub async fn session_audit(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = session_id(&raw)?;
+    let store = state.engine.store();
+    store.session(&id).await?.ok_or_else(session_not_found)?;
+    let parse = |text: Option<String>| {
+        text.and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .unwrap_or(Value::Null)
+    };
+    let records: Vec<Value> = store
+        .tool_executions(&id)
+        .await?
+        .into_iter()
+        .map(|x| {
+            json!({
+                "audit_id": x.id,
+                "run_id": x.run_id,
+                "call_id": x.call_id,
+                "tool": x.tool,
+                "arguments": serde_json::from_str::<Value>(&x.arguments)
+                    .unwrap_or(Value::String(x.arguments)),
+                "backend": x.backend,
+                "limits": parse(x.limits),
+                "status": x.status,
+                "started_at": timestamp(x.started_at),
+                "finished_at": x.finished_at.map(timestamp),
+                "exit_code": x.exit_code,
+                "signal": x.signal,
+                "killed_reason": x.killed_reason,
+                "limits_hit": parse(x.limits_hit),
+                "stdout": {"bytes": x.stdout_bytes, "truncated": x.stdout_truncated, "sha256": x.stdout_sha256},
+                "stderr": {"bytes": x.stderr_bytes, "truncated": x.stderr_truncated, "sha256": x.stderr_sha256},
+                "duration_ms": x.duration_ms,
+                "error": x.error,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"session_id": id, "tool_calls": records})))
 }
