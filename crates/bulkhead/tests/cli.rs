@@ -733,3 +733,53 @@ async fn the_default_database_is_created_beside_the_server() {
     assert_eq!(next["session_id"], session);
     assert_eq!(next["response"], "echo: still here");
 }
+
+#[test]
+fn sandbox_exec_runs_one_command_and_mirrors_its_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandboxes = dir.path().join("sandboxes");
+    let output = bulkhead(dir.path())
+        .args(["sandbox", "exec", "--json", "--", "sh", "-c", "echo out; echo err >&2; id -u; exit 7"])
+        .env("SANDBOX_ROOT", &sandboxes)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(7), "{}", String::from_utf8_lossy(&output.stderr));
+    let record: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(record["exit_code"], 7);
+    assert_eq!(record["signal"], Value::Null);
+    assert_eq!(record["killed_reason"], Value::Null);
+    assert_eq!(record["stdout"]["text"], "out\n1000\n");
+    assert_eq!(record["stderr"]["text"], "err\n");
+    assert_eq!(record["truncated"], false);
+    assert_eq!(record["backend"], "namespace");
+    assert!(record["duration_ms"].is_u64());
+    assert_eq!(record["limits"]["pids"], 128);
+
+    let output = bulkhead(dir.path())
+        .args(["sandbox", "exec", "--", "sh", "-c", "echo hello; echo oops >&2"])
+        .env("SANDBOX_ROOT", &sandboxes)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8(output.stdout).unwrap(), "hello\n");
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.starts_with("oops\n") && stderr.contains("[sandbox namespace: exit 0"), "{stderr}");
+
+    let output = bulkhead(dir.path())
+        .args(["sandbox", "exec", "--json", "--", "sleep", "30"])
+        .env("SANDBOX_ROOT", &sandboxes)
+        .env("SANDBOX_TIMEOUT_SECONDS", "1")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(128 + 9));
+    let record: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(record["killed_reason"], "timeout");
+    assert_eq!(record["signal"], 9);
+    // Each exec's sandbox is removed afterwards.
+    let left: Vec<_> = std::fs::read_dir(&sandboxes)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name() != ".state")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -1,0 +1,75 @@
+//! Sandbox latency: p50/p99 of `true`, of a 1 MB output, and of a fresh
+//! sandbox's first command, per backend. Prints a table; writes JSON.
+//!
+//! cargo run --release -p bulkhead-sandbox --example sandbox_bench -- <helper> <out.json> [iterations]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bulkhead_sandbox::namespace::{NamespaceBackend, NamespaceConfig};
+use bulkhead_sandbox::{Backend, Limits, Operation};
+
+fn percentile(samples: &mut [Duration], p: f64) -> f64 {
+    samples.sort();
+    let index = ((samples.len() as f64 - 1.0) * p).round() as usize;
+    samples[index].as_secs_f64() * 1000.0
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let helper = PathBuf::from(args.next().expect("helper path"));
+    let out = PathBuf::from(args.next().expect("output JSON path"));
+    let iterations: usize = args.next().map_or(200, |n| n.parse().expect("iterations"));
+    let dir = tempfile::tempdir().unwrap();
+    let backend = NamespaceBackend::new(NamespaceConfig {
+        helper,
+        helper_args: vec!["__sandbox-helper".into()],
+        root: dir.path().to_path_buf(),
+        host_uid: 100_000,
+        host_gid: 100_000,
+    });
+    backend.probe().await.expect("the namespace sandbox is available");
+    let limits = Limits::default();
+    let sandbox = backend.create("bench", &limits).await.unwrap();
+    let exec = |argv: &[&str]| Operation::Exec {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        timeout: None,
+    };
+    let mut rows = Vec::new();
+    for (name, operation) in [
+        ("true", exec(&["true"])),
+        ("1 MB output", exec(&["head", "-c", "1048576", "/dev/zero"])),
+    ] {
+        let mut samples = Vec::with_capacity(iterations);
+        for _ in 0..iterations {
+            let started = Instant::now();
+            let result = sandbox.run(&operation).await.unwrap();
+            samples.push(started.elapsed());
+            assert_eq!(result.exit_code, Some(0));
+        }
+        rows.push((name.to_string(), percentile(&mut samples, 0.5), percentile(&mut samples, 0.99)));
+    }
+    let _ = sandbox.destroy().await;
+    let mut samples = Vec::new();
+    for i in 0..iterations.min(100) {
+        let started = Instant::now();
+        let fresh = backend.create(&format!("fresh-{i}"), &limits).await.unwrap();
+        fresh.run(&exec(&["true"])).await.unwrap();
+        samples.push(started.elapsed());
+        let _ = fresh.destroy().await;
+    }
+    rows.push(("fresh sandbox, first command".into(), percentile(&mut samples, 0.5), percentile(&mut samples, 0.99)));
+
+    println!("| backend | operation | p50 ms | p99 ms |");
+    println!("|---|---|---:|---:|");
+    for (name, p50, p99) in &rows {
+        println!("| namespace | {name} | {p50:.2} | {p99:.2} |");
+    }
+    let json = serde_json::json!({
+        "backend": "namespace",
+        "iterations": iterations,
+        "results": rows.iter().map(|(name, p50, p99)| serde_json::json!({"operation": name, "p50_ms": p50, "p99_ms": p99})).collect::<Vec<_>>(),
+    });
+    std::fs::write(&out, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+}
