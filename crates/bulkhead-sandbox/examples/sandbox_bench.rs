@@ -29,7 +29,10 @@ async fn main() {
         host_uid: 100_000,
         host_gid: 100_000,
     });
-    backend.probe().await.expect("the namespace sandbox is available");
+    backend
+        .probe()
+        .await
+        .expect("the namespace sandbox is available");
     let limits = Limits::default();
     let sandbox = backend.create("bench", &limits).await.unwrap();
     let exec = |argv: &[&str]| Operation::Exec {
@@ -48,18 +51,29 @@ async fn main() {
             samples.push(started.elapsed());
             assert_eq!(result.exit_code, Some(0));
         }
-        rows.push((name.to_string(), percentile(&mut samples, 0.5), percentile(&mut samples, 0.99)));
+        rows.push((
+            name.to_string(),
+            percentile(&mut samples, 0.5),
+            percentile(&mut samples, 0.99),
+        ));
     }
     let _ = sandbox.destroy().await;
     let mut samples = Vec::new();
     for i in 0..iterations.min(100) {
         let started = Instant::now();
-        let fresh = backend.create(&format!("fresh-{i}"), &limits).await.unwrap();
+        let fresh = backend
+            .create(&format!("fresh-{i}"), &limits)
+            .await
+            .unwrap();
         fresh.run(&exec(&["true"])).await.unwrap();
         samples.push(started.elapsed());
         let _ = fresh.destroy().await;
     }
-    rows.push(("fresh sandbox, first command".into(), percentile(&mut samples, 0.5), percentile(&mut samples, 0.99)));
+    rows.push((
+        "fresh sandbox, first command".into(),
+        percentile(&mut samples, 0.5),
+        percentile(&mut samples, 0.99),
+    ));
 
     println!("| backend | operation | p50 ms | p99 ms |");
     println!("|---|---|---:|---:|");

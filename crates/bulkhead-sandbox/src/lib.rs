@@ -20,8 +20,10 @@
 // have no safe wrapper; every `unsafe` block says why it is sound.
 #![allow(unsafe_code)]
 
+pub mod docker;
 pub mod namespace;
 mod output;
+mod paths;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,6 +87,12 @@ mod duration_ms {
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(deserializer)?))
     }
+}
+
+/// A filesystem with less room than this left counts as full: tmpfs keeps
+/// a block or two back, so "no space left" rarely reads as exactly zero.
+pub(crate) fn nearly_full(available_bytes: u64) -> bool {
+    available_bytes < 64 << 10
 }
 
 /// What to run in a sandbox.

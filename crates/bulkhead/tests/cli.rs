@@ -739,11 +739,24 @@ fn sandbox_exec_runs_one_command_and_mirrors_its_exit_code() {
     let dir = tempfile::tempdir().unwrap();
     let sandboxes = dir.path().join("sandboxes");
     let output = bulkhead(dir.path())
-        .args(["sandbox", "exec", "--json", "--", "sh", "-c", "echo out; echo err >&2; id -u; exit 7"])
+        .args([
+            "sandbox",
+            "exec",
+            "--json",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; id -u; exit 7",
+        ])
         .env("SANDBOX_ROOT", &sandboxes)
         .output()
         .unwrap();
-    assert_eq!(output.status.code(), Some(7), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let record: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(record["exit_code"], 7);
     assert_eq!(record["signal"], Value::Null);
@@ -756,14 +769,24 @@ fn sandbox_exec_runs_one_command_and_mirrors_its_exit_code() {
     assert_eq!(record["limits"]["pids"], 128);
 
     let output = bulkhead(dir.path())
-        .args(["sandbox", "exec", "--", "sh", "-c", "echo hello; echo oops >&2"])
+        .args([
+            "sandbox",
+            "exec",
+            "--",
+            "sh",
+            "-c",
+            "echo hello; echo oops >&2",
+        ])
         .env("SANDBOX_ROOT", &sandboxes)
         .output()
         .unwrap();
     assert!(output.status.success());
     assert_eq!(String::from_utf8(output.stdout).unwrap(), "hello\n");
     let stderr = String::from_utf8(output.stderr).unwrap();
-    assert!(stderr.starts_with("oops\n") && stderr.contains("[sandbox namespace: exit 0"), "{stderr}");
+    assert!(
+        stderr.starts_with("oops\n") && stderr.contains("[sandbox namespace: exit 0"),
+        "{stderr}"
+    );
 
     let output = bulkhead(dir.path())
         .args(["sandbox", "exec", "--json", "--", "sleep", "30"])

@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, unshare};
@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use super::helper::{ChildFds, owned};
 use super::{HelperRequest, SANDBOX_UID, seccomp};
 use crate::Operation;
+use crate::paths::{WORKSPACE, workspace_path};
 
 /// What init tells the helper, one JSON line each.
 #[derive(Debug, Serialize, Deserialize)]
@@ -36,7 +37,6 @@ pub(crate) enum InitStatus {
     SetupFailed { reason: String },
 }
 
-const WORKSPACE: &str = "/workspace";
 const PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin";
 /// Host system folders shown read-only (those that exist).
 const SYSTEM_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
@@ -168,7 +168,7 @@ fn init_main(request: &HelperRequest, root: &Path, fds: &ChildFds) -> ! {
         }
     };
     let tmp_full = statvfs("/tmp")
-        .map(|s| s.blocks_available() == 0)
+        .map(|s| crate::nearly_full(s.blocks_available() as u64 * s.fragment_size() as u64))
         .unwrap_or(false);
     report(
         status_fd,
@@ -571,28 +571,6 @@ fn file_result(result: Result<(), String>) -> i32 {
             let _ = writeln!(std::io::stderr(), "{message}");
             1
         }
-    }
-}
-
-/// A workspace path, resolved without touching the filesystem: relative to
-/// the workspace, `..` may not climb out of it.
-fn workspace_path(path: &str) -> Result<PathBuf, String> {
-    let joined = Path::new(WORKSPACE).join(path);
-    let mut resolved = PathBuf::from("/");
-    for component in joined.components() {
-        match component {
-            Component::RootDir | Component::CurDir => {}
-            Component::ParentDir => {
-                resolved.pop();
-            }
-            Component::Normal(part) => resolved.push(part),
-            Component::Prefix(_) => return Err(format!("{path}: unsupported path")),
-        }
-    }
-    if resolved.starts_with(WORKSPACE) {
-        Ok(resolved)
-    } else {
-        Err(format!("{path}: outside the workspace"))
     }
 }
 

@@ -1,15 +1,25 @@
-//! The hostile battery against the namespace backend: every case asserts
-//! containment, the right record, and a sandbox that still works after.
+//! The hostile battery, against both backends (the namespace sandbox, and
+//! the Docker Engine that `scripts/test` starts with the sandbox image it
+//! builds): every case asserts containment, the right record, and a sandbox
+//! that still works after.
 
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bulkhead_sandbox::docker::{DockerBackend, DockerConfig};
 use bulkhead_sandbox::namespace::{NamespaceBackend, NamespaceConfig};
 use bulkhead_sandbox::{Backend, ExecResult, KilledReason, Limits, Operation, Sandbox};
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Namespace,
+    Docker,
+}
+
 struct Fixture {
+    kind: Kind,
     _dir: tempfile::TempDir,
     root: PathBuf,
     sandbox: Arc<dyn Sandbox>,
@@ -26,27 +36,64 @@ fn limits() -> Limits {
     }
 }
 
-async fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("sandboxes");
-    let backend = NamespaceBackend::new(NamespaceConfig {
-        helper: PathBuf::from(env!("CARGO_BIN_EXE_bulkhead-sandbox-helper")),
+fn namespace_backend(root: PathBuf, helper: PathBuf) -> NamespaceBackend {
+    NamespaceBackend::new(NamespaceConfig {
+        helper,
         helper_args: Vec::new(),
-        root: root.clone(),
+        root,
         host_uid: 100_000,
         host_gid: 100_000,
+    })
+}
+
+fn docker_backend(image: Option<&str>) -> DockerBackend {
+    DockerBackend::new(DockerConfig {
+        image: image
+            .map(str::to_owned)
+            .or_else(|| std::env::var("SANDBOX_IMAGE").ok())
+            .unwrap_or_else(|| "bulkhead-sandbox:0.1".into()),
+        runtime: None,
+        socket: None,
+        scope: unique_id(),
+    })
+}
+
+fn unique_id() -> String {
+    format!(
+        "t{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            % 1_000_000_000
+    )
+}
+
+async fn fixture(kind: Kind) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("sandboxes");
+    let backend: Box<dyn Backend> = match kind {
+        Kind::Namespace => Box::new(namespace_backend(
+            root.clone(),
+            PathBuf::from(env!("CARGO_BIN_EXE_bulkhead-sandbox-helper")),
+        )),
+        Kind::Docker => Box::new(docker_backend(None)),
+    };
+    let id = match kind {
+        Kind::Namespace => "session-1".to_string(),
+        Kind::Docker => unique_id(),
+    };
+    let sandbox = backend.create(&id, &limits()).await.unwrap_or_else(|e| {
+        panic!("{kind:?} sandbox: {e} (scripts/test starts dockerd and builds the sandbox image)")
     });
-    let sandbox = backend
-        .create("session-1", &limits())
-        .await
-        .expect("sandbox");
     Fixture {
+        kind,
         _dir: dir,
         root,
         sandbox,
     }
 }
-
 impl Fixture {
     async fn sh(&self, script: &str) -> ExecResult {
         self.run(Operation::Exec {
@@ -73,6 +120,15 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
+        let sandbox = Arc::clone(&self.sandbox);
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(sandbox.destroy())
+        })
+        .join();
         let _ = nix::mount::umount2(
             &self.root.join("session-1"),
             nix::mount::MntFlags::MNT_DETACH,
@@ -80,9 +136,48 @@ impl Drop for Fixture {
     }
 }
 
-#[tokio::test]
-async fn a_command_runs_as_an_unprivileged_user_with_nothing_extra() {
-    let f = fixture().await;
+/// Generates one test per backend for each `async fn name(kind: Kind)`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod namespace_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Namespace).await
+                }
+            )*
+        }
+        mod docker_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Docker).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    a_command_runs_as_an_unprivileged_user_with_nothing_extra,
+    the_workspace_persists_between_commands,
+    a_fork_bomb_is_contained_by_the_pids_limit,
+    memory_beyond_the_limit_is_killed_as_oom,
+    an_endless_loop_is_killed_at_the_timeout_with_its_children,
+    background_processes_do_not_outlive_their_command,
+    an_output_flood_is_truncated_and_stopped,
+    filling_tmp_or_the_workspace_stops_at_the_cap,
+    the_network_is_empty,
+    host_secrets_and_environment_are_out_of_reach,
+    writing_outside_the_workspace_fails,
+    privilege_escalation_fails,
+    killing_the_parent_or_init_changes_nothing,
+    file_operations_stay_inside_the_workspace,
+    unknown_commands_and_bad_requests_are_clear,
+);
+
+async fn a_command_runs_as_an_unprivileged_user_with_nothing_extra(kind: Kind) {
+    let f = fixture(kind).await;
     let result = f
         .sh("id -u; id -g; hostname; pwd; grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; ls /")
         .await;
@@ -94,17 +189,20 @@ async fn a_command_runs_as_an_unprivileged_user_with_nothing_extra() {
     assert!(out.contains("CapBnd:\t0000000000000000"), "{out}");
     assert!(out.contains("NoNewPrivs:\t1"), "{out}");
     assert!(out.contains("Seccomp:\t2"), "{out}");
-    assert!(
-        !out.contains("\nhome\n") && !out.contains("\nroot\n") && !out.contains("\nrun\n"),
-        "{out}"
+    let private = f
+        .sh("find /home /root /run/secrets -mindepth 1 2>/dev/null | wc -l")
+        .await;
+    assert_eq!(
+        private.stdout.text.trim(),
+        "0",
+        "no host home, root or secrets: {private:?}"
     );
     assert!(result.killed_reason.is_none());
     assert_eq!(result.stdout.total_bytes as usize, out.len());
 }
 
-#[tokio::test]
-async fn the_workspace_persists_between_commands_and_tmp_does_not() {
-    let f = fixture().await;
+async fn the_workspace_persists_between_commands(kind: Kind) {
+    let f = fixture(kind).await;
     let result = f
         .sh("echo kept > notes.txt; echo gone > /tmp/scratch")
         .await;
@@ -113,12 +211,14 @@ async fn the_workspace_persists_between_commands_and_tmp_does_not() {
         .sh("cat /workspace/notes.txt; cat /tmp/scratch 2>&1 || true")
         .await;
     assert!(result.stdout.text.starts_with("kept\n"), "{result:?}");
-    assert!(result.stdout.text.contains("No such file"), "{result:?}");
+    if f.kind == Kind::Namespace {
+        // Each namespace call gets a fresh /tmp; a container keeps its own.
+        assert!(result.stdout.text.contains("No such file"), "{result:?}");
+    }
 }
 
-#[tokio::test]
-async fn a_fork_bomb_is_contained_by_the_pids_limit() {
-    let f = fixture().await;
+async fn a_fork_bomb_is_contained_by_the_pids_limit(kind: Kind) {
+    let f = fixture(kind).await;
     let result = f
         .run(Operation::Exec {
             argv: vec![
@@ -141,9 +241,8 @@ async fn a_fork_bomb_is_contained_by_the_pids_limit() {
     f.assert_healthy().await;
 }
 
-#[tokio::test]
-async fn memory_beyond_the_limit_is_killed_as_oom() {
-    let f = fixture().await;
+async fn memory_beyond_the_limit_is_killed_as_oom(kind: Kind) {
+    let f = fixture(kind).await;
     let result = f
         .run(Operation::Exec {
             argv: vec![
@@ -159,9 +258,8 @@ async fn memory_beyond_the_limit_is_killed_as_oom() {
     f.assert_healthy().await;
 }
 
-#[tokio::test]
-async fn an_endless_loop_is_killed_at_the_timeout_with_its_children() {
-    let f = fixture().await;
+async fn an_endless_loop_is_killed_at_the_timeout_with_its_children(kind: Kind) {
+    let f = fixture(kind).await;
     let started = std::time::Instant::now();
     let result = f.sh("sleep 1000 & while :; do :; done").await;
     assert_eq!(
@@ -187,9 +285,8 @@ async fn an_endless_loop_is_killed_at_the_timeout_with_its_children() {
     f.assert_healthy().await;
 }
 
-#[tokio::test]
-async fn background_processes_do_not_outlive_their_command() {
-    let f = fixture().await;
+async fn background_processes_do_not_outlive_their_command(kind: Kind) {
+    let f = fixture(kind).await;
     let result = f.sh("sleep 777 & echo started").await;
     assert_eq!(result.stdout.text, "started\n");
     let leftovers = std::process::Command::new("pgrep")
@@ -203,9 +300,8 @@ async fn background_processes_do_not_outlive_their_command() {
     );
 }
 
-#[tokio::test]
-async fn an_output_flood_is_truncated_and_stopped() {
-    let f = fixture().await;
+async fn an_output_flood_is_truncated_and_stopped(kind: Kind) {
+    let f = fixture(kind).await;
     let result = f
         .run(Operation::Exec {
             argv: vec!["yes".into(), "flood".into()],
@@ -245,9 +341,8 @@ async fn an_output_flood_is_truncated_and_stopped() {
     f.assert_healthy().await;
 }
 
-#[tokio::test]
-async fn filling_tmp_or_the_workspace_stops_at_the_cap() {
-    let f = fixture().await;
+async fn filling_tmp_or_the_workspace_stops_at_the_cap(kind: Kind) {
+    let f = fixture(kind).await;
     for target in ["/tmp/fill", "/workspace/fill"] {
         let result = f
             .sh(&format!(
@@ -272,9 +367,8 @@ async fn filling_tmp_or_the_workspace_stops_at_the_cap() {
     f.assert_healthy().await;
 }
 
-#[tokio::test]
-async fn the_network_is_empty() {
-    let f = fixture().await;
+async fn the_network_is_empty(kind: Kind) {
+    let f = fixture(kind).await;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -311,23 +405,29 @@ async fn the_network_is_empty() {
     );
 }
 
-#[tokio::test]
-async fn host_secrets_and_environment_are_out_of_reach() {
-    let f = fixture().await;
+async fn host_secrets_and_environment_are_out_of_reach(kind: Kind) {
+    let f = fixture(kind).await;
     let me = std::process::id();
     let result = f
         .sh(&format!(
-            "cat /etc/shadow; ls /run/secrets; cat /proc/1/environ; cat /proc/{me}/environ; env; ls /proc | grep -c '^[0-9]'"
+            "cat /etc/shadow; ls /run/secrets; cat /proc/1/environ | tr '\\0' '\\n'; echo; cat /proc/{me}/environ; env; ls /proc | grep -c '^[0-9]'"
         ))
         .await;
     let out = &result.stdout.text;
     let err = &result.stderr.text;
-    assert!(err.contains("/etc/shadow: No such file"), "{err}");
+    // The host's shadow file is absent (namespace) or the image's own and
+    // unreadable (docker).
+    assert!(
+        err.contains("/etc/shadow: No such file") || err.contains("/etc/shadow: Permission denied"),
+        "{err}"
+    );
     assert!(
         err.contains("/run/secrets") && err.contains("No such file"),
         "{err}"
     );
-    assert!(err.contains("/proc/1/environ: Permission denied"), "{err}");
+    if f.kind == Kind::Namespace {
+        assert!(err.contains("/proc/1/environ: Permission denied"), "{err}");
+    }
     assert!(
         err.contains(&format!("/proc/{me}/environ: No such file")) || me < 10,
         "{err}"
@@ -336,7 +436,8 @@ async fn host_secrets_and_environment_are_out_of_reach() {
         let name = line.split('=').next().unwrap();
         assert!(
             [
-                "PATH", "HOME", "USER", "LOGNAME", "LANG", "TERM", "TMPDIR", "PWD", "SHLVL", "_"
+                "PATH", "HOME", "USER", "LOGNAME", "LANG", "TERM", "TMPDIR", "PWD", "SHLVL", "_",
+                "HOSTNAME"
             ]
             .contains(&name),
             "unexpected variable in the sandbox: {line}"
@@ -349,9 +450,8 @@ async fn host_secrets_and_environment_are_out_of_reach() {
     );
 }
 
-#[tokio::test]
-async fn writing_outside_the_workspace_fails() {
-    let f = fixture().await;
+async fn writing_outside_the_workspace_fails(kind: Kind) {
+    let f = fixture(kind).await;
     let result = f
         .sh("for p in /x /etc/x /usr/x /usr/bin/x /bin/x /dev/x /proc/x; do touch $p 2>/dev/null && echo WROTE $p; done; echo done")
         .await;
@@ -359,9 +459,8 @@ async fn writing_outside_the_workspace_fails() {
     assert!(!std::path::Path::new("/usr/x").exists());
 }
 
-#[tokio::test]
-async fn privilege_escalation_fails() {
-    let f = fixture().await;
+async fn privilege_escalation_fails(kind: Kind) {
+    let f = fixture(kind).await;
     let result = f
         .sh("su -c id root </dev/null; sudo id </dev/null; python3 -c 'import os; os.setuid(0)'; mount -t tmpfs none /tmp; unshare -r id; unshare -U id; unshare -m id; umount /workspace; chroot / id; echo end")
         .await;
@@ -374,9 +473,8 @@ async fn privilege_escalation_fails() {
     assert_eq!(result.stdout.text, "mounted\n");
 }
 
-#[tokio::test]
-async fn killing_the_parent_or_init_changes_nothing() {
-    let f = fixture().await;
+async fn killing_the_parent_or_init_changes_nothing(kind: Kind) {
+    let f = fixture(kind).await;
     let result = f
         .sh("kill -9 1; kill -9 $PPID; kill -9 -1; echo survived")
         .await;
@@ -389,9 +487,8 @@ async fn killing_the_parent_or_init_changes_nothing() {
     f.assert_healthy().await;
 }
 
-#[tokio::test]
-async fn file_operations_stay_inside_the_workspace() {
-    let f = fixture().await;
+async fn file_operations_stay_inside_the_workspace(kind: Kind) {
+    let f = fixture(kind).await;
     let write = |path: &str, content: &str| Operation::WriteFile {
         path: path.into(),
         content: content.into(),
@@ -456,9 +553,8 @@ async fn file_operations_stay_inside_the_workspace() {
     f.assert_healthy().await;
 }
 
-#[tokio::test]
-async fn unknown_commands_and_bad_requests_are_clear() {
-    let f = fixture().await;
+async fn unknown_commands_and_bad_requests_are_clear(kind: Kind) {
+    let f = fixture(kind).await;
     let result = f
         .run(Operation::Exec {
             argv: vec!["no-such-tool".into()],
@@ -467,10 +563,8 @@ async fn unknown_commands_and_bad_requests_are_clear() {
         .await;
     assert_eq!(result.exit_code, Some(127));
     assert!(
-        result
-            .stderr
-            .text
-            .contains("no-such-tool: command not found")
+        result.stderr.text.contains("no-such-tool") && result.stderr.text.contains("not found"),
+        "{result:?}"
     );
     let error = f
         .sandbox
@@ -487,15 +581,12 @@ async fn unknown_commands_and_bad_requests_are_clear() {
 }
 
 #[tokio::test]
-async fn the_probe_reports_the_isolation_in_place() {
+async fn the_namespace_probe_reports_the_isolation_in_place() {
     let dir = tempfile::tempdir().unwrap();
-    let backend = NamespaceBackend::new(NamespaceConfig {
-        helper: PathBuf::from(env!("CARGO_BIN_EXE_bulkhead-sandbox-helper")),
-        helper_args: Vec::new(),
-        root: dir.path().to_path_buf(),
-        host_uid: 100_000,
-        host_gid: 100_000,
-    });
+    let backend = namespace_backend(
+        dir.path().to_path_buf(),
+        PathBuf::from(env!("CARGO_BIN_EXE_bulkhead-sandbox-helper")),
+    );
     let probe = backend.probe().await.expect("isolation is available here");
     let details = probe.details.join(", ");
     assert!(
@@ -504,16 +595,66 @@ async fn the_probe_reports_the_isolation_in_place() {
     );
 
     // A helper that cannot run means no sandbox, never an unsandboxed run.
-    let broken = NamespaceBackend::new(NamespaceConfig {
-        helper: PathBuf::from("/nonexistent/helper"),
-        helper_args: Vec::new(),
-        root: dir.path().to_path_buf(),
-        host_uid: 100_000,
-        host_gid: 100_000,
-    });
+    let broken = namespace_backend(
+        dir.path().to_path_buf(),
+        PathBuf::from("/nonexistent/helper"),
+    );
     let error = broken.probe().await.unwrap_err();
     assert!(
         matches!(error, bulkhead_sandbox::SandboxError::Unavailable(_)),
         "{error}"
     );
+}
+
+#[tokio::test]
+async fn the_docker_probe_checks_the_engine_and_the_image() {
+    let probe = docker_backend(None)
+        .probe()
+        .await
+        .expect("the engine and image are there");
+    assert!(
+        probe.details.iter().any(|d| d.starts_with("engine ")),
+        "{probe:?}"
+    );
+    let error = docker_backend(Some("bulkhead-no-such-image:0"))
+        .probe()
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("bulkhead-no-such-image:0"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn docker_sandboxes_are_labelled_and_orphans_removed() {
+    let backend = docker_backend(None);
+    let id = unique_id();
+    let sandbox = backend.create(&id, &limits()).await.unwrap();
+    let inspect = std::process::Command::new("docker")
+        .args(["inspect", "-f", "{{index .Config.Labels \"dev.bulkhead.sandbox\"}} {{.HostConfig.ReadonlyRootfs}} {{.HostConfig.NetworkMode}} {{.HostConfig.CapDrop}} {{.HostConfig.SecurityOpt}} {{.HostConfig.Init}} {{.Config.User}}"])
+        .arg(format!("bulkhead-sandbox-{id}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    let scope = text.split(' ').next().unwrap().to_string();
+    assert!(scope.starts_with('t'), "labelled with its scope: {text}");
+    assert_eq!(
+        text.trim().split_once(' ').unwrap().1,
+        "true none [ALL] [no-new-privileges] true 1000:1000",
+        "{text}"
+    );
+    drop(sandbox);
+    // As after a crash: the container is still there; the next start
+    // removes it.
+    assert_eq!(
+        backend.remove_orphans().await.unwrap(),
+        1,
+        "only its own scope's"
+    );
+    let gone = std::process::Command::new("docker")
+        .args(["inspect", &format!("bulkhead-sandbox-{id}")])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success(), "the orphan was removed");
 }

@@ -1,0 +1,876 @@
+//! The Docker Engine backend: one container per session, through the
+//! Engine API on its unix socket (bollard).
+//!
+//! The container: `SANDBOX_IMAGE` running `sleep infinity` under Docker's
+//! init, as uid 1000, read-only root, a tmpfs /tmp, the workspace a
+//! size-capped tmpfs volume, `network none`, every capability dropped,
+//! `no-new-privileges`, memory (no swap), CPU and pids limits, and
+//! `SANDBOX_RUNTIME` (e.g. `runsc`) when set. Operations are `docker exec`s
+//! in it; each runs as the leader of its own process group so that a
+//! timeout kills the whole group.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use bollard::container::{
+    Config, CreateContainerOptions, KillContainerOptions, ListContainersOptions, LogOutput,
+    RemoveContainerOptions,
+};
+use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+use bollard::models::{HostConfig, Mount, MountTypeEnum, ResourcesUlimits};
+use bollard::volume::{CreateVolumeOptions, ListVolumesOptions, RemoveVolumeOptions};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Mutex, OnceCell};
+
+use crate::output::OutputCapture;
+use crate::paths::{WORKSPACE, workspace_path};
+use crate::{Backend, ExecResult, KilledReason, Limits, Operation, Probe, Sandbox, SandboxError};
+
+/// Every container and volume the backend makes carries this label.
+pub const LABEL: &str = "dev.bulkhead.sandbox";
+const SESSION_LABEL: &str = "dev.bulkhead.session";
+const USER: &str = "1000:1000";
+const ENV: &[&str] = &[
+    "PATH=/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",
+    "HOME=/workspace",
+    "USER=sandbox",
+    "LANG=C.UTF-8",
+    "TERM=dumb",
+    "TMPDIR=/tmp",
+];
+
+#[derive(Debug, Clone)]
+pub struct DockerConfig {
+    pub image: String,
+    /// An OCI runtime registered with the engine, such as `runsc`.
+    pub runtime: Option<String>,
+    /// The engine's unix socket (default /var/run/docker.sock).
+    pub socket: Option<String>,
+    /// The value of the `dev.bulkhead.sandbox` label on everything this
+    /// backend makes; orphans are looked for under this value only, so
+    /// that servers sharing an engine leave each other's sandboxes alone.
+    pub scope: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct DockerBackend {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: DockerConfig,
+    client: OnceCell<Docker>,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> SandboxError {
+    SandboxError::Unavailable(format!("{what}: {e}"))
+}
+
+impl Inner {
+    async fn client(&self) -> Result<&Docker, SandboxError> {
+        self.client
+            .get_or_try_init(|| async {
+                let socket = self
+                    .config
+                    .socket
+                    .clone()
+                    .unwrap_or_else(|| "/var/run/docker.sock".into());
+                let socket = socket.trim_start_matches("unix://").to_string();
+                let docker = Docker::connect_with_unix(&socket, 120, bollard::API_DEFAULT_VERSION)
+                    .map_err(|e| unavailable("cannot reach the Docker Engine", e))?;
+                docker.negotiate_version().await.map_err(|e| {
+                    unavailable(&format!("the Docker Engine at {socket} does not answer"), e)
+                })
+            })
+            .await
+    }
+}
+
+impl DockerBackend {
+    pub fn new(config: DockerConfig) -> DockerBackend {
+        DockerBackend {
+            inner: Arc::new(Inner {
+                config,
+                client: OnceCell::new(),
+            }),
+        }
+    }
+}
+
+fn container_name(id: &str) -> String {
+    format!("bulkhead-sandbox-{id}")
+}
+
+fn volume_name(id: &str) -> String {
+    format!("bulkhead-workspace-{id}")
+}
+
+impl Backend for DockerBackend {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Result<Probe, SandboxError>> {
+        Box::pin(async move {
+            let docker = self.inner.client().await?;
+            docker
+                .inspect_image(&self.inner.config.image)
+                .await
+                .map_err(|e| {
+                    unavailable(
+                        &format!("the sandbox image {} is missing", self.inner.config.image),
+                        e,
+                    )
+                })?;
+            let id = format!("probe-{}-{}", std::process::id(), fastrand_suffix());
+            let sandbox = self.create(&id, &Limits::default()).await?;
+            let result = sandbox
+                .run(&Operation::Exec {
+                    argv: vec![
+                        "/bin/sh".into(),
+                        "-c".into(),
+                        "id -u; grep -E '^(CapEff|NoNewPrivs):' /proc/self/status".into(),
+                    ],
+                    timeout: None,
+                })
+                .await;
+            let _ = sandbox.destroy().await;
+            let result = result?;
+            let text = result.stdout.text.clone();
+            if !result.success()
+                || text.lines().next() != Some("1000")
+                || !text.contains("CapEff:\t0000000000000000")
+                || !text.contains("NoNewPrivs:\t1")
+            {
+                return Err(SandboxError::Unavailable(format!(
+                    "a probe container did not run confined: {text} {}",
+                    result.stderr.text
+                )));
+            }
+            let version = docker
+                .version()
+                .await
+                .map_err(|e| unavailable("docker version", e))?;
+            Ok(Probe {
+                backend: "docker".into(),
+                details: vec![
+                    format!("engine {}", version.version.unwrap_or_default()),
+                    format!("image {}", self.inner.config.image),
+                    format!(
+                        "runtime {}",
+                        self.inner.config.runtime.as_deref().unwrap_or("default")
+                    ),
+                ],
+            })
+        })
+    }
+
+    fn create<'a>(
+        &'a self,
+        id: &'a str,
+        limits: &'a Limits,
+    ) -> BoxFuture<'a, Result<Arc<dyn Sandbox>, SandboxError>> {
+        Box::pin(async move {
+            if id.is_empty()
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(SandboxError::Invalid(format!("invalid sandbox id {id:?}")));
+            }
+            let docker = self.inner.client().await?;
+            let name = container_name(id);
+            let volume = volume_name(id);
+            // A leftover of the same name (a crash) is replaced.
+            let _ = docker
+                .remove_container(
+                    &name,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        v: true,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+            let _ = docker
+                .remove_volume(&volume, Some(RemoveVolumeOptions { force: true }))
+                .await;
+            let labels: HashMap<String, String> = [
+                (LABEL.to_string(), self.inner.config.scope.clone()),
+                (SESSION_LABEL.to_string(), id.to_string()),
+            ]
+            .into();
+            docker
+                .create_volume(CreateVolumeOptions {
+                    name: volume.clone(),
+                    driver: "local".into(),
+                    driver_opts: [
+                        ("type".to_string(), "tmpfs".to_string()),
+                        ("device".to_string(), "tmpfs".to_string()),
+                        (
+                            "o".to_string(),
+                            format!(
+                                "size={},uid=1000,gid=1000,mode=0700,nosuid,nodev",
+                                limits.disk_bytes
+                            ),
+                        ),
+                    ]
+                    .into(),
+                    labels: labels.clone(),
+                })
+                .await
+                .map_err(|e| unavailable("cannot create the workspace volume", e))?;
+            let memory = limits.memory_bytes as i64;
+            let host_config = HostConfig {
+                memory: Some(memory),
+                memory_swap: Some(memory),
+                nano_cpus: Some((limits.cpus * 1e9) as i64),
+                pids_limit: Some(i64::from(limits.pids)),
+                readonly_rootfs: Some(true),
+                tmpfs: Some(
+                    [(
+                        "/tmp".to_string(),
+                        format!("rw,nosuid,nodev,size={},mode=1777", limits.disk_bytes),
+                    )]
+                    .into(),
+                ),
+                mounts: Some(vec![Mount {
+                    target: Some(WORKSPACE.into()),
+                    source: Some(volume.clone()),
+                    typ: Some(MountTypeEnum::VOLUME),
+                    ..Default::default()
+                }]),
+                network_mode: Some("none".into()),
+                cap_drop: Some(vec!["ALL".into()]),
+                security_opt: Some(vec!["no-new-privileges".into()]),
+                init: Some(true),
+                runtime: self.inner.config.runtime.clone(),
+                ulimits: Some(vec![
+                    ResourcesUlimits {
+                        name: Some("core".into()),
+                        soft: Some(0),
+                        hard: Some(0),
+                    },
+                    ResourcesUlimits {
+                        name: Some("nofile".into()),
+                        soft: Some(1024),
+                        hard: Some(1024),
+                    },
+                    ResourcesUlimits {
+                        name: Some("fsize".into()),
+                        soft: Some(limits.disk_bytes as i64),
+                        hard: Some(limits.disk_bytes as i64),
+                    },
+                ]),
+                ..Default::default()
+            };
+            let config = Config {
+                image: Some(self.inner.config.image.clone()),
+                cmd: Some(vec!["sleep".to_string(), "infinity".to_string()]),
+                user: Some(USER.into()),
+                hostname: Some("sandbox".into()),
+                working_dir: Some(WORKSPACE.into()),
+                env: Some(ENV.iter().map(|s| s.to_string()).collect()),
+                labels: Some(labels),
+                network_disabled: Some(true),
+                host_config: Some(host_config),
+                ..Default::default()
+            };
+            docker
+                .create_container(
+                    Some(CreateContainerOptions {
+                        name: name.clone(),
+                        platform: None,
+                    }),
+                    config,
+                )
+                .await
+                .map_err(|e| unavailable("cannot create the sandbox container", e))?;
+            if let Err(e) = docker.start_container::<String>(&name, None).await {
+                let _ = docker
+                    .remove_container(
+                        &name,
+                        Some(RemoveContainerOptions {
+                            force: true,
+                            v: true,
+                            ..Default::default()
+                        }),
+                    )
+                    .await;
+                let _ = docker
+                    .remove_volume(&volume, Some(RemoveVolumeOptions { force: true }))
+                    .await;
+                return Err(unavailable("cannot start the sandbox container", e));
+            }
+            Ok(Arc::new(DockerSandbox {
+                inner: Arc::clone(&self.inner),
+                name,
+                volume,
+                limits: limits.clone(),
+                counters: Mutex::new(Counters::default()),
+                pending_hits: Mutex::new(Vec::new()),
+            }) as Arc<dyn Sandbox>)
+        })
+    }
+
+    fn remove_orphans(&self) -> BoxFuture<'_, Result<usize, SandboxError>> {
+        Box::pin(async move {
+            let docker = self.inner.client().await?;
+            let filters: HashMap<String, Vec<String>> = [(
+                "label".to_string(),
+                vec![format!("{LABEL}={}", self.inner.config.scope)],
+            )]
+            .into();
+            let containers = docker
+                .list_containers(Some(ListContainersOptions {
+                    all: true,
+                    filters: filters.clone(),
+                    ..Default::default()
+                }))
+                .await
+                .map_err(|e| unavailable("cannot list containers", e))?;
+            let mut removed = 0;
+            for container in containers {
+                if let Some(id) = container.id {
+                    if docker
+                        .remove_container(
+                            &id,
+                            Some(RemoveContainerOptions {
+                                force: true,
+                                v: true,
+                                ..Default::default()
+                            }),
+                        )
+                        .await
+                        .is_ok()
+                    {
+                        removed += 1;
+                    }
+                }
+            }
+            if let Ok(volumes) = docker
+                .list_volumes(Some(ListVolumesOptions { filters }))
+                .await
+            {
+                for volume in volumes.volumes.unwrap_or_default() {
+                    let _ = docker
+                        .remove_volume(&volume.name, Some(RemoveVolumeOptions { force: true }))
+                        .await;
+                }
+            }
+            Ok(removed)
+        })
+    }
+}
+
+fn fastrand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or_default()
+}
+
+/// What the container's cgroup and filesystems say.
+struct Observation {
+    counters: Counters,
+    full: bool,
+}
+
+/// Cumulative cgroup counters seen after the last operation.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    oom_kills: u64,
+    pids_refusals: u64,
+}
+
+struct DockerSandbox {
+    inner: Arc<Inner>,
+    name: String,
+    volume: String,
+    limits: Limits,
+    counters: Mutex<Counters>,
+    /// Limits seen struck before a kill, for the result being assembled.
+    pending_hits: Mutex<Vec<KilledReason>>,
+}
+
+const READ_SCRIPT: &str = r#"p=$(realpath -e -- "$1") || exit 1
+case "$p" in /workspace|/workspace/*) exec cat -- "$p";; esac
+echo "$1: resolves outside the workspace" >&2; exit 1"#;
+
+const WRITE_SCRIPT: &str = r#"d=$(dirname -- "$1")
+mkdir -p -- "$d" || exit 1
+r=$(realpath -e -- "$d") || exit 1
+case "$r" in /workspace|/workspace/*) ;; *) echo "$1: resolves outside the workspace" >&2; exit 1;; esac
+if [ -L "$1" ]; then echo "$1: is a symbolic link; refusing to write through it" >&2; exit 1; fi
+cat > "$1" || exit 1
+echo "wrote $(wc -c < "$1") bytes to $1""#;
+
+const LIST_SCRIPT: &str = r#"p=$(realpath -e -- "$1") || exit 1
+case "$p" in /workspace|/workspace/*) ;; *) echo "$1: resolves outside the workspace" >&2; exit 1;; esac
+[ -d "$p" ] || { echo "$1: Not a directory" >&2; exit 1; }
+find "$p" -mindepth 1 -maxdepth 1 -printf '%f\t%y\t%s\n'"#;
+
+const STATS_SCRIPT: &str = r#"cat /sys/fs/cgroup/memory/memory.oom_control /sys/fs/cgroup/memory.events 2>/dev/null | grep '^oom_kill ' | head -n 1
+cat /sys/fs/cgroup/pids/pids.events /sys/fs/cgroup/pids.events 2>/dev/null | grep '^max ' | head -n 1
+df -P /tmp /workspace | tail -n 2 | awk '{print "avail " $4}'"#;
+
+impl DockerSandbox {
+    /// Creates an exec; a container that stopped (every process of the
+    /// sandbox user killed, say) is started again first.
+    async fn create_exec(
+        &self,
+        options: CreateExecOptions<String>,
+    ) -> Result<String, SandboxError> {
+        let docker = self.inner.client().await?;
+        match docker.create_exec(&self.name, options.clone()).await {
+            Ok(exec) => Ok(exec.id),
+            Err(first) => {
+                let running = docker
+                    .inspect_container(&self.name, None)
+                    .await
+                    .ok()
+                    .and_then(|c| c.state)
+                    .and_then(|s| s.running)
+                    .unwrap_or(false);
+                if running {
+                    return Err(unavailable("docker exec", first));
+                }
+                docker
+                    .start_container::<String>(&self.name, None)
+                    .await
+                    .map_err(|e| unavailable("cannot restart the sandbox container", e))?;
+                docker
+                    .create_exec(&self.name, options)
+                    .await
+                    .map(|exec| exec.id)
+                    .map_err(|e| unavailable("docker exec", e))
+            }
+        }
+    }
+
+    /// Runs a command of ours to completion (kill, stats); returns its
+    /// stdout, bounded.
+    async fn plain(&self, argv: Vec<String>) -> Result<String, SandboxError> {
+        let docker = self.inner.client().await?;
+        let exec_id = self
+            .create_exec(CreateExecOptions {
+                cmd: Some(argv),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                user: Some(USER.to_string()),
+                ..Default::default()
+            })
+            .await?;
+        let mut stdout = String::new();
+        if let StartExecResults::Attached { mut output, .. } = docker
+            .start_exec(&exec_id, None::<StartExecOptions>)
+            .await
+            .map_err(|e| unavailable("docker exec", e))?
+        {
+            while let Some(Ok(chunk)) = output.next().await {
+                if let LogOutput::StdOut { message } = chunk {
+                    if stdout.len() < 64 << 10 {
+                        stdout.push_str(&String::from_utf8_lossy(&message));
+                    }
+                }
+            }
+        }
+        Ok(stdout)
+    }
+
+    /// Kills the operation's process group (and, if its id is unknown,
+    /// every process of the sandbox user but init).
+    async fn kill_group(&self, marker: &str) {
+        let script = format!(
+            "g=$(cat /tmp/.bulkhead-{marker} 2>/dev/null); if [ -n \"$g\" ]; then kill -KILL -$g; else kill -KILL -1; fi"
+        );
+        let _ = self
+            .plain(vec!["/bin/sh".into(), "-c".into(), script])
+            .await;
+    }
+
+    async fn exec(
+        &self,
+        argv: Vec<String>,
+        stdin: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<ExecResult, SandboxError> {
+        let docker = self.inner.client().await?;
+        let started = Instant::now();
+        let marker = format!("{}-{}", std::process::id(), fastrand_suffix());
+        // The program runs in a process group of its own, led by a shell
+        // that notes the group's id (for a timeout to kill) and, when the
+        // program ends, kills what it left running, so that background
+        // processes do not hold the output open or outlive their command.
+        let mut command = vec![
+            "setsid".to_string(),
+            "-w".to_string(),
+            "/bin/sh".to_string(),
+            "-c".to_string(),
+            format!(
+                "echo $$ > /tmp/.bulkhead-{marker} 2>/dev/null; \"$@\"; s=$?; \
+                 for p in $(pgrep -g $$); do [ \"$p\" != $$ ] && kill -9 \"$p\"; done 2>/dev/null; \
+                 rm -f /tmp/.bulkhead-{marker}; exit $s"
+            ),
+            "sh".to_string(),
+        ];
+        command.extend(argv);
+        let exec_id = self
+            .create_exec(CreateExecOptions {
+                cmd: Some(command),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                attach_stdin: Some(stdin.is_some()),
+                user: Some(USER.to_string()),
+                working_dir: Some(WORKSPACE.to_string()),
+                env: Some(ENV.iter().map(|s| s.to_string()).collect()),
+                ..Default::default()
+            })
+            .await?;
+        let StartExecResults::Attached {
+            mut output,
+            mut input,
+        } = docker
+            .start_exec(&exec_id, None::<StartExecOptions>)
+            .await
+            .map_err(|e| unavailable("docker exec", e))?
+        else {
+            return Err(SandboxError::Unavailable(
+                "docker exec did not attach".into(),
+            ));
+        };
+        if let Some(bytes) = stdin {
+            input.write_all(&bytes).await?;
+            input.shutdown().await?;
+        }
+        drop(input);
+        let mut stdout = OutputCapture::new(self.limits.output_bytes);
+        let mut stderr = OutputCapture::new(self.limits.output_bytes);
+        let deadline = tokio::time::Instant::from_std(started + timeout);
+        let flood = self.limits.output_flood_bytes();
+        let mut killed = None;
+        loop {
+            match tokio::time::timeout_at(deadline, output.next()).await {
+                Err(_) => {
+                    killed = Some(KilledReason::Timeout);
+                    break;
+                }
+                Ok(None) => break,
+                Ok(Some(Err(_))) => break,
+                Ok(Some(Ok(chunk))) => match chunk {
+                    LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                        stdout.push(&message)
+                    }
+                    LogOutput::StdErr { message } => stderr.push(&message),
+                    LogOutput::StdIn { .. } => {}
+                },
+            }
+            if stdout.total() + stderr.total() > flood {
+                killed = Some(KilledReason::OutputLimit);
+                break;
+            }
+        }
+        if killed.is_some() {
+            // Counters first: a last resort below restarts the container,
+            // and a restart starts them again from zero.
+            let struck_before_kill = self.limits_struck().await;
+            self.kill_group(&marker).await;
+            let drained = tokio::time::timeout(Duration::from_secs(1), async {
+                while output.next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                // The group outlived its kill (a fork bomb leaves no room
+                // for the kill's own process): stop the whole container;
+                // the next call starts it again, with the workspace intact.
+                let _ = docker
+                    .kill_container(&self.name, Some(KillContainerOptions { signal: "SIGKILL" }))
+                    .await;
+                *self.counters.lock().await = Counters::default();
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    while output.next().await.is_some() {}
+                })
+                .await;
+            }
+            self.pending_hits.lock().await.extend(struck_before_kill);
+        }
+        drop(output);
+        let mut inspected = docker
+            .inspect_exec(&exec_id)
+            .await
+            .map_err(|e| unavailable("docker exec", e))?;
+        for _ in 0..50 {
+            if inspected.running != Some(true) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            inspected = docker
+                .inspect_exec(&exec_id)
+                .await
+                .map_err(|e| unavailable("docker exec", e))?;
+        }
+        let duration_ms = started.elapsed().as_millis() as u64;
+        // Docker reports a signal death as 128 + signal.
+        let code = inspected.exit_code;
+        let (exit_code, signal) = match (killed, code) {
+            (Some(_), _) => (None, Some(9)),
+            (None, Some(code)) if code > 128 && code <= 128 + 64 => {
+                (None, Some((code - 128) as i32))
+            }
+            (None, Some(code)) => (Some(code as i32), None),
+            (None, None) => (None, Some(9)),
+        };
+        let mut limits_hit: Vec<KilledReason> = killed.into_iter().collect();
+        let mut struck = std::mem::take(&mut *self.pending_hits.lock().await);
+        struck.extend(self.limits_struck().await);
+        for hit in struck {
+            if !limits_hit.contains(&hit) {
+                limits_hit.push(hit);
+            }
+        }
+        if signal == Some(libc::SIGXFSZ) && !limits_hit.contains(&KilledReason::Disk) {
+            limits_hit.push(KilledReason::Disk);
+        }
+        Ok(ExecResult {
+            exit_code,
+            signal,
+            killed_reason: limits_hit.first().copied(),
+            limits_hit,
+            stdout: stdout.finish(),
+            stderr: stderr.finish(),
+            duration_ms,
+        })
+    }
+
+    /// Which limits struck since the last look: OOM kills and refused
+    /// forks from the container's cgroup counters, a full /tmp or
+    /// workspace. Read from the host when the engine is local (no exec),
+    /// else by an exec in the container.
+    async fn limits_struck(&self) -> Vec<KilledReason> {
+        let observed = match self.host_observation().await {
+            Some(observed) => observed,
+            None => match self.exec_observation().await {
+                Some(observed) => observed,
+                None => return Vec::new(),
+            },
+        };
+        let mut counters = self.counters.lock().await;
+        let mut hit = Vec::new();
+        if observed.counters.oom_kills > counters.oom_kills {
+            hit.push(KilledReason::Oom);
+        }
+        if observed.counters.pids_refusals > counters.pids_refusals {
+            hit.push(KilledReason::Pids);
+        }
+        if observed.full {
+            hit.push(KilledReason::Disk);
+        }
+        *counters = observed.counters;
+        hit
+    }
+
+    async fn host_observation(&self) -> Option<Observation> {
+        let docker = self.inner.client().await.ok()?;
+        let pid = docker
+            .inspect_container(&self.name, None)
+            .await
+            .ok()?
+            .state?
+            .pid?;
+        if pid <= 0 {
+            return None;
+        }
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let path_of = |controller: &str| {
+            cgroups.lines().find_map(|line| {
+                let mut fields = line.splitn(3, ':');
+                let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+                controllers
+                    .split(',')
+                    .any(|c| c == controller)
+                    .then(|| path.to_string())
+            })
+        };
+        let (oom_file, pids_file) = match (path_of("memory"), path_of("pids")) {
+            (Some(memory), Some(pids)) => (
+                format!("/sys/fs/cgroup/memory{memory}/memory.oom_control"),
+                format!("/sys/fs/cgroup/pids{pids}/pids.events"),
+            ),
+            _ => {
+                let unified = path_of("")?;
+                (
+                    format!("/sys/fs/cgroup{unified}/memory.events"),
+                    format!("/sys/fs/cgroup{unified}/pids.events"),
+                )
+            }
+        };
+        let counter = |file: &str, key: &str| -> Option<u64> {
+            std::fs::read_to_string(file)
+                .ok()?
+                .lines()
+                .find_map(|line| line.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
+        };
+        let full = ["tmp", "workspace"].iter().any(|dir| {
+            nix::sys::statvfs::statvfs(format!("/proc/{pid}/root/{dir}").as_str()).is_ok_and(|s| {
+                crate::nearly_full(s.blocks_available() as u64 * s.fragment_size() as u64)
+            })
+        });
+        Some(Observation {
+            counters: Counters {
+                oom_kills: counter(&oom_file, "oom_kill ")?,
+                pids_refusals: counter(&pids_file, "max ")?,
+            },
+            full,
+        })
+    }
+
+    async fn exec_observation(&self) -> Option<Observation> {
+        let stats = self
+            .plain(vec!["/bin/sh".into(), "-c".into(), STATS_SCRIPT.into()])
+            .await
+            .ok()?;
+        let value = |key: &str| {
+            stats
+                .lines()
+                .filter_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().parse::<u64>().unwrap_or(0))
+                .collect::<Vec<_>>()
+        };
+        Some(Observation {
+            counters: Counters {
+                oom_kills: value("oom_kill ").first().copied().unwrap_or(0),
+                pids_refusals: value("max ").first().copied().unwrap_or(0),
+            },
+            full: value("avail ")
+                .iter()
+                .any(|kib| crate::nearly_full(kib * 1024)),
+        })
+    }
+
+    async fn file_operation(
+        &self,
+        script: &str,
+        path: &str,
+        stdin: Option<Vec<u8>>,
+    ) -> Result<ExecResult, SandboxError> {
+        if let Err(message) = workspace_path(path) {
+            return Ok(refusal(message));
+        }
+        self.exec(
+            vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                script.into(),
+                "sh".into(),
+                path.into(),
+            ],
+            stdin,
+            self.limits.timeout,
+        )
+        .await
+    }
+}
+
+/// A file operation refused before anything ran.
+fn refusal(message: String) -> ExecResult {
+    let mut stderr = OutputCapture::new(4096);
+    stderr.push(format!("{message}\n").as_bytes());
+    ExecResult {
+        exit_code: Some(1),
+        signal: None,
+        killed_reason: None,
+        limits_hit: Vec::new(),
+        stdout: OutputCapture::new(0).finish(),
+        stderr: stderr.finish(),
+        duration_ms: 0,
+    }
+}
+
+impl Sandbox for DockerSandbox {
+    fn backend(&self) -> &'static str {
+        "docker"
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn run<'a>(
+        &'a self,
+        operation: &'a Operation,
+    ) -> BoxFuture<'a, Result<ExecResult, SandboxError>> {
+        Box::pin(async move {
+            match operation {
+                Operation::Exec { argv, timeout } => {
+                    if argv.is_empty() || argv[0].is_empty() {
+                        return Err(SandboxError::Invalid("the command is empty".into()));
+                    }
+                    let timeout =
+                        timeout.map_or(self.limits.timeout, |t| t.min(self.limits.timeout));
+                    self.exec(argv.clone(), None, timeout).await
+                }
+                Operation::ReadFile { path } => self.file_operation(READ_SCRIPT, path, None).await,
+                Operation::WriteFile { path, content } => {
+                    if workspace_path(path).is_ok_and(|p| p == std::path::Path::new(WORKSPACE)) {
+                        return Ok(refusal(format!("{path}: is the workspace itself")));
+                    }
+                    self.file_operation(WRITE_SCRIPT, path, Some(content.as_bytes().to_vec()))
+                        .await
+                }
+                Operation::ListDir { path } => {
+                    let mut result = self.file_operation(LIST_SCRIPT, path, None).await?;
+                    if result.exit_code == Some(0) {
+                        let mut entries: Vec<serde_json::Value> = result
+                            .stdout
+                            .text
+                            .lines()
+                            .filter_map(|line| {
+                                let mut fields = line.split('\t');
+                                let name = fields.next()?;
+                                let kind = match fields.next()? {
+                                    "d" => "dir",
+                                    "f" => "file",
+                                    "l" => "symlink",
+                                    _ => "other",
+                                };
+                                let size: u64 = fields.next()?.parse().ok()?;
+                                Some(serde_json::json!({"name": name, "type": kind, "size": size}))
+                            })
+                            .collect();
+                        entries.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+                        let mut capture = OutputCapture::new(self.limits.output_bytes);
+                        capture.push(format!("{}\n", serde_json::Value::Array(entries)).as_bytes());
+                        result.stdout = capture.finish();
+                    }
+                    Ok(result)
+                }
+            }
+        })
+    }
+
+    fn destroy(&self) -> BoxFuture<'_, Result<(), SandboxError>> {
+        Box::pin(async move {
+            let docker = self.inner.client().await?;
+            docker
+                .remove_container(
+                    &self.name,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        v: true,
+                        ..Default::default()
+                    }),
+                )
+                .await
+                .map_err(|e| unavailable("cannot remove the sandbox container", e))?;
+            let _ = docker
+                .remove_volume(&self.volume, Some(RemoveVolumeOptions { force: true }))
+                .await;
+            Ok(())
+        })
+    }
+}
