@@ -456,6 +456,12 @@ impl DockerSandbox {
     /// Runs a command of ours to completion (kill, stats); returns its
     /// stdout, bounded.
     async fn plain(&self, argv: Vec<String>) -> Result<String, SandboxError> {
+        tokio::time::timeout(Duration::from_secs(10), self.plain_unbounded(argv))
+            .await
+            .map_err(|_| SandboxError::Unavailable("the Docker Engine did not answer in time".into()))?
+    }
+
+    async fn plain_unbounded(&self, argv: Vec<String>) -> Result<String, SandboxError> {
         let docker = self.inner.client().await?;
         let exec_id = self
             .create_exec(CreateExecOptions {
@@ -579,11 +585,12 @@ impl DockerSandbox {
             // Counters first: a last resort below restarts the container,
             // and a restart starts them again from zero.
             let struck_before_kill = self.limits_struck().await;
-            self.kill_group(&marker).await;
-            let drained = tokio::time::timeout(Duration::from_secs(1), async {
+            // Keep reading while the kill goes in: an unread stream can
+            // hold the engine up.
+            let drain = tokio::time::timeout(Duration::from_secs(2), async {
                 while output.next().await.is_some() {}
-            })
-            .await;
+            });
+            let ((), drained) = tokio::join!(self.kill_group(&marker), drain);
             if drained.is_err() {
                 // The group outlived its kill (a fork bomb leaves no room
                 // for the kill's own process): stop the whole container;

@@ -14,6 +14,8 @@ use secrecy::{ExposeSecret, SecretString};
 /// is set: Docker and Kubernetes mount secrets here.
 pub const DEFAULT_SECRETS_DIR: &str = "/run/secrets";
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/bulkhead.db";
+/// Built from `deploy/sandbox/Dockerfile` (`scripts/ensure-images`).
+pub const DEFAULT_SANDBOX_IMAGE: &str = "bulkhead-sandbox:0.1";
 
 /// A configuration problem, always about one variable.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -110,6 +112,11 @@ pub struct SandboxConfig {
     pub idle: Duration,
     /// The namespace backend's helper executable (default: this binary).
     pub helper: Option<PathBuf>,
+    /// The docker backend's image, OCI runtime, engine socket and scope.
+    pub image: String,
+    pub runtime: Option<String>,
+    pub docker_host: Option<String>,
+    pub scope: String,
 }
 
 #[derive(Debug, Clone)]
@@ -504,6 +511,21 @@ impl Config {
             )?,
             idle: r.seconds("SANDBOX_IDLE_SECONDS", 600.0, 7.0 * 86_400.0)?,
             helper: r.raw("SANDBOX_HELPER").map(PathBuf::from),
+            image: r
+                .raw("SANDBOX_IMAGE")
+                .unwrap_or_else(|| DEFAULT_SANDBOX_IMAGE.to_string()),
+            runtime: r.raw("SANDBOX_RUNTIME"),
+            docker_host: match r.raw("DOCKER_HOST") {
+                Some(host) if host.starts_with("unix://") => Some(host),
+                Some(host) => {
+                    return Err(invalid(
+                        "DOCKER_HOST",
+                        format!("expected a unix:// socket, got {host:?}"),
+                    ));
+                }
+                None => None,
+            },
+            scope: r.raw("SANDBOX_SCOPE").unwrap_or_else(|| "bulkhead".into()),
         };
 
         let config = Config {

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use bulkhead_sandbox::Backend;
+use bulkhead_sandbox::docker::{DockerBackend, DockerConfig};
 use bulkhead_sandbox::namespace::{NamespaceBackend, NamespaceConfig};
 
 use crate::config::{SandboxBackendKind, SandboxConfig};
@@ -21,8 +22,11 @@ pub fn backend(
             namespace.host_gid = config.host_uid;
             Ok(Arc::new(NamespaceBackend::new(namespace)))
         }
-        SandboxBackendKind::Docker => {
-            Err("the docker sandbox backend is not available in this build yet".into())
-        }
+        SandboxBackendKind::Docker => Ok(Arc::new(DockerBackend::new(DockerConfig {
+            image: config.image.clone(),
+            runtime: config.runtime.clone(),
+            socket: config.docker_host.clone(),
+            scope: config.scope.clone(),
+        }))),
     }
 }

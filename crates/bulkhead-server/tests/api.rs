@@ -1047,8 +1047,35 @@ async fn call_tool(
     (body, record)
 }
 
+/// The environment for a sandbox backend: the namespace default, or the
+/// Docker Engine that `scripts/test` starts (each app with a scope of its
+/// own, so that its start-up orphan sweep leaves other tests alone).
+fn backend_env(backend: &str) -> Vec<(String, String)> {
+    match backend {
+        "docker" => vec![
+            ("SANDBOX_BACKEND".into(), "docker".into()),
+            ("SANDBOX_SCOPE".into(), format!("test-{}", uuid::Uuid::new_v4().simple())),
+        ],
+        _ => Vec::new(),
+    }
+}
+
+async fn spawn_app_on(kind: DbKind, backend: &str) -> TestApp {
+    let env = backend_env(backend);
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    spawn_app(kind, &pairs).await
+}
+
 async fn sandboxed_tools_run_and_are_audited(kind: DbKind) {
-    let app = spawn_app(kind, &[]).await;
+    tools_run_and_are_audited(kind, "namespace").await
+}
+
+async fn docker_tools_run_and_are_audited(kind: DbKind) {
+    tools_run_and_are_audited(kind, "docker").await
+}
+
+async fn tools_run_and_are_audited(kind: DbKind, backend: &str) {
+    let mut app = spawn_app_on(kind, backend).await;
     let (body, record) = call_tool(&app, None, "shell", json!({"command": "echo hi; id -u"})).await;
     assert_eq!(
         body["response"],
@@ -1056,7 +1083,7 @@ async fn sandboxed_tools_run_and_are_audited(kind: DbKind) {
     );
     let session = body["session_id"].as_str().unwrap().to_string();
     assert_eq!(record["tool"], "shell");
-    assert_eq!(record["backend"], "namespace");
+    assert_eq!(record["backend"], backend);
     assert_eq!(record["status"], "completed");
     assert_eq!(record["arguments"]["command"], "echo hi; id -u");
     assert_eq!(record["exit_code"], 0);
@@ -1135,10 +1162,20 @@ async fn sandboxed_tools_run_and_are_audited(kind: DbKind) {
 
     let (_, audit) = app.get(&format!("/sessions/{session}/audit")).await;
     assert_eq!(audit["tool_calls"].as_array().unwrap().len(), 5);
+    // Stopping destroys every sandbox (for docker: its containers).
+    app.shut_down().await.unwrap();
 }
 
 async fn hostile_tool_calls_are_contained_through_the_agent_loop(kind: DbKind) {
-    let app = spawn_app(kind, &[]).await;
+    hostile_tool_calls_are_contained(kind, "namespace").await
+}
+
+async fn hostile_tool_calls_are_contained_in_docker(kind: DbKind) {
+    hostile_tool_calls_are_contained(kind, "docker").await
+}
+
+async fn hostile_tool_calls_are_contained(kind: DbKind, backend: &str) {
+    let mut app = spawn_app_on(kind, backend).await;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let cases: Vec<(&str, Value, Option<&str>, &str)> = vec![
@@ -1293,7 +1330,7 @@ async fn hostile_tool_calls_are_contained_through_the_agent_loop(kind: DbKind) {
     assert!(
         body["response"].as_str().unwrap().contains("symbolic link"),
         "{body}"
-    );
+    );    app.shut_down().await.unwrap();
 }
 
 async fn deleting_a_session_destroys_its_workspace(kind: DbKind) {
@@ -1351,7 +1388,9 @@ async fn without_isolation_tools_are_refused_and_not_ready(kind: DbKind) {
 
 on_both_databases!(
     sandboxed_tools_run_and_are_audited,
+    docker_tools_run_and_are_audited,
     hostile_tool_calls_are_contained_through_the_agent_loop,
+    hostile_tool_calls_are_contained_in_docker,
     deleting_a_session_destroys_its_workspace,
     without_isolation_tools_are_refused_and_not_ready,
     probes_answer,
