@@ -458,7 +458,9 @@ impl DockerSandbox {
     async fn plain(&self, argv: Vec<String>) -> Result<String, SandboxError> {
         tokio::time::timeout(Duration::from_secs(10), self.plain_unbounded(argv))
             .await
-            .map_err(|_| SandboxError::Unavailable("the Docker Engine did not answer in time".into()))?
+            .map_err(|_| {
+                SandboxError::Unavailable("the Docker Engine did not answer in time".into())
+            })?
     }
 
     async fn plain_unbounded(&self, argv: Vec<String>) -> Result<String, SandboxError> {

@@ -1054,7 +1054,10 @@ fn backend_env(backend: &str) -> Vec<(String, String)> {
     match backend {
         "docker" => vec![
             ("SANDBOX_BACKEND".into(), "docker".into()),
-            ("SANDBOX_SCOPE".into(), format!("test-{}", uuid::Uuid::new_v4().simple())),
+            (
+                "SANDBOX_SCOPE".into(),
+                format!("test-{}", uuid::Uuid::new_v4().simple()),
+            ),
         ],
         _ => Vec::new(),
     }
@@ -1330,7 +1333,8 @@ async fn hostile_tool_calls_are_contained(kind: DbKind, backend: &str) {
     assert!(
         body["response"].as_str().unwrap().contains("symbolic link"),
         "{body}"
-    );    app.shut_down().await.unwrap();
+    );
+    app.shut_down().await.unwrap();
 }
 
 async fn deleting_a_session_destroys_its_workspace(kind: DbKind) {
