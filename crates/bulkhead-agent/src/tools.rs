@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bulkhead_model::{FunctionSpec, ToolSpec};
+use bulkhead_sandbox::egress::{EgressPolicy, FETCH_SCRIPT};
 use bulkhead_sandbox::{ExecResult, Operation};
 use futures_util::future::BoxFuture;
 use serde_json::{Value, json};
@@ -87,13 +88,15 @@ impl ToolRegistry {
     }
 
     /// The built-in tools and the sandboxed ones: `shell`, `read_file`,
-    /// `write_file`, `list_dir`.
-    pub fn with_sandbox_tools() -> ToolRegistry {
+    /// `write_file`, `list_dir`, and `http_fetch` to the hosts `egress`
+    /// allows (none when it is empty).
+    pub fn with_sandbox_tools(egress: Arc<EgressPolicy>) -> ToolRegistry {
         let mut registry = ToolRegistry::with_builtins();
         registry.register(Arc::new(Shell));
         registry.register(Arc::new(ReadFile));
         registry.register(Arc::new(WriteFile));
         registry.register(Arc::new(ListDir));
+        registry.register(Arc::new(HttpFetch { egress }));
         registry
     }
 
@@ -456,6 +459,111 @@ impl Tool for ListDir {
             Ok(file_output(
                 in_sandbox(context, Operation::ListDir { path }).await?,
             ))
+        })
+    }
+}
+
+/// `http_fetch`: one GET or POST, run inside the session's sandbox, whose
+/// only way out is the egress proxy and its allowlist.
+struct HttpFetch {
+    egress: Arc<EgressPolicy>,
+}
+
+impl Tool for HttpFetch {
+    fn name(&self) -> &str {
+        "http_fetch"
+    }
+
+    fn description(&self) -> &str {
+        "Fetch a URL (GET or POST) from inside this session's sandbox. Only the hosts the \
+         operator allows (SANDBOX_EGRESS_ALLOW) can be reached. Returns the status line, \
+         headers and body."
+    }
+
+    fn parameters(&self) -> Value {
+        json!({
+            "type": "object",
+            "properties": {
+                "url": {"type": "string", "description": "http:// or https:// URL"},
+                "method": {"type": "string", "enum": ["GET", "POST"]},
+                "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+                "body": {"type": "string"}
+            },
+            "required": ["url"],
+            "additionalProperties": false
+        })
+    }
+
+    fn sandboxed(&self) -> bool {
+        true
+    }
+
+    fn call<'a>(
+        &'a self,
+        context: ToolContext<'a>,
+        arguments: Value,
+    ) -> BoxFuture<'a, Result<ToolOutput, ToolError>> {
+        Box::pin(async move {
+            let raw = string_argument(&arguments, "url")?;
+            let url = url::Url::parse(raw)
+                .map_err(|e| ToolError::InvalidArguments(format!("`url` is not a URL: {e}")))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(ToolError::InvalidArguments(
+                    "`url` must be http:// or https://".into(),
+                ));
+            }
+            let host = url
+                .host_str()
+                .ok_or_else(|| ToolError::InvalidArguments("`url` has no host".into()))?;
+            let port = url.port_or_known_default().unwrap_or(443);
+            let method = match arguments
+                .get("method")
+                .and_then(Value::as_str)
+                .unwrap_or("GET")
+            {
+                m if m.eq_ignore_ascii_case("GET") => "GET",
+                m if m.eq_ignore_ascii_case("POST") => "POST",
+                other => {
+                    return Err(ToolError::InvalidArguments(format!(
+                        "`method` must be GET or POST, not {other:?}"
+                    )));
+                }
+            };
+            if !self.egress.allows(host, port) {
+                return Err(ToolError::Refused(format!(
+                    "{host}:{port} is not in SANDBOX_EGRESS_ALLOW; nothing was fetched"
+                )));
+            }
+            let mut request = json!({"url": url.as_str(), "method": method});
+            if let Some(headers) = arguments.get("headers").filter(|h| !h.is_null()) {
+                if !headers
+                    .as_object()
+                    .is_some_and(|h| h.values().all(Value::is_string))
+                {
+                    return Err(ToolError::InvalidArguments(
+                        "`headers` must be an object of strings".into(),
+                    ));
+                }
+                request["headers"] = headers.clone();
+            }
+            if let Some(body) = arguments.get("body").filter(|b| !b.is_null()) {
+                request["body"] = Value::String(string_argument(&arguments, "body")?.to_string());
+                let _ = body;
+            }
+            let result = in_sandbox(
+                context,
+                Operation::Exec {
+                    argv: vec![
+                        "python3".into(),
+                        "-c".into(),
+                        FETCH_SCRIPT.into(),
+                        request.to_string(),
+                    ],
+                    timeout: None,
+                },
+            )
+            .await?;
+            Ok(file_output(result))
         })
     }
 }

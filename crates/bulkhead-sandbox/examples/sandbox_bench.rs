@@ -81,6 +81,7 @@ async fn main() {
         root: dir.path().to_path_buf(),
         host_uid: 100_000,
         host_gid: 100_000,
+        egress_socket: None,
     });
     namespace
         .probe()
@@ -94,6 +95,7 @@ async fn main() {
         runtime: None,
         socket: None,
         scope: "bench".into(),
+        egress_socket: None,
     });
     match docker.probe().await {
         Ok(_) => measure(&docker, iterations, &mut rows).await,

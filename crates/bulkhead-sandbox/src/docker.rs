@@ -54,6 +54,9 @@ pub struct DockerConfig {
     /// backend makes; orphans are looked for under this value only, so
     /// that servers sharing an engine leave each other's sandboxes alone.
     pub scope: String,
+    /// The egress proxy's socket on the engine's host, if sandboxes may
+    /// reach any host.
+    pub egress_socket: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -246,6 +249,13 @@ impl Backend for DockerBackend {
                     ..Default::default()
                 }]),
                 network_mode: Some("none".into()),
+                binds: self.inner.config.egress_socket.as_ref().map(|socket| {
+                    vec![format!(
+                        "{}:{}:ro",
+                        socket.display(),
+                        crate::egress::SANDBOX_SOCKET
+                    )]
+                }),
                 cap_drop: Some(vec!["ALL".into()]),
                 security_opt: Some(vec!["no-new-privileges".into()]),
                 init: Some(true),
@@ -336,8 +346,8 @@ impl Backend for DockerBackend {
                 .map_err(|e| unavailable("cannot list containers", e))?;
             let mut removed = 0;
             for container in containers {
-                if let Some(id) = container.id {
-                    if docker
+                if let Some(id) = container.id
+                    && docker
                         .remove_container(
                             &id,
                             Some(RemoveContainerOptions {
@@ -348,9 +358,8 @@ impl Backend for DockerBackend {
                         )
                         .await
                         .is_ok()
-                    {
-                        removed += 1;
-                    }
+                {
+                    removed += 1;
                 }
             }
             if let Ok(volumes) = docker
@@ -481,10 +490,10 @@ impl DockerSandbox {
             .map_err(|e| unavailable("docker exec", e))?
         {
             while let Some(Ok(chunk)) = output.next().await {
-                if let LogOutput::StdOut { message } = chunk {
-                    if stdout.len() < 64 << 10 {
-                        stdout.push_str(&String::from_utf8_lossy(&message));
-                    }
+                if let LogOutput::StdOut { message } = chunk
+                    && stdout.len() < 64 << 10
+                {
+                    stdout.push_str(&String::from_utf8_lossy(&message));
                 }
             }
         }
@@ -725,9 +734,8 @@ impl DockerSandbox {
                 .find_map(|line| line.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
         };
         let full = ["tmp", "workspace"].iter().any(|dir| {
-            nix::sys::statvfs::statvfs(format!("/proc/{pid}/root/{dir}").as_str()).is_ok_and(|s| {
-                crate::nearly_full(s.blocks_available() as u64 * s.fragment_size() as u64)
-            })
+            nix::sys::statvfs::statvfs(format!("/proc/{pid}/root/{dir}").as_str())
+                .is_ok_and(|s| crate::nearly_full(s.blocks_available() * s.fragment_size()))
         });
         Some(Observation {
             counters: Counters {

@@ -21,6 +21,7 @@
 #![allow(unsafe_code)]
 
 pub mod docker;
+pub mod egress;
 pub mod namespace;
 mod output;
 mod paths;

@@ -32,6 +32,8 @@ pub struct App {
     pub config: Config,
     pub engine: Arc<Engine>,
     model_probe: Mutex<Option<(Instant, Result<(), String>)>>,
+    /// Serves sandboxes' egress for as long as the app lives.
+    _egress_proxy: Option<bulkhead_sandbox::egress::EgressProxy>,
 }
 
 /// How long a model-endpoint probe result is reused by `/ready`, so that
@@ -97,8 +99,9 @@ impl App {
         let lock_ttl = config.model.timeout * (config.model.max_retries + 1)
             + Duration::from_secs(8) * config.model.max_retries
             + Duration::from_secs(120);
-        let backend = crate::sandbox::backend(config.sandbox.backend, &config.sandbox)
-            .map_err(|e| anyhow::anyhow!("SANDBOX_BACKEND: {e}"))?;
+        let (backend, egress_proxy) =
+            crate::sandbox::backend(config.sandbox.backend, &config.sandbox)
+                .map_err(|e| anyhow::anyhow!("sandbox: {e}"))?;
         match backend.remove_orphans().await {
             Ok(0) => {}
             Ok(removed) => tracing::warn!(removed, "removed sandboxes left by a previous process"),
@@ -138,7 +141,7 @@ impl App {
         let engine = Engine::new(
             store,
             model,
-            ToolRegistry::with_sandbox_tools(),
+            ToolRegistry::with_sandbox_tools(Arc::new(config.sandbox.egress.clone())),
             Some(sandboxes),
             EngineSettings {
                 max_steps: config.max_steps,
@@ -151,6 +154,7 @@ impl App {
             config,
             engine: Arc::new(engine),
             model_probe: Mutex::new(None),
+            _egress_proxy: egress_proxy,
         })
     }
 

@@ -117,6 +117,8 @@ pub struct SandboxConfig {
     pub runtime: Option<String>,
     pub docker_host: Option<String>,
     pub scope: String,
+    /// Hosts sandboxed programs may reach through the egress proxy.
+    pub egress: bulkhead_sandbox::egress::EgressPolicy,
 }
 
 #[derive(Debug, Clone)]
@@ -526,6 +528,10 @@ impl Config {
                 None => None,
             },
             scope: r.raw("SANDBOX_SCOPE").unwrap_or_else(|| "bulkhead".into()),
+            egress: bulkhead_sandbox::egress::EgressPolicy::parse(
+                &r.raw("SANDBOX_EGRESS_ALLOW").unwrap_or_default(),
+            )
+            .map_err(|e| invalid("SANDBOX_EGRESS_ALLOW", e))?,
         };
 
         let config = Config {
@@ -653,6 +659,30 @@ impl Config {
                     .as_ref()
                     .map(|p| p.display().to_string())
                     .unwrap_or_else(|| "(this executable)".into()),
+            ),
+            ("SANDBOX_IMAGE", self.sandbox.image.clone()),
+            (
+                "SANDBOX_RUNTIME",
+                self.sandbox
+                    .runtime
+                    .clone()
+                    .unwrap_or_else(|| "(engine default)".into()),
+            ),
+            ("SANDBOX_SCOPE", self.sandbox.scope.clone()),
+            (
+                "DOCKER_HOST",
+                self.sandbox
+                    .docker_host
+                    .clone()
+                    .unwrap_or_else(|| "unix:///var/run/docker.sock".into()),
+            ),
+            (
+                "SANDBOX_EGRESS_ALLOW",
+                if self.sandbox.egress.is_empty() {
+                    "(none: no network)".into()
+                } else {
+                    self.sandbox.egress.to_string()
+                },
             ),
             ("LOG_LEVEL", self.log_level.clone()),
             (
@@ -804,6 +834,7 @@ mod tests {
             ("SANDBOX_BACKEND", "chroot"),
             ("SANDBOX_MEMORY", "lots"),
             ("SANDBOX_MEMORY", "1k"),
+            ("SANDBOX_EGRESS_ALLOW", "http://example.com/"),
             ("SANDBOX_PIDS", "0"),
         ] {
             let error = load(&[(name, value)]).unwrap_err();

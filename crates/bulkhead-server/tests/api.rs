@@ -1390,7 +1390,136 @@ async fn without_isolation_tools_are_refused_and_not_ready(kind: DbKind) {
     );
 }
 
+/// A non-loopback IPv4 address of this machine, for a listener the egress
+/// proxy may reach (it refuses loopback).
+fn outside_address() -> std::net::Ipv4Addr {
+    let output = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .expect("ip (iproute2) lists the addresses");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| {
+            let cidr = line
+                .split_whitespace()
+                .skip_while(|w| *w != "inet")
+                .nth(1)?;
+            cidr.split('/').next()?.parse().ok()
+        })
+        .expect("this machine has a non-loopback IPv4 address")
+}
+
+async fn http_fetch_reaches_allowed_hosts_only(kind: DbKind) {
+    egress_is_allowlisted(kind, "namespace").await
+}
+
+async fn http_fetch_reaches_allowed_hosts_only_from_docker(kind: DbKind) {
+    egress_is_allowlisted(kind, "docker").await
+}
+
+async fn egress_is_allowlisted(kind: DbKind, backend: &str) {
+    let ip = outside_address();
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let outside = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let app = axum::Router::new().route(
+            "/hello",
+            axum::routing::get(|| async { "hello from outside" })
+                .post(|body: String| async move { format!("posted: {body}") }),
+        );
+        axum::serve(listener, app).await
+    });
+    let loopback = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let loopback_port = loopback.local_addr().unwrap().port();
+    let allow = format!("{outside},localhost:{loopback_port}");
+    let mut env = backend_env(backend);
+    env.push(("SANDBOX_EGRESS_ALLOW".into(), allow));
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut app = spawn_app(kind, &pairs).await;
+
+    let (body, record) = call_tool(
+        &app,
+        None,
+        "http_fetch",
+        json!({"url": format!("http://{outside}/hello")}),
+    )
+    .await;
+    let response = body["response"].as_str().unwrap();
+    assert!(
+        response.contains("HTTP 200 OK") && response.ends_with("hello from outside"),
+        "{response}"
+    );
+    assert_eq!(record["status"], "completed");
+    assert_eq!(record["backend"], backend);
+
+    let (body, _) = call_tool(
+        &app,
+        None,
+        "http_fetch",
+        json!({"url": format!("http://{outside}/hello"), "method": "POST", "body": "data"}),
+    )
+    .await;
+    assert!(
+        body["response"].as_str().unwrap().ends_with("posted: data"),
+        "{body}"
+    );
+
+    // Not on the list: refused before anything runs.
+    let (body, record) = call_tool(
+        &app,
+        None,
+        "http_fetch",
+        json!({"url": "https://example.com/"}),
+    )
+    .await;
+    assert!(
+        body["response"]
+            .as_str()
+            .unwrap()
+            .contains("not in SANDBOX_EGRESS_ALLOW"),
+        "{body}"
+    );
+    assert_eq!(record["status"], "refused");
+
+    // On the list, but pointing at the host's loopback: the proxy refuses.
+    let (body, _) = call_tool(
+        &app,
+        None,
+        "http_fetch",
+        json!({"url": format!("http://localhost:{loopback_port}/")}),
+    )
+    .await;
+    assert!(
+        body["response"]
+            .as_str()
+            .unwrap()
+            .contains("forbidden address"),
+        "{body}"
+    );
+    loopback.set_nonblocking(true).unwrap();
+    assert!(
+        loopback.accept().is_err(),
+        "nothing reached the loopback listener"
+    );
+
+    // Shell commands have no network either way, only the proxy's socket.
+    let (body, _) = call_tool(
+        &app,
+        None,
+        "shell",
+        json!({"command": format!("python3 -c \"import socket; socket.create_connection(('{ip}', {}), timeout=2)\"", outside.port())}),
+    )
+    .await;
+    assert!(
+        body["response"].as_str().unwrap().contains("exit code: 1"),
+        "{body}"
+    );
+    app.shut_down().await.unwrap();
+}
+
 on_both_databases!(
+    http_fetch_reaches_allowed_hosts_only,
+    http_fetch_reaches_allowed_hosts_only_from_docker,
     sandboxed_tools_run_and_are_audited,
     docker_tools_run_and_are_audited,
     hostile_tool_calls_are_contained_through_the_agent_loop,

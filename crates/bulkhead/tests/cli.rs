@@ -811,12 +811,30 @@ fn sandbox_exec_runs_one_command_and_mirrors_its_exit_code() {
 fn sandbox_exec_runs_on_the_docker_backend_too() {
     let dir = tempfile::tempdir().unwrap();
     let output = bulkhead(dir.path())
-        .args(["sandbox", "exec", "--backend", "docker", "--json", "--", "sh", "-c", "id -u; exit 4"])
-        .env("SANDBOX_IMAGE", std::env::var("SANDBOX_IMAGE").unwrap_or_else(|_| "bulkhead-sandbox:0.1".into()))
+        .args([
+            "sandbox",
+            "exec",
+            "--backend",
+            "docker",
+            "--json",
+            "--",
+            "sh",
+            "-c",
+            "id -u; exit 4",
+        ])
+        .env(
+            "SANDBOX_IMAGE",
+            std::env::var("SANDBOX_IMAGE").unwrap_or_else(|_| "bulkhead-sandbox:0.1".into()),
+        )
         .env("SANDBOX_SCOPE", format!("cli-test-{}", std::process::id()))
         .output()
         .unwrap();
-    assert_eq!(output.status.code(), Some(4), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let record: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(record["backend"], "docker");
     assert_eq!(record["stdout"]["text"], "1000\n");

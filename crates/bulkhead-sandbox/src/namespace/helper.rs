@@ -237,7 +237,7 @@ fn run_with_root(
         }
     };
     let workspace_full = nix::sys::statvfs::statvfs(&request.workspace)
-        .map(|s| crate::nearly_full(s.blocks_available() as u64 * s.fragment_size() as u64))
+        .map(|s| crate::nearly_full(s.blocks_available() * s.fragment_size()))
         .unwrap_or(false);
     let mut limits_hit: Vec<KilledReason> = killed.into_iter().collect();
     if strikes.oom_kills > 0 {

@@ -168,7 +168,7 @@ fn init_main(request: &HelperRequest, root: &Path, fds: &ChildFds) -> ! {
         }
     };
     let tmp_full = statvfs("/tmp")
-        .map(|s| crate::nearly_full(s.blocks_available() as u64 * s.fragment_size() as u64))
+        .map(|s| crate::nearly_full(s.blocks_available() * s.fragment_size()))
         .unwrap_or(false);
     report(
         status_fd,
@@ -344,6 +344,14 @@ fn setup_filesystem(request: &HelperRequest, root: &Path) -> Result<(), String> 
         None::<&str>,
     )
     .map_err(|e| mount_err("proc", &proc, e))?;
+
+    if let Some(socket) = &request.egress_socket {
+        let run = root.join("run/bulkhead");
+        mkdir(&run)?;
+        let inside = root.join(crate::egress::SANDBOX_SOCKET.trim_start_matches('/'));
+        write_file(&inside, "")?;
+        bind(socket, &inside, true)?;
+    }
 
     let tmp = root.join("tmp");
     mkdir(&tmp)?;

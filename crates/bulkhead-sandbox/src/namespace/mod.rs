@@ -44,6 +44,10 @@ pub(crate) struct HelperRequest {
     pub host_gid: u32,
     /// Unique per operation; names its cgroup.
     pub run_id: String,
+    /// The egress proxy's socket, shown inside as
+    /// [`crate::egress::SANDBOX_SOCKET`].
+    #[serde(default)]
+    pub egress_socket: Option<PathBuf>,
 }
 
 /// The helper's answer.
@@ -67,6 +71,8 @@ pub struct NamespaceConfig {
     /// (otherwise the server's own ids are used).
     pub host_uid: u32,
     pub host_gid: u32,
+    /// The egress proxy's socket, if sandboxes may reach any host.
+    pub egress_socket: Option<PathBuf>,
 }
 
 impl NamespaceConfig {
@@ -82,6 +88,7 @@ impl NamespaceConfig {
             root,
             host_uid: 100_000,
             host_gid: 100_000,
+            egress_socket: None,
         })
     }
 }
@@ -156,6 +163,7 @@ impl Inner {
                 std::process::id(),
                 self.counter.fetch_add(1, Ordering::Relaxed)
             ),
+            egress_socket: self.config.egress_socket.clone(),
         };
         let mut child = tokio::process::Command::new(&self.config.helper)
             .args(&self.config.helper_args)
