@@ -105,6 +105,34 @@ impl DockerBackend {
     }
 }
 
+/// Removes a sandbox's container (killing what runs in it) and then its
+/// workspace volume.
+async fn remove(
+    docker: &Docker,
+    container: &str,
+    volume: &str,
+) -> Result<(), bollard::errors::Error> {
+    let removed = docker
+        .remove_container(
+            container,
+            Some(RemoveContainerOptions {
+                force: true,
+                v: true,
+                ..Default::default()
+            }),
+        )
+        .await;
+    let _ = docker
+        .remove_volume(volume, Some(RemoveVolumeOptions { force: true }))
+        .await;
+    match removed {
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(()),
+        other => other,
+    }
+}
+
 fn container_name(id: &str) -> String {
     format!("bulkhead-sandbox-{id}")
 }
@@ -179,30 +207,12 @@ impl Backend for DockerBackend {
         limits: &'a Limits,
     ) -> BoxFuture<'a, Result<Arc<dyn Sandbox>, SandboxError>> {
         Box::pin(async move {
-            if id.is_empty()
-                || !id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(SandboxError::Invalid(format!("invalid sandbox id {id:?}")));
-            }
+            crate::validate_id(id)?;
             let docker = self.inner.client().await?;
             let name = container_name(id);
             let volume = volume_name(id);
             // A leftover of the same name (a crash) is replaced.
-            let _ = docker
-                .remove_container(
-                    &name,
-                    Some(RemoveContainerOptions {
-                        force: true,
-                        v: true,
-                        ..Default::default()
-                    }),
-                )
-                .await;
-            let _ = docker
-                .remove_volume(&volume, Some(RemoveVolumeOptions { force: true }))
-                .await;
+            let _ = remove(docker, &name, &volume).await;
             let labels: HashMap<String, String> = [
                 (LABEL.to_string(), self.inner.config.scope.clone()),
                 (SESSION_LABEL.to_string(), id.to_string()),
@@ -302,19 +312,7 @@ impl Backend for DockerBackend {
                 .await
                 .map_err(|e| unavailable("cannot create the sandbox container", e))?;
             if let Err(e) = docker.start_container::<String>(&name, None).await {
-                let _ = docker
-                    .remove_container(
-                        &name,
-                        Some(RemoveContainerOptions {
-                            force: true,
-                            v: true,
-                            ..Default::default()
-                        }),
-                    )
-                    .await;
-                let _ = docker
-                    .remove_volume(&volume, Some(RemoveVolumeOptions { force: true }))
-                    .await;
+                let _ = remove(docker, &name, &volume).await;
                 return Err(unavailable("cannot start the sandbox container", e));
             }
             Ok(Arc::new(DockerSandbox {
@@ -822,11 +820,9 @@ impl Sandbox for DockerSandbox {
         operation: &'a Operation,
     ) -> BoxFuture<'a, Result<ExecResult, SandboxError>> {
         Box::pin(async move {
+            operation.validate()?;
             match operation {
                 Operation::Exec { argv, timeout } => {
-                    if argv.is_empty() || argv[0].is_empty() {
-                        return Err(SandboxError::Invalid("the command is empty".into()));
-                    }
                     let timeout =
                         timeout.map_or(self.limits.timeout, |t| t.min(self.limits.timeout));
                     self.exec(argv.clone(), None, timeout).await
@@ -873,21 +869,9 @@ impl Sandbox for DockerSandbox {
     fn destroy(&self) -> BoxFuture<'_, Result<(), SandboxError>> {
         Box::pin(async move {
             let docker = self.inner.client().await?;
-            docker
-                .remove_container(
-                    &self.name,
-                    Some(RemoveContainerOptions {
-                        force: true,
-                        v: true,
-                        ..Default::default()
-                    }),
-                )
+            remove(docker, &self.name, &self.volume)
                 .await
-                .map_err(|e| unavailable("cannot remove the sandbox container", e))?;
-            let _ = docker
-                .remove_volume(&self.volume, Some(RemoveVolumeOptions { force: true }))
-                .await;
-            Ok(())
+                .map_err(|e| unavailable("cannot remove the sandbox container", e))
         })
     }
 }

@@ -137,6 +137,40 @@ mod optional_duration_ms {
     }
 }
 
+impl Operation {
+    /// Refuses requests no backend can carry out.
+    pub fn validate(&self) -> Result<(), SandboxError> {
+        let texts: Vec<&str> = match self {
+            Operation::Exec { argv, .. } => {
+                if argv.first().is_none_or(|program| program.is_empty()) {
+                    return Err(SandboxError::Invalid("the command is empty".into()));
+                }
+                argv.iter().map(String::as_str).collect()
+            }
+            Operation::ReadFile { path } | Operation::ListDir { path } => vec![path],
+            Operation::WriteFile { path, .. } => vec![path],
+        };
+        if texts.iter().any(|t| t.contains('\0')) {
+            return Err(SandboxError::Invalid(
+                "arguments and paths must not contain NUL".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Sandbox ids name folders and containers: letters, digits, `-` and `_`.
+pub(crate) fn validate_id(id: &str) -> Result<(), SandboxError> {
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(SandboxError::Invalid(format!("invalid sandbox id {id:?}")));
+    }
+    Ok(())
+}
+
 /// Why the sandbox stopped an operation, or the limit it ran into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

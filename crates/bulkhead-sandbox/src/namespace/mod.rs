@@ -141,16 +141,7 @@ impl Inner {
         limits: &Limits,
         operation: &Operation,
     ) -> Result<ExecResult, SandboxError> {
-        if let Operation::Exec { argv, .. } = operation {
-            if argv.is_empty() || argv[0].is_empty() {
-                return Err(SandboxError::Invalid("the command is empty".into()));
-            }
-            if argv.iter().any(|a| a.contains('\0')) {
-                return Err(SandboxError::Invalid(
-                    "arguments must not contain NUL".into(),
-                ));
-            }
-        }
+        operation.validate()?;
         let request = HelperRequest {
             operation: operation.clone(),
             limits: limits.clone(),
@@ -294,13 +285,7 @@ impl Backend for NamespaceBackend {
         limits: &'a Limits,
     ) -> BoxFuture<'a, Result<Arc<dyn Sandbox>, SandboxError>> {
         Box::pin(async move {
-            if id.is_empty()
-                || !id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(SandboxError::Invalid(format!("invalid sandbox id {id:?}")));
-            }
+            crate::validate_id(id)?;
             let inner = &self.inner;
             let workspace = inner.config.root.join(id);
             std::fs::create_dir_all(inner.state_dir())?;
