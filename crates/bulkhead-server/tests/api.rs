@@ -1622,3 +1622,39 @@ async fn request_bodies_never_cause_a_server_error(kind: DbKind) {
     let (status, _) = app.get("/ready").await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// A tool call whose audit record cannot be written does not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrecorded_tool_call_does_not_run() {
+    let app = spawn_app(DbKind::Sqlite, &[]).await;
+    let (body, _) = call_tool(&app, None, "shell", json!({"command": "echo ready"})).await;
+    let session = body["session_id"].as_str().unwrap().to_string();
+    let workspace = app._db.dir.path().join("sandboxes").join(&session);
+    // Break the audit trail under the running server.
+    let database = app._db.dir.path().join("bulkhead.db");
+    let status = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('DROP TABLE tool_executions'); c.commit()",
+        ])
+        .arg(&database)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (status, body) = app
+        .post_agent(json!({
+            "message": "tool:shell {\"command\": \"touch /workspace/ran\"}",
+            "session_id": session,
+        }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let response = body["response"].as_str().unwrap();
+    assert!(
+        response.contains("could not be recorded") && response.contains("not run"),
+        "{response}"
+    );
+    assert!(
+        workspace.exists() && !workspace.join("ran").exists(),
+        "the command did not run"
+    );
+}
