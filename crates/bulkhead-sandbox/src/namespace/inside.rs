@@ -197,11 +197,15 @@ fn locked_flags(source: &Path) -> MsFlags {
         (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
         (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
         (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
-        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
     ] {
         if flags.contains(fs) {
             locked |= ms;
         }
+    }
+    // ST_RELATIME (statvfs(3)); nix names it for glibc targets only.
+    const ST_RELATIME: libc::c_ulong = 0x1000;
+    if flags.bits() & ST_RELATIME != 0 {
+        locked |= MsFlags::MS_RELATIME;
     }
     locked
 }
