@@ -12,7 +12,10 @@ use serde_json::{Value, json};
 const IMAGE: &str = "bulkhead:test";
 
 fn docker(args: &[&str]) -> String {
-    let output = Command::new("docker").args(args).output().expect("the docker CLI runs");
+    let output = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("the docker CLI runs");
     assert!(
         output.status.success(),
         "docker {args:?}: {}",
@@ -77,23 +80,41 @@ impl Scene {
 impl Drop for Scene {
     fn drop(&mut self) {
         for container in &self.containers {
-            let _ = Command::new("docker").args(["rm", "-f", container]).output();
+            let _ = Command::new("docker")
+                .args(["rm", "-f", container])
+                .output();
         }
-        let _ = Command::new("docker").args(["network", "rm", &self.network()]).output();
+        let _ = Command::new("docker")
+            .args(["network", "rm", &self.network()])
+            .output();
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_image_is_small_non_root_healthy_and_stops_cleanly() {
     build_image();
-    let size: u64 = docker(&["image", "inspect", "-f", "{{.Size}}", IMAGE]).parse().unwrap();
+    let size: u64 = docker(&["image", "inspect", "-f", "{{.Size}}", IMAGE])
+        .parse()
+        .unwrap();
     assert!(size <= 20 << 20, "the image is {size} bytes, over 20 MB");
-    assert_eq!(docker(&["image", "inspect", "-f", "{{.Config.User}}", IMAGE]), "65532:65532");
+    assert_eq!(
+        docker(&["image", "inspect", "-f", "{{.Config.User}}", IMAGE]),
+        "65532:65532"
+    );
 
     let mut scene = Scene::new();
     let mock = scene.run(
         "mock",
-        &[IMAGE, "mock-model", "--host", "0.0.0.0", "--port", "8080", "--latency-ms", "1500"],
+        &[
+            IMAGE,
+            "mock-model",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "8080",
+            "--latency-ms",
+            "1500",
+        ],
     );
     let started = Instant::now();
     let server = scene.run(
@@ -121,11 +142,19 @@ async fn the_image_is_small_non_root_healthy_and_stops_cleanly() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(health, "healthy", "healthy within 5 s: {}", docker(&["logs", &server]));
+    assert_eq!(
+        health,
+        "healthy",
+        "healthy within 5 s: {}",
+        docker(&["logs", &server])
+    );
 
-    let processes = docker(&["top", &server, "-o", "uid,args"]);
+    let processes = docker(&["top", &server, "-o", "pid,uid,args"]);
     assert!(
-        processes.lines().skip(1).all(|l| l.trim_start().starts_with("65532")),
+        processes
+            .lines()
+            .skip(1)
+            .all(|l| l.split_whitespace().nth(1) == Some("65532")),
         "runs as uid 65532: {processes}"
     );
 
@@ -155,16 +184,32 @@ async fn the_image_is_small_non_root_healthy_and_stops_cleanly() {
                 .send()
                 .await
                 .unwrap();
-            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.unwrap(),
+            )
         }
     });
     tokio::time::sleep(Duration::from_millis(400)).await;
     let stopping = Instant::now();
     docker(&["stop", "-t", "10", &server]);
-    assert!(stopping.elapsed() < Duration::from_secs(9), "stopped within the grace");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(9),
+        "stopped within the grace"
+    );
     let (status, answer) = in_flight.await.unwrap();
-    assert_eq!((status, answer["response"].as_str()), (200, Some("echo: finish me")), "{answer}");
-    assert_eq!(docker(&["inspect", "-f", "{{.State.ExitCode}}", &server]), "0");
+    assert_eq!(
+        (status, answer["response"].as_str()),
+        (200, Some("echo: finish me")),
+        "{answer}"
+    );
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.State.ExitCode}}", &server]),
+        "0"
+    );
     let logs = docker(&["logs", &server]);
-    assert!(logs.contains("\"signal\":\"SIGTERM\"") && logs.contains("stopped"), "{logs}");
+    assert!(
+        logs.contains("\"signal\":\"SIGTERM\"") && logs.contains("stopped"),
+        "{logs}"
+    );
 }
