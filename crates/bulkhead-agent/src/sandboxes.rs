@@ -9,16 +9,33 @@ use std::time::{Duration, Instant};
 use bulkhead_sandbox::{Backend, Limits, Sandbox, SandboxError};
 use tokio::sync::{Mutex, OnceCell};
 
-struct Entry {
-    sandbox: Arc<dyn Sandbox>,
-    last_used: Instant,
+/// A session's sandbox, made once on first use; concurrent first uses wait
+/// for the same creation instead of racing to make two.
+struct Slot {
+    sandbox: OnceCell<Arc<dyn Sandbox>>,
+    last_used: std::sync::Mutex<Instant>,
+}
+
+impl Slot {
+    fn touch(&self) {
+        if let Ok(mut last_used) = self.last_used.lock() {
+            *last_used = Instant::now();
+        }
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.last_used
+            .lock()
+            .map(|t| t.elapsed())
+            .unwrap_or_default()
+    }
 }
 
 pub struct SandboxManager {
     backend: Arc<dyn Backend>,
     limits: Limits,
     idle: Duration,
-    sessions: Mutex<HashMap<String, Entry>>,
+    sessions: Mutex<HashMap<String, Arc<Slot>>>,
     /// Whether isolation can be had here, checked once.
     available: OnceCell<Result<Vec<String>, String>>,
 }
@@ -77,67 +94,80 @@ impl SandboxManager {
         self.availability()
             .await
             .map_err(SandboxError::Unavailable)?;
-        let mut sessions = self.sessions.lock().await;
-        if let Some(entry) = sessions.get_mut(session_id) {
-            entry.last_used = Instant::now();
-            return Ok(Arc::clone(&entry.sandbox));
-        }
-        let sandbox = self.backend.create(session_id, &self.limits).await?;
-        sessions.insert(
-            session_id.to_string(),
-            Entry {
-                sandbox: Arc::clone(&sandbox),
-                last_used: Instant::now(),
-            },
+        let slot = Arc::clone(
+            self.sessions
+                .lock()
+                .await
+                .entry(session_id.to_string())
+                .or_insert_with(|| {
+                    Arc::new(Slot {
+                        sandbox: OnceCell::new(),
+                        last_used: std::sync::Mutex::new(Instant::now()),
+                    })
+                }),
         );
-        Ok(sandbox)
+        // Made outside the map's lock: a container takes a while to start
+        // and other sessions must not wait for it.
+        let sandbox = slot
+            .sandbox
+            .get_or_try_init(|| self.backend.create(session_id, &self.limits))
+            .await?;
+        slot.touch();
+        Ok(Arc::clone(sandbox))
     }
 
     /// Destroys the session's sandbox and its workspace, if it has one.
     pub async fn release(&self, session_id: &str) {
-        let entry = self.sessions.lock().await.remove(session_id);
-        if let Some(entry) = entry
-            && let Err(e) = entry.sandbox.destroy().await
-        {
-            tracing::warn!(session_id, error = %e, "could not destroy a sandbox");
+        let slot = self.sessions.lock().await.remove(session_id);
+        if let Some(sandbox) = slot.as_ref().and_then(|s| s.sandbox.get()) {
+            if let Err(e) = sandbox.destroy().await {
+                tracing::warn!(session_id, error = %e, "could not destroy a sandbox");
+            }
         }
     }
 
     /// Destroys sandboxes unused for longer than the idle time.
     pub async fn reap_idle(&self) {
-        let idle: Vec<(String, Arc<dyn Sandbox>)> = {
+        let idle: Vec<(String, Arc<Slot>)> = {
             let mut sessions = self.sessions.lock().await;
             let expired: Vec<String> = sessions
                 .iter()
-                .filter(|(_, e)| {
-                    e.last_used.elapsed() >= self.idle && Arc::strong_count(&e.sandbox) == 1
+                .filter(|(_, slot)| {
+                    slot.idle_for() >= self.idle
+                        // Not in use: only the slot holds the sandbox.
+                        && slot.sandbox.get().is_none_or(|s| Arc::strong_count(s) == 1)
+                        && Arc::strong_count(slot) == 1
                 })
                 .map(|(id, _)| id.clone())
                 .collect();
             expired
                 .into_iter()
-                .filter_map(|id| sessions.remove(&id).map(|e| (id, e.sandbox)))
+                .filter_map(|id| sessions.remove(&id).map(|slot| (id, slot)))
                 .collect()
         };
-        for (session_id, sandbox) in idle {
-            tracing::info!(session_id = %session_id, "destroying an idle sandbox");
-            if let Err(e) = sandbox.destroy().await {
-                tracing::warn!(session_id = %session_id, error = %e, "could not destroy a sandbox");
+        for (session_id, slot) in idle {
+            if let Some(sandbox) = slot.sandbox.get() {
+                tracing::info!(session_id = %session_id, "destroying an idle sandbox");
+                if let Err(e) = sandbox.destroy().await {
+                    tracing::warn!(session_id = %session_id, error = %e, "could not destroy a sandbox");
+                }
             }
         }
     }
 
     /// Destroys every sandbox (at shutdown).
     pub async fn destroy_all(&self) {
-        let all: Vec<Arc<dyn Sandbox>> = self
+        let all: Vec<Arc<Slot>> = self
             .sessions
             .lock()
             .await
             .drain()
-            .map(|(_, e)| e.sandbox)
+            .map(|(_, slot)| slot)
             .collect();
-        for sandbox in all {
-            let _ = sandbox.destroy().await;
+        for slot in all {
+            if let Some(sandbox) = slot.sandbox.get() {
+                let _ = sandbox.destroy().await;
+            }
         }
     }
 

@@ -447,10 +447,7 @@ impl DockerSandbox {
                 if running {
                     return Err(unavailable("docker exec", first));
                 }
-                docker
-                    .start_container::<String>(&self.name, None)
-                    .await
-                    .map_err(|e| unavailable("cannot restart the sandbox container", e))?;
+                self.restart().await?;
                 docker
                     .create_exec(&self.name, options)
                     .await
@@ -509,7 +506,57 @@ impl DockerSandbox {
             .await;
     }
 
+    /// Runs a program; if the container turned out to be stopping (its
+    /// processes were all killed, say by `kill -9 -1`), starts it again and
+    /// runs the program once more.
     async fn exec(
+        &self,
+        argv: Vec<String>,
+        stdin: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<ExecResult, SandboxError> {
+        let result = self.exec_once(argv.clone(), stdin.clone(), timeout).await?;
+        let stopped = result.exit_code == Some(126)
+            && result.stdout.total_bytes < 512
+            && result
+                .stdout
+                .text
+                .contains("cannot exec in a stopped state");
+        if !stopped {
+            return Ok(result);
+        }
+        self.restart().await?;
+        self.exec_once(argv, stdin, timeout).await
+    }
+
+    /// Waits for the container to finish stopping, then starts it.
+    async fn restart(&self) -> Result<(), SandboxError> {
+        let docker = self.inner.client().await?;
+        for _ in 0..100 {
+            let running = docker
+                .inspect_container(&self.name, None)
+                .await
+                .map_err(|e| unavailable("cannot inspect the sandbox container", e))?
+                .state
+                .and_then(|s| s.running)
+                .unwrap_or(false);
+            if !running {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        *self.counters.lock().await = Counters::default();
+        match docker.start_container::<String>(&self.name, None).await {
+            Ok(()) => Ok(()),
+            // 304: someone else started it already.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
+            Err(e) => Err(unavailable("cannot restart the sandbox container", e)),
+        }
+    }
+
+    async fn exec_once(
         &self,
         argv: Vec<String>,
         stdin: Option<Vec<u8>>,
