@@ -7,7 +7,7 @@
 # ---- dependencies, cached apart from the source (cargo-chef) ----
 FROM rust:1.95.0-slim-bookworm AS chef
 RUN apt-get update \
- && apt-get install -y --no-install-recommends musl-tools \
+ && apt-get install -y --no-install-recommends musl-tools=1.2.3-1 \
  && rm -rf /var/lib/apt/lists/* \
  && rustup target add x86_64-unknown-linux-musl \
  && cargo install cargo-chef --version 0.1.78 --locked

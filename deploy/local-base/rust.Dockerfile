@@ -5,6 +5,9 @@
 # CA certificates are this machine's too, so that builds reach crates.io
 # through whatever TLS proxy the machine trusts.
 FROM debian:12.12-slim
+# Unpinned like the official image it stands in for: glibc's development
+# files follow Debian's security updates, and old versions leave the archive.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*

