@@ -515,15 +515,23 @@ impl DockerSandbox {
         stdin: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<ExecResult, SandboxError> {
-        let result = self.exec_once(argv.clone(), stdin.clone(), timeout).await?;
-        let stopped = result.exit_code == Some(126)
-            && result.stdout.total_bytes < 512
-            && result
-                .stdout
-                .text
-                .contains("cannot exec in a stopped state");
-        if !stopped {
-            return Ok(result);
+        let first = self.exec_once(argv.clone(), stdin.clone(), timeout).await;
+        // The engine says so in the exec's output ("cannot exec in a
+        // stopped state", "… deleted state") or in an error, depending on
+        // how far the container had got in stopping.
+        let stopping = match &first {
+            Ok(result) => {
+                result.exit_code == Some(126)
+                    && result.stdout.total_bytes < 512
+                    && result.stdout.text.contains("cannot exec in a")
+            }
+            Err(SandboxError::Unavailable(message)) => {
+                message.contains("is not running") || message.contains("cannot exec in a")
+            }
+            Err(_) => false,
+        };
+        if !stopping {
+            return first;
         }
         self.restart().await?;
         self.exec_once(argv, stdin, timeout).await
