@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -181,12 +182,29 @@ impl Inner {
         let mut diagnostics = Vec::new();
         let mut stdout = child.stdout.take().expect("piped stdout");
         let mut stderr = child.stderr.take().expect("piped stderr").take(64 << 10);
-        let (read_out, read_err) = tokio::join!(
-            stdout.read_to_end(&mut report),
-            stderr.read_to_end(&mut diagnostics)
-        );
-        read_out?;
-        read_err?;
+        // The helper enforces the limits itself; this outer bound only
+        // guards against a helper that stops answering (a bug), so that a
+        // tool call can never hang a run.
+        let bound = limits.timeout + Duration::from_secs(30);
+        let read = tokio::time::timeout(bound, async {
+            tokio::try_join!(
+                stdout.read_to_end(&mut report),
+                stderr.read_to_end(&mut diagnostics)
+            )
+        })
+        .await;
+        match read {
+            Ok(result) => {
+                result?;
+            }
+            Err(_) => {
+                let _ = child.start_kill();
+                return Err(SandboxError::Unavailable(format!(
+                    "the sandbox helper did not report within {}s",
+                    bound.as_secs()
+                )));
+            }
+        }
         let status = child.wait().await?;
         match serde_json::from_slice::<HelperReport>(&report) {
             Ok(HelperReport::Finished(result)) => Ok(result),
