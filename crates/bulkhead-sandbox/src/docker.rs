@@ -516,25 +516,47 @@ impl DockerSandbox {
         timeout: Duration,
     ) -> Result<ExecResult, SandboxError> {
         let first = self.exec_once(argv.clone(), stdin.clone(), timeout).await;
-        // The engine says so in the exec's output ("cannot exec in a
-        // stopped state", "… deleted state") or in an error, depending on
-        // how far the container had got in stopping.
-        let stopping = match &first {
+        // An exec into a container that is stopping fails in one of several
+        // ways depending on how far the stop has got: an engine error, or
+        // exit code 126 with the engine's message ("cannot exec in a
+        // stopped state", "task … not found") on stdout and nothing on
+        // stderr. Then the container's state decides.
+        let suspect = match &first {
             Ok(result) => {
                 result.exit_code == Some(126)
+                    && result.stderr.total_bytes == 0
                     && result.stdout.total_bytes < 512
-                    && result.stdout.text.contains("cannot exec in a")
             }
-            Err(SandboxError::Unavailable(message)) => {
-                message.contains("is not running") || message.contains("cannot exec in a")
-            }
+            Err(SandboxError::Unavailable(_)) => true,
             Err(_) => false,
         };
-        if !stopping {
+        if !suspect || !self.stopped_or_stopping().await {
             return first;
         }
         self.restart().await?;
         self.exec_once(argv, stdin, timeout).await
+    }
+
+    /// Whether the container is down or on its way down (watched for up to
+    /// a second, since the engine notices a dead init with a delay).
+    async fn stopped_or_stopping(&self) -> bool {
+        let Ok(docker) = self.inner.client().await else {
+            return false;
+        };
+        for _ in 0..20 {
+            let running = docker
+                .inspect_container(&self.name, None)
+                .await
+                .ok()
+                .and_then(|c| c.state)
+                .and_then(|s| s.running)
+                .unwrap_or(false);
+            if !running {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
     }
 
     /// Waits for the container to finish stopping, then starts it.
