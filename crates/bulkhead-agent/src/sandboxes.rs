@@ -119,10 +119,10 @@ impl SandboxManager {
     /// Destroys the session's sandbox and its workspace, if it has one.
     pub async fn release(&self, session_id: &str) {
         let slot = self.sessions.lock().await.remove(session_id);
-        if let Some(sandbox) = slot.as_ref().and_then(|s| s.sandbox.get()) {
-            if let Err(e) = sandbox.destroy().await {
-                tracing::warn!(session_id, error = %e, "could not destroy a sandbox");
-            }
+        if let Some(sandbox) = slot.as_ref().and_then(|s| s.sandbox.get())
+            && let Err(e) = sandbox.destroy().await
+        {
+            tracing::warn!(session_id, error = %e, "could not destroy a sandbox");
         }
     }
 

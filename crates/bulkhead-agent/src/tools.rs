@@ -546,9 +546,8 @@ impl Tool for HttpFetch {
                 }
                 request["headers"] = headers.clone();
             }
-            if let Some(body) = arguments.get("body").filter(|b| !b.is_null()) {
+            if arguments.get("body").is_some_and(|b| !b.is_null()) {
                 request["body"] = Value::String(string_argument(&arguments, "body")?.to_string());
-                let _ = body;
             }
             let result = in_sandbox(
                 context,

@@ -176,7 +176,15 @@ impl Store {
             Backend::Sqlite => connect_sqlite(url, options).await?,
             Backend::Postgres => {
                 let connect = PgConnectOptions::from_str(url)
-                    .map_err(|e| StoreError::InvalidUrl(redact_sqlx_error(&e)))?;
+                    // sqlx's parse errors may quote the URL, password
+                    // included: none of their text is passed on.
+                    .map_err(|_| {
+                        StoreError::InvalidUrl(
+                            "could not parse the PostgreSQL URL \
+                             (expected postgres://user:password@host:port/database)"
+                                .into(),
+                        )
+                    })?;
                 let pool = PgPoolOptions::new()
                     .max_connections(options.max_connections)
                     .acquire_timeout(options.acquire_timeout)
@@ -637,10 +645,4 @@ async fn connect_sqlite(url: &str, options: &StoreOptions) -> Result<Pools, Stor
         .connect_with(connect.read_only(true))
         .await?;
     Ok(Pools::Sqlite { read, write })
-}
-
-/// sqlx's URL parse errors may quote the URL, password included.
-fn redact_sqlx_error(_error: &sqlx::Error) -> String {
-    "could not parse the PostgreSQL URL (expected postgres://user:password@host:port/database)"
-        .to_string()
 }
