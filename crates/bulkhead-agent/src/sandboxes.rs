@@ -36,9 +36,16 @@ pub struct SandboxManager {
     limits: Limits,
     idle: Duration,
     sessions: Mutex<HashMap<String, Arc<Slot>>>,
-    /// Whether isolation can be had here, checked once.
-    available: OnceCell<Result<Vec<String>, String>>,
+    /// What the probe found, once it succeeded: isolation that worked once
+    /// is not probed again.
+    available: OnceCell<Vec<String>>,
+    /// The last failed probe: when, and why. A failure is retried after
+    /// `PROBE_RETRY`, because a remote sandboxd or an engine may come up
+    /// after the server.
+    last_failure: Mutex<Option<(Instant, String)>>,
 }
+
+const PROBE_RETRY: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for SandboxManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -57,6 +64,7 @@ impl SandboxManager {
             idle,
             sessions: Mutex::new(HashMap::new()),
             available: OnceCell::new(),
+            last_failure: Mutex::new(None),
         }
     }
 
@@ -68,24 +76,39 @@ impl SandboxManager {
         &self.limits
     }
 
-    /// Probes the backend the first time; the answer is kept. `Ok` holds
-    /// what the probe found, `Err` why isolation is unavailable.
+    /// Probes the backend until a probe succeeds; success is kept, a
+    /// failure for `PROBE_RETRY`. `Ok` holds what the probe found, `Err`
+    /// why isolation is unavailable.
     pub async fn availability(&self) -> Result<Vec<String>, String> {
-        self.available
-            .get_or_init(|| async {
-                match self.backend.probe().await {
-                    Ok(probe) => {
-                        tracing::info!(backend = self.backend.name(), details = ?probe.details, "sandbox available");
-                        Ok(probe.details)
-                    }
-                    Err(e) => {
-                        tracing::error!(backend = self.backend.name(), error = %e, "sandbox unavailable: tool calls will be refused");
-                        Err(e.to_string())
-                    }
+        if let Some(details) = self.available.get() {
+            return Ok(details.clone());
+        }
+        // One probe at a time; the others wait for its answer.
+        let mut last_failure = self.last_failure.lock().await;
+        if let Some(details) = self.available.get() {
+            return Ok(details.clone());
+        }
+        if let Some((at, message)) = last_failure.as_ref()
+            && at.elapsed() < PROBE_RETRY
+        {
+            return Err(message.clone());
+        }
+        match self.backend.probe().await {
+            Ok(probe) => {
+                tracing::info!(backend = self.backend.name(), details = ?probe.details, "sandbox available");
+                let _ = self.available.set(probe.details.clone());
+                *last_failure = None;
+                Ok(probe.details)
+            }
+            Err(e) => {
+                if last_failure.is_none() {
+                    tracing::error!(backend = self.backend.name(), error = %e, "sandbox unavailable: tool calls will be refused");
                 }
-            })
-            .await
-            .clone()
+                let message = e.to_string();
+                *last_failure = Some((Instant::now(), message.clone()));
+                Err(message)
+            }
+        }
     }
 
     /// The session's sandbox, made if needed. Refuses when the backend

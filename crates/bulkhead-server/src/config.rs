@@ -89,6 +89,8 @@ pub struct ModelConfig {
 pub enum SandboxBackendKind {
     Namespace,
     Docker,
+    /// Sandboxes made by a `bulkhead sandboxd` elsewhere.
+    Remote,
 }
 
 impl SandboxBackendKind {
@@ -96,6 +98,7 @@ impl SandboxBackendKind {
         match self {
             SandboxBackendKind::Namespace => "namespace",
             SandboxBackendKind::Docker => "docker",
+            SandboxBackendKind::Remote => "remote",
         }
     }
 }
@@ -119,7 +122,26 @@ pub struct SandboxConfig {
     pub scope: String,
     /// Hosts sandboxed programs may reach through the egress proxy.
     pub egress: bulkhead_sandbox::egress::EgressPolicy,
+    /// The remote backend's sandboxd, and the token both sides hold.
+    pub remote_url: Option<url::Url>,
+    pub sandboxd_token: Option<SecretString>,
 }
+
+/// `bulkhead sandboxd`: where it listens, the token it requires, and the
+/// local backend (and ceilings) it serves.
+#[derive(Debug, Clone)]
+pub struct SandboxdConfig {
+    pub host: IpAddr,
+    pub port: u16,
+    pub token: SecretString,
+    pub sandbox: SandboxConfig,
+    pub log_level: String,
+    pub log_format: LogFormat,
+}
+
+/// Shorter tokens are refused: the token is all that stands between a
+/// network neighbour and the engine.
+pub const MIN_SANDBOXD_TOKEN_LEN: usize = 24;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -345,6 +367,179 @@ fn read_secret_file(path: &Path) -> std::io::Result<String> {
     std::fs::read_to_string(path)
 }
 
+fn read_sandbox(r: &mut Reader<'_>) -> Result<SandboxConfig, ConfigError> {
+    let sandbox = SandboxConfig {
+        backend: match r
+            .raw("SANDBOX_BACKEND")
+            .map(|b| b.to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("namespace") => SandboxBackendKind::Namespace,
+            Some("docker") => SandboxBackendKind::Docker,
+            Some("remote") => SandboxBackendKind::Remote,
+            Some(other) => {
+                return Err(invalid(
+                    "SANDBOX_BACKEND",
+                    format!("expected namespace, docker or remote, got {other:?}"),
+                ));
+            }
+        },
+        limits: bulkhead_sandbox::Limits {
+            memory_bytes: r.size("SANDBOX_MEMORY", 256 << 20, 4 << 20)?,
+            cpus: r.parse(
+                "SANDBOX_CPUS",
+                1.0f64,
+                "a number of CPUs from 0.01 to 256",
+                |c| (0.01..=256.0).contains(c),
+            )?,
+            pids: r.parse(
+                "SANDBOX_PIDS",
+                128u32,
+                "a whole number from 4 to 100000",
+                |n| (4..=100_000).contains(n),
+            )?,
+            timeout: r.seconds("SANDBOX_TIMEOUT_SECONDS", 30.0, 86_400.0)?,
+            output_bytes: r.size("SANDBOX_OUTPUT_LIMIT", 64 << 10, 256)? as usize,
+            disk_bytes: r.size("SANDBOX_DISK", 128 << 20, 1 << 20)?,
+        },
+        root: r
+            .raw("SANDBOX_ROOT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("data/sandboxes")),
+        host_uid: r.parse(
+            "SANDBOX_HOST_UID",
+            100_000u32,
+            "a uid from 1 to 4294967294",
+            |u| *u >= 1 && *u < u32::MAX,
+        )?,
+        idle: r.seconds("SANDBOX_IDLE_SECONDS", 600.0, 7.0 * 86_400.0)?,
+        helper: r.raw("SANDBOX_HELPER").map(PathBuf::from),
+        image: r
+            .raw("SANDBOX_IMAGE")
+            .unwrap_or_else(|| DEFAULT_SANDBOX_IMAGE.to_string()),
+        runtime: r.raw("SANDBOX_RUNTIME"),
+        docker_host: match r.raw("DOCKER_HOST") {
+            Some(host) if host.starts_with("unix://") => Some(host),
+            Some(host) => {
+                return Err(invalid(
+                    "DOCKER_HOST",
+                    format!("expected a unix:// socket, got {host:?}"),
+                ));
+            }
+            None => None,
+        },
+        scope: r.raw("SANDBOX_SCOPE").unwrap_or_else(|| "bulkhead".into()),
+        egress: bulkhead_sandbox::egress::EgressPolicy::parse(
+            &r.raw("SANDBOX_EGRESS_ALLOW").unwrap_or_default(),
+        )
+        .map_err(|e| invalid("SANDBOX_EGRESS_ALLOW", e))?,
+        remote_url: match r.raw("SANDBOX_REMOTE_URL") {
+            None => None,
+            Some(text) => Some(
+                url::Url::parse(&text)
+                    .ok()
+                    .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+                    .ok_or_else(|| {
+                        invalid(
+                            "SANDBOX_REMOTE_URL",
+                            "expected an http:// or https:// URL such as http://sandboxd:7070",
+                        )
+                    })?,
+            ),
+        },
+        sandboxd_token: r.secret("SANDBOXD_TOKEN", "SANDBOXD_TOKEN_FILE")?,
+    };
+    if sandbox.scope.is_empty()
+        || sandbox.scope.len() > 128
+        || !sandbox
+            .scope
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(invalid(
+            "SANDBOX_SCOPE",
+            "expected 1 to 128 letters, digits, '-', '_' or '.'",
+        ));
+    }
+    Ok(sandbox)
+}
+
+fn read_log_level(r: &mut Reader<'_>) -> Result<String, ConfigError> {
+    let log_level = r.raw("LOG_LEVEL").unwrap_or_else(|| "info".into());
+    normalise_log_level(&log_level).ok_or_else(|| {
+        invalid(
+            "LOG_LEVEL",
+            format!("expected trace, debug, info, warn or error, got {log_level:?}"),
+        )
+    })
+}
+
+fn read_log_format(r: &mut Reader<'_>, default: LogFormat) -> Result<LogFormat, ConfigError> {
+    match r
+        .raw("LOG_FORMAT")
+        .map(|f| f.to_ascii_lowercase())
+        .as_deref()
+    {
+        None => Ok(default),
+        Some("json") => Ok(LogFormat::Json),
+        Some("text") | Some("pretty") => Ok(LogFormat::Text),
+        Some(other) => Err(invalid(
+            "LOG_FORMAT",
+            format!("expected json or text, got {other:?}"),
+        )),
+    }
+}
+
+impl SandboxdConfig {
+    /// sandboxd reads the same `SANDBOX_*` variables as `serve` (its limits
+    /// are the ceilings of every sandbox it makes), plus `SANDBOXD_HOST`,
+    /// `SANDBOXD_PORT` and the token it requires.
+    pub fn from_env(env: &Environment) -> Result<SandboxdConfig, ConfigError> {
+        let mut r = Reader {
+            env,
+            sources: HashMap::new(),
+        };
+        let host = r.parse(
+            "SANDBOXD_HOST",
+            IpAddr::from([0, 0, 0, 0]),
+            "an IP address such as 0.0.0.0 or 127.0.0.1",
+            |_| true,
+        )?;
+        let port = r.parse("SANDBOXD_PORT", 7070u16, "a port number (0-65535)", |_| {
+            true
+        })?;
+        let sandbox = read_sandbox(&mut r)?;
+        if sandbox.backend == SandboxBackendKind::Remote {
+            return Err(invalid(
+                "SANDBOX_BACKEND",
+                "sandboxd makes sandboxes itself: expected namespace or docker",
+            ));
+        }
+        let token = sandbox.sandboxd_token.clone().ok_or_else(|| {
+            invalid(
+                "SANDBOXD_TOKEN",
+                "is required: sandboxd serves only clients that present it (or set SANDBOXD_TOKEN_FILE)",
+            )
+        })?;
+        if token.expose_secret().len() < MIN_SANDBOXD_TOKEN_LEN {
+            return Err(invalid(
+                "SANDBOXD_TOKEN",
+                format!(
+                    "must be at least {MIN_SANDBOXD_TOKEN_LEN} characters (try `openssl rand -hex 32`)"
+                ),
+            ));
+        }
+        Ok(SandboxdConfig {
+            host,
+            port,
+            token,
+            sandbox,
+            log_level: read_log_level(&mut r)?,
+            log_format: read_log_format(&mut r, LogFormat::Json)?,
+        })
+    }
+}
+
 impl Config {
     /// Reads and validates everything; the first problem found is returned.
     pub fn from_env(env: &Environment) -> Result<Config, ConfigError> {
@@ -442,97 +637,36 @@ impl Config {
             endpoint,
         };
 
-        let log_level = r.raw("LOG_LEVEL").unwrap_or_else(|| "info".into());
-        let log_level = normalise_log_level(&log_level).ok_or_else(|| {
-            invalid(
-                "LOG_LEVEL",
-                format!("expected trace, debug, info, warn or error, got {log_level:?}"),
-            )
-        })?;
-        let log_format = match r
-            .raw("LOG_FORMAT")
-            .map(|f| f.to_ascii_lowercase())
-            .as_deref()
-        {
-            None => match mode {
+        let log_level = read_log_level(&mut r)?;
+        let log_format = read_log_format(
+            &mut r,
+            match mode {
                 AgentMode::Production => LogFormat::Json,
                 AgentMode::Development => LogFormat::Text,
             },
-            Some("json") => LogFormat::Json,
-            Some("text") | Some("pretty") => LogFormat::Text,
-            Some(other) => {
+        )?;
+
+        let sandbox = read_sandbox(&mut r)?;
+        if sandbox.backend == SandboxBackendKind::Remote {
+            if sandbox.remote_url.is_none() {
                 return Err(invalid(
-                    "LOG_FORMAT",
-                    format!("expected json or text, got {other:?}"),
+                    "SANDBOX_REMOTE_URL",
+                    "is required when SANDBOX_BACKEND=remote (sandboxd's URL, such as http://sandboxd:7070)",
                 ));
             }
-        };
-
-        let sandbox = SandboxConfig {
-            backend: match r
-                .raw("SANDBOX_BACKEND")
-                .map(|b| b.to_ascii_lowercase())
-                .as_deref()
-            {
-                None | Some("namespace") => SandboxBackendKind::Namespace,
-                Some("docker") => SandboxBackendKind::Docker,
-                Some(other) => {
-                    return Err(invalid(
-                        "SANDBOX_BACKEND",
-                        format!("expected namespace or docker, got {other:?}"),
-                    ));
-                }
-            },
-            limits: bulkhead_sandbox::Limits {
-                memory_bytes: r.size("SANDBOX_MEMORY", 256 << 20, 4 << 20)?,
-                cpus: r.parse(
-                    "SANDBOX_CPUS",
-                    1.0f64,
-                    "a number of CPUs from 0.01 to 256",
-                    |c| (0.01..=256.0).contains(c),
-                )?,
-                pids: r.parse(
-                    "SANDBOX_PIDS",
-                    128u32,
-                    "a whole number from 4 to 100000",
-                    |n| (4..=100_000).contains(n),
-                )?,
-                timeout: r.seconds("SANDBOX_TIMEOUT_SECONDS", 30.0, 86_400.0)?,
-                output_bytes: r.size("SANDBOX_OUTPUT_LIMIT", 64 << 10, 256)? as usize,
-                disk_bytes: r.size("SANDBOX_DISK", 128 << 20, 1 << 20)?,
-            },
-            root: r
-                .raw("SANDBOX_ROOT")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("data/sandboxes")),
-            host_uid: r.parse(
-                "SANDBOX_HOST_UID",
-                100_000u32,
-                "a uid from 1 to 4294967294",
-                |u| *u >= 1 && *u < u32::MAX,
-            )?,
-            idle: r.seconds("SANDBOX_IDLE_SECONDS", 600.0, 7.0 * 86_400.0)?,
-            helper: r.raw("SANDBOX_HELPER").map(PathBuf::from),
-            image: r
-                .raw("SANDBOX_IMAGE")
-                .unwrap_or_else(|| DEFAULT_SANDBOX_IMAGE.to_string()),
-            runtime: r.raw("SANDBOX_RUNTIME"),
-            docker_host: match r.raw("DOCKER_HOST") {
-                Some(host) if host.starts_with("unix://") => Some(host),
-                Some(host) => {
-                    return Err(invalid(
-                        "DOCKER_HOST",
-                        format!("expected a unix:// socket, got {host:?}"),
-                    ));
-                }
-                None => None,
-            },
-            scope: r.raw("SANDBOX_SCOPE").unwrap_or_else(|| "bulkhead".into()),
-            egress: bulkhead_sandbox::egress::EgressPolicy::parse(
-                &r.raw("SANDBOX_EGRESS_ALLOW").unwrap_or_default(),
-            )
-            .map_err(|e| invalid("SANDBOX_EGRESS_ALLOW", e))?,
-        };
+            if sandbox.sandboxd_token.is_none() {
+                return Err(invalid(
+                    "SANDBOXD_TOKEN",
+                    "is required when SANDBOX_BACKEND=remote (the token sandboxd was started with)",
+                ));
+            }
+            if !sandbox.egress.is_empty() {
+                return Err(invalid(
+                    "SANDBOX_EGRESS_ALLOW",
+                    "with SANDBOX_BACKEND=remote, set it on sandboxd: its sandboxes get their network from there",
+                ));
+            }
+        }
 
         let config = Config {
             mode,
@@ -669,6 +803,15 @@ impl Config {
                     .unwrap_or_else(|| "(engine default)".into()),
             ),
             ("SANDBOX_SCOPE", self.sandbox.scope.clone()),
+            (
+                "SANDBOX_REMOTE_URL",
+                self.sandbox
+                    .remote_url
+                    .as_ref()
+                    .map(|u| redact_url_password(u.as_str()))
+                    .unwrap_or_else(|| "(not set)".into()),
+            ),
+            ("SANDBOXD_TOKEN", secret(&self.sandbox.sandboxd_token)),
             (
                 "DOCKER_HOST",
                 self.sandbox

@@ -6,6 +6,8 @@ use bulkhead_sandbox::Backend;
 use bulkhead_sandbox::docker::{DockerBackend, DockerConfig};
 use bulkhead_sandbox::egress::EgressProxy;
 use bulkhead_sandbox::namespace::{NamespaceBackend, NamespaceConfig};
+use bulkhead_sandbox_remote::client::{RemoteBackend, RemoteConfig};
+use bulkhead_sandbox_remote::server::BackendFactory;
 
 use crate::config::{SandboxBackendKind, SandboxConfig};
 
@@ -16,7 +18,7 @@ pub fn backend(
     kind: SandboxBackendKind,
     config: &SandboxConfig,
 ) -> Result<(Arc<dyn Backend>, Option<EgressProxy>), String> {
-    let proxy = if config.egress.is_empty() {
+    let proxy = if config.egress.is_empty() || kind == SandboxBackendKind::Remote {
         None
     } else {
         std::fs::create_dir_all(&config.root)
@@ -34,7 +36,8 @@ pub fn backend(
     Ok((backend, proxy))
 }
 
-fn build(
+/// The backend alone; `egress_socket` is the proxy's socket, if any.
+pub fn build(
     kind: SandboxBackendKind,
     config: &SandboxConfig,
     egress_socket: Option<std::path::PathBuf>,
@@ -57,5 +60,41 @@ fn build(
             scope: config.scope.clone(),
             egress_socket,
         }))),
+        SandboxBackendKind::Remote => {
+            let (Some(url), Some(token)) = (&config.remote_url, &config.sandboxd_token) else {
+                return Err(
+                    "the remote backend needs SANDBOX_REMOTE_URL and SANDBOXD_TOKEN".into(),
+                );
+            };
+            Ok(Arc::new(RemoteBackend::new(RemoteConfig {
+                url: url.clone(),
+                token: token.clone(),
+                scope: config.scope.clone(),
+            })?))
+        }
     }
+}
+
+/// What `bulkhead sandboxd` serves: a backend per client scope, made on
+/// first use from `config` with the scope's label (docker) or folder
+/// (namespace), all sharing one egress proxy.
+pub fn sandboxd_factory(
+    config: &SandboxConfig,
+) -> Result<(BackendFactory, Option<EgressProxy>), String> {
+    let kind = config.backend;
+    if kind == SandboxBackendKind::Remote {
+        return Err("sandboxd makes sandboxes itself: choose namespace or docker".into());
+    }
+    // Made once here so that a bad setting fails at start, not at the
+    // first client's request.
+    let (_, proxy) = backend(kind, config)?;
+    let socket = proxy.as_ref().map(|p| p.path().to_path_buf());
+    let config = config.clone();
+    let factory: BackendFactory = Box::new(move |scope: &str| {
+        let mut scoped = config.clone();
+        scoped.scope = scope.to_string();
+        scoped.root = config.root.join(scope);
+        build(kind, &scoped, socket.clone())
+    });
+    Ok((factory, proxy))
 }

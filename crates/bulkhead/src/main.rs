@@ -46,11 +46,17 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
     },
+    /// Serve sandboxes to agent servers over HTTP (the `remote` backend):
+    /// the only process that needs the engine socket or sandbox privileges.
+    Sandboxd,
     /// Exit 0 if the server on 127.0.0.1:$PORT answers /health, 1 if not.
     Healthcheck {
         /// Port to check (default: $PORT, else 8000).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "url")]
         port: Option<u16>,
+        /// Check this URL instead (any 2xx answer is healthy).
+        #[arg(long)]
+        url: Option<String>,
         /// Give up after this many milliseconds.
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
@@ -94,9 +100,12 @@ fn main() -> ExitCode {
             SocketAddr::new(host, port),
             Duration::from_millis(latency_ms),
         )),
-        Command::Healthcheck { port, timeout_ms } => {
-            runtime(false).block_on(healthcheck(port, Duration::from_millis(timeout_ms)))
-        }
+        Command::Sandboxd => sandboxd(),
+        Command::Healthcheck {
+            port,
+            url,
+            timeout_ms,
+        } => runtime(false).block_on(healthcheck(port, url, Duration::from_millis(timeout_ms))),
         Command::Migrate => migrate(),
         Command::Config { json } => print_config(json),
         Command::Chat { url, session } => runtime(false).block_on(chat::run(url, session)),
@@ -179,14 +188,7 @@ async fn mock_model(address: SocketAddr, latency: Duration) -> ExitCode {
     }
 }
 
-async fn healthcheck(port: Option<u16>, timeout: Duration) -> ExitCode {
-    let port = port
-        .or_else(|| {
-            std::env::var("PORT")
-                .ok()
-                .and_then(|p| p.trim().parse().ok())
-        })
-        .unwrap_or(8000);
+async fn healthcheck(port: Option<u16>, url: Option<String>, timeout: Duration) -> ExitCode {
     let client = match reqwest::Client::builder()
         .no_proxy()
         .timeout(timeout)
@@ -195,7 +197,16 @@ async fn healthcheck(port: Option<u16>, timeout: Duration) -> ExitCode {
         Ok(client) => client,
         Err(_) => return ExitCode::FAILURE,
     };
-    let url = format!("http://127.0.0.1:{port}/health");
+    let url = url.unwrap_or_else(|| {
+        let port = port
+            .or_else(|| {
+                std::env::var("PORT")
+                    .ok()
+                    .and_then(|p| p.trim().parse().ok())
+            })
+            .unwrap_or(8000);
+        format!("http://127.0.0.1:{port}/health")
+    });
     match client.get(&url).send().await {
         Ok(response) if response.status().is_success() => ExitCode::SUCCESS,
         Ok(response) => {
@@ -206,6 +217,46 @@ async fn healthcheck(port: Option<u16>, timeout: Duration) -> ExitCode {
             eprintln!("unhealthy: {url}: {}", error.without_url());
             ExitCode::FAILURE
         }
+    }
+}
+
+fn sandboxd() -> ExitCode {
+    let config = match Environment::from_process()
+        .and_then(|env| bulkhead_server::config::SandboxdConfig::from_env(&env))
+    {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("bulkhead: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(&config.log_level, config.log_format, false);
+    let result = runtime(true).block_on(async move {
+        let shutdown = bulkhead_server::shutdown_signal().context("installing signal handlers")?;
+        let (factory, _egress_proxy) = bulkhead_server::sandbox::sandboxd_factory(&config.sandbox)
+            .map_err(|e| anyhow::anyhow!("sandbox: {e}"))?;
+        let daemon = bulkhead_sandbox_remote::server::Daemon::new(
+            &config.token,
+            config.sandbox.limits.clone(),
+            factory,
+        );
+        let address = SocketAddr::new(config.host, config.port);
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("could not listen on {address}"))?;
+        tracing::info!(
+            address = %listener.local_addr()?,
+            backend = config.sandbox.backend.as_str(),
+            ceilings = ?config.sandbox.limits,
+            "sandboxd listening"
+        );
+        bulkhead_sandbox_remote::server::serve(listener, daemon, shutdown).await?;
+        tracing::info!("sandboxd stopped; its sandboxes are removed");
+        anyhow::Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(&error),
     }
 }
 

@@ -1,0 +1,60 @@
+//! Sandboxes over HTTP, so that the process an agent talks to never holds
+//! the means to make one.
+//!
+//! [`server`] is `bulkhead sandboxd`: the only process given the Docker
+//! Engine socket (or the privileges the namespace backend needs). It wraps a
+//! local [`Backend`](bulkhead_sandbox::Backend) and serves create, run and
+//! destroy to agent servers that present a shared token. [`client`] is the
+//! `remote` backend those agent servers use: it implements the same trait,
+//! so the agent loop cannot tell it from a local backend.
+//!
+//! sandboxd treats its own limits as ceilings: a client may ask for less
+//! memory, CPU, pids, time, output or disk than sandboxd is configured
+//! with, never more. A compromised agent server can therefore run code in
+//! sandboxes, which is its job, but cannot lift their limits or reach the
+//! engine.
+//!
+//! The protocol is JSON over HTTP/1.1, every path but `/health` behind
+//! `Authorization: Bearer <token>`:
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /health` | `{"status":"healthy"}` |
+//! | `GET /v1/scopes/{scope}/probe` | a [`Probe`](bulkhead_sandbox::Probe) |
+//! | `PUT /v1/scopes/{scope}/sandboxes/{id}` with [`Limits`](bulkhead_sandbox::Limits) | the limits applied |
+//! | `POST /v1/scopes/{scope}/sandboxes/{id}/run` with a [`RunRequest`] | an [`ExecResult`](bulkhead_sandbox::ExecResult) |
+//! | `DELETE /v1/scopes/{scope}/sandboxes/{id}` | 204 |
+//! | `DELETE /v1/scopes/{scope}/sandboxes` | `{"removed": n}`: the scope's leftovers |
+//!
+//! A scope is one agent server's share of the engine (its `SANDBOX_SCOPE`):
+//! removing leftovers at one server's start leaves the others' sandboxes
+//! alone. Errors are `{"error": {"code", "message"}}`: 401 for a wrong
+//! token, 422 for a request no backend can carry out, 503 when isolation
+//! cannot be had.
+
+pub mod client;
+pub mod server;
+
+use bulkhead_sandbox::{Limits, Operation};
+use serde::{Deserialize, Serialize};
+
+/// The body of a run: the operation, and the limits of the sandbox it runs
+/// in, so that a sandboxd which restarted since the sandbox was made can
+/// make it again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRequest {
+    pub limits: Limits,
+    pub operation: Operation,
+}
+
+/// The error body both sides agree on.
+#[derive(Debug, Serialize, Deserialize)]
+struct ErrorBody {
+    error: ErrorObject,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ErrorObject {
+    code: String,
+    message: String,
+}
