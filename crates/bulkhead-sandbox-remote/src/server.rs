@@ -90,15 +90,19 @@ impl Daemon {
         let backend = self.backend(scope).await?;
         validate_name("sandbox id", id)?;
         let key = (scope.to_string(), id.to_string());
-        let slot = {
+        let (slot, replaced) = {
             let mut sandboxes = self.sandboxes.lock().await;
-            if replace && let Some(old) = sandboxes.remove(&key) {
-                if let Some(sandbox) = old.sandbox.get() {
-                    let _ = sandbox.destroy().await;
-                }
-            }
-            Arc::clone(sandboxes.entry(key).or_default())
+            let replaced = if replace {
+                sandboxes.remove(&key)
+            } else {
+                None
+            };
+            (Arc::clone(sandboxes.entry(key).or_default()), replaced)
         };
+        // Outside the map's lock: removing a container takes a while.
+        if let Some(sandbox) = replaced.as_ref().and_then(|old| old.sandbox.get()) {
+            let _ = sandbox.destroy().await;
+        }
         let limits = cap(limits, &self.ceiling);
         let sandbox = slot
             .sandbox
