@@ -507,10 +507,19 @@ impl Engine {
         let name = call.function.name.as_str();
         let sandboxed = self.tools.is_sandboxed(name);
         let (backend, limits) = match (&self.sandboxes, sandboxed) {
-            (Some(sandboxes), true) => (
-                sandboxes.backend_name(),
-                serde_json::to_string(sandboxes.limits()).ok(),
-            ),
+            (Some(sandboxes), true) => {
+                // The limits on record are those the sandbox applies, which
+                // a remote sandboxd may have lowered; the configured ones
+                // when no sandbox can be had (the call is then refused).
+                let limits = match sandboxes.for_session(&state.session_id).await {
+                    Ok(sandbox) => sandbox.limits().clone(),
+                    Err(_) => sandboxes.limits().clone(),
+                };
+                (
+                    sandboxes.backend_name(),
+                    serde_json::to_string(&limits).ok(),
+                )
+            }
             (None, true) => ("none", None),
             (_, false) => ("builtin", None),
         };

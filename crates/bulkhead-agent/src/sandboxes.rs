@@ -45,7 +45,7 @@ pub struct SandboxManager {
     last_failure: Mutex<Option<(Instant, String)>>,
 }
 
-const PROBE_RETRY: Duration = Duration::from_secs(5);
+const PROBE_RETRY: Duration = Duration::from_secs(2);
 
 impl std::fmt::Debug for SandboxManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -109,6 +109,14 @@ impl SandboxManager {
                 Err(message)
             }
         }
+    }
+
+    /// For readiness: the probe succeeded once and the backend still
+    /// answers now.
+    pub async fn readiness(&self) -> Result<Vec<String>, String> {
+        let details = self.availability().await?;
+        self.backend.check().await.map_err(|e| e.to_string())?;
+        Ok(details)
     }
 
     /// The session's sandbox, made if needed. Refuses when the backend

@@ -14,6 +14,7 @@ use crate::{ErrorBody, RunRequest};
 /// Room on top of an operation's own timeout for sandboxd to make a
 /// container, collect the output and answer.
 const SLACK: Duration = Duration::from_secs(60);
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct RemoteConfig {
@@ -147,6 +148,16 @@ impl Backend for RemoteBackend {
                 backend: "remote".into(),
                 details,
             })
+        })
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), SandboxError>> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            inner
+                .call::<serde_json::Value>(inner.http.get(inner.endpoint(&["ping"])), PING_TIMEOUT)
+                .await
+                .map(|_| ())
         })
     }
 

@@ -181,6 +181,7 @@ fn validate_name(what: &str, name: &str) -> Result<(), ApiError> {
 pub fn router(daemon: Arc<Daemon>) -> Router {
     let api = Router::new()
         .route("/v1/scopes/{scope}/probe", get(probe))
+        .route("/v1/scopes/{scope}/ping", get(ping))
         .route("/v1/scopes/{scope}/sandboxes", delete(remove_orphans))
         .route(
             "/v1/scopes/{scope}/sandboxes/{id}",
@@ -249,6 +250,12 @@ async fn probe(
     let mut probe = backend.probe().await?;
     probe.details.push("served by sandboxd".into());
     Ok(Json(probe))
+}
+
+/// Readiness of a client: sandboxd answers and accepts its token.
+async fn ping(Path(scope): Path<String>) -> Result<StatusCode, ApiError> {
+    validate_name("scope", &scope)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn create(

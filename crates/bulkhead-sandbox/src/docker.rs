@@ -201,6 +201,17 @@ impl Backend for DockerBackend {
         })
     }
 
+    fn check(&self) -> BoxFuture<'_, Result<(), SandboxError>> {
+        Box::pin(async move {
+            let docker = self.inner.client().await?;
+            docker
+                .ping()
+                .await
+                .map(|_| ())
+                .map_err(|e| unavailable("the Docker Engine does not answer", e))
+        })
+    }
+
     fn create<'a>(
         &'a self,
         id: &'a str,

@@ -264,6 +264,11 @@ pub trait Backend: Send + Sync {
     /// Checks that isolation can be had here by running a command in a
     /// fresh sandbox. An error means tool calls must be refused.
     fn probe(&self) -> BoxFuture<'_, Result<Probe, SandboxError>>;
+    /// A cheap check, for readiness, that what the probe found still
+    /// answers (the engine, a remote service); nothing is made.
+    fn check(&self) -> BoxFuture<'_, Result<(), SandboxError>> {
+        Box::pin(async { Ok(()) })
+    }
     fn create<'a>(
         &'a self,
         id: &'a str,

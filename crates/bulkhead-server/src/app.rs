@@ -32,6 +32,8 @@ pub struct App {
     pub config: Config,
     pub engine: Arc<Engine>,
     model_probe: Mutex<Option<(Instant, Result<(), String>)>>,
+    /// Checked by `/ready` when `REDIS_URL` is set.
+    redis: Option<redis::Client>,
     /// Serves sandboxes' egress for as long as the app lives.
     _egress_proxy: Option<bulkhead_sandbox::egress::EgressProxy>,
 }
@@ -88,11 +90,19 @@ impl App {
                 Model::Mock(MockModel::new(config.model.mock_latency))
             }
         };
-        if config.redis_url.is_some() {
-            tracing::warn!(
-                "REDIS_URL is set, but this version keeps all coordination in the database and does not use Redis"
-            );
-        }
+        let redis = match &config.redis_url {
+            None => None,
+            Some(url) => {
+                tracing::info!(
+                    "REDIS_URL is set: /ready checks it; coordination itself stays in the database in this version"
+                );
+                // Parsing only; nothing connects until /ready asks.
+                Some(
+                    redis::Client::open(url.expose_secret())
+                        .map_err(|_| anyhow::anyhow!("REDIS_URL: not a valid Redis URL"))?,
+                )
+            }
+        };
         let model = Arc::new(model);
         // A session lock outlives the longest silence of a healthy run: one
         // model call with all its retries, plus room for a tool call.
@@ -154,7 +164,32 @@ impl App {
             config,
             engine: Arc::new(engine),
             model_probe: Mutex::new(None),
+            redis,
             _egress_proxy: egress_proxy,
+        })
+    }
+
+    /// Whether Redis answers a PING; `None` when no Redis is configured.
+    pub async fn probe_redis(&self) -> Option<Result<(), String>> {
+        let client = self.redis.as_ref()?;
+        let ping = async {
+            let mut connection = client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+        };
+        Some(match tokio::time::timeout(PROBE_TIMEOUT, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                // Only the kind: an error's text is not promised to leave
+                // the URL's password out.
+                tracing::warn!(kind = ?e.kind(), "readiness: redis check failed");
+                Err("redis is not answering".into())
+            }
+            Err(_) => Err(format!(
+                "redis did not answer within {}s",
+                PROBE_TIMEOUT.as_secs()
+            )),
         })
     }
 

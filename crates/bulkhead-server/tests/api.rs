@@ -1518,6 +1518,8 @@ async fn egress_is_allowlisted(kind: DbKind, backend: &str) {
 }
 
 on_both_databases!(
+    tools_run_through_a_remote_sandboxd,
+    readiness_checks_redis_when_configured,
     http_fetch_reaches_allowed_hosts_only,
     http_fetch_reaches_allowed_hosts_only_from_docker,
     sandboxed_tools_run_and_are_audited,
@@ -1657,4 +1659,165 @@ async fn an_unrecorded_tool_call_does_not_run() {
         workspace.exists() && !workspace.join("ran").exists(),
         "the command did not run"
     );
+}
+
+const SANDBOXD_TOKEN: &str = "api-test-sandboxd-token-0123456789";
+
+/// sandboxd in-process on a loopback port, serving namespace sandboxes with
+/// the given ceilings, as `bulkhead sandboxd` does.
+async fn spawn_sandboxd(
+    root: &std::path::Path,
+    port: u16,
+    env: &[(&str, &str)],
+) -> (u16, oneshot::Sender<()>, JoinHandle<()>) {
+    let mut vars: std::collections::HashMap<String, String> = [
+        ("SANDBOXD_TOKEN", SANDBOXD_TOKEN.to_string()),
+        ("SANDBOX_ROOT", root.display().to_string()),
+        ("SANDBOX_HELPER", sandbox_helper().display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    for (key, value) in env {
+        vars.insert(key.to_string(), value.to_string());
+    }
+    let config = bulkhead_server::config::SandboxdConfig::from_env(&Environment::from_map(vars))
+        .expect("valid sandboxd configuration");
+    let (factory, proxy) = bulkhead_server::sandbox::sandboxd_factory(&config.sandbox).unwrap();
+    let daemon = bulkhead_sandbox_remote::server::Daemon::new(
+        &config.token,
+        config.sandbox.limits.clone(),
+        factory,
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _proxy = proxy;
+        bulkhead_sandbox_remote::server::serve(listener, daemon, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    (port, stop, task)
+}
+
+/// The agent server holds no means to make a sandbox: sandboxd does, caps
+/// the limits, and the tool calls are audited as usual.
+async fn tools_run_through_a_remote_sandboxd(kind: DbKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, stop, task) = spawn_sandboxd(
+        dir.path(),
+        0,
+        &[("SANDBOX_PIDS", "16"), ("SANDBOX_TIMEOUT_SECONDS", "2")],
+    )
+    .await;
+    let url = format!("http://127.0.0.1:{port}");
+    let scope = format!("api-{}", uuid::Uuid::new_v4().simple());
+    let remote_env = [
+        ("SANDBOX_BACKEND", "remote"),
+        ("SANDBOX_REMOTE_URL", url.as_str()),
+        ("SANDBOXD_TOKEN", SANDBOXD_TOKEN),
+        ("SANDBOX_SCOPE", scope.as_str()),
+        // Asks for more than sandboxd allows.
+        ("SANDBOX_TIMEOUT_SECONDS", "600"),
+        ("SANDBOX_HELPER", "/nonexistent/helper"),
+    ];
+    let mut app = spawn_app(kind, &remote_env).await;
+    let (status, ready) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    assert_eq!(ready["checks"]["sandbox"]["backend"], "remote");
+
+    let (body, record) = call_tool(&app, None, "shell", json!({"command": "echo hi; id -u"})).await;
+    assert_eq!(
+        body["response"],
+        "tool result: exit code: 0\nstdout:\nhi\n1000\n"
+    );
+    let session = body["session_id"].as_str().unwrap().to_string();
+    assert_eq!(record["backend"], "remote");
+    assert_eq!(record["status"], "completed");
+    assert_eq!(record["limits"]["pids"], 16, "sandboxd's ceiling: {record}");
+    assert_eq!(record["limits"]["timeout_ms"], 2000, "{record}");
+    let (_, record) = call_tool(
+        &app,
+        Some(&session),
+        "shell",
+        json!({"command": "sleep 30"}),
+    )
+    .await;
+    assert_eq!(record["killed_reason"], "timeout", "{record}");
+    assert!(
+        dir.path().join(&scope).exists(),
+        "the sandbox lived on sandboxd's side, under the server's scope"
+    );
+
+    // sandboxd gone: tools are refused, readiness fails, liveness holds.
+    let _ = stop.send(());
+    task.await.unwrap();
+    let (body, record) = call_tool(&app, Some(&session), "shell", json!({"command": "true"})).await;
+    assert_eq!(record["status"], "refused", "{body}");
+    let (status, ready) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
+    assert_eq!(ready["checks"]["sandbox"]["status"], "fail");
+    assert!(
+        !ready.to_string().contains(SANDBOXD_TOKEN),
+        "the token never leaves: {ready}"
+    );
+    assert_eq!(app.get("/health").await.0, StatusCode::OK);
+
+    // Back again: the server recovers without a restart.
+    let (_, stop, task) = spawn_sandboxd(dir.path(), port, &[]).await;
+    let (body, record) = call_tool(
+        &app,
+        Some(&session),
+        "shell",
+        json!({"command": "echo back"}),
+    )
+    .await;
+    assert_eq!(record["status"], "completed", "{body}");
+    assert!(
+        body["response"].as_str().unwrap().contains("back"),
+        "{body}"
+    );
+    assert_eq!(app.get("/ready").await.0, StatusCode::OK);
+    app.shut_down().await.unwrap();
+    let _ = stop.send(());
+    task.await.unwrap();
+}
+
+fn test_redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| {
+        panic!("TEST_REDIS_URL is not set: run the suite with scripts/test, which installs and starts Redis")
+    })
+}
+
+async fn readiness_checks_redis_when_configured(kind: DbKind) {
+    let app = spawn_app(kind, &[("REDIS_URL", &test_redis_url())]).await;
+    let (status, ready) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    assert_eq!(ready["checks"]["redis"]["status"], "ok");
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("redis://:s3cret-redis-canary@{closed}/0");
+    let app = spawn_app(kind, &[("REDIS_URL", &url)]).await;
+    let (status, ready) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
+    assert_eq!(ready["checks"]["redis"]["status"], "fail");
+    assert_eq!(ready["checks"]["database"]["status"], "ok");
+    assert!(
+        !ready.to_string().contains("s3cret-redis-canary"),
+        "{ready}"
+    );
+    assert_eq!(app.get("/health").await.0, StatusCode::OK);
+
+    // Without REDIS_URL there is no redis entry at all.
+    let app = spawn_app(kind, &[]).await;
+    let (_, ready) = app.get("/ready").await;
+    assert!(ready["checks"].get("redis").is_none(), "{ready}");
 }

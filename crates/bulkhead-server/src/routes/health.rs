@@ -43,6 +43,10 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     };
     check("database", database);
 
+    if let Some(redis) = state.probe_redis().await {
+        check("redis", redis.map(|()| json!({})));
+    }
+
     let model = if state.engine.model().is_mock() {
         Ok(json!({"kind": "mock"}))
     } else {
@@ -55,7 +59,7 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
 
     if let Some(sandboxes) = state.engine.sandboxes() {
         let sandbox = sandboxes
-            .availability()
+            .readiness()
             .await
             .map(|_| json!({"backend": sandboxes.backend_name()}));
         check("sandbox", sandbox);
