@@ -578,6 +578,10 @@ impl Config {
                 "expected a sqlite:// or postgres:// URL",
             ));
         }
+        let database_url = match r.secret("DATABASE_PASSWORD", "DATABASE_PASSWORD_FILE")? {
+            None => database_url,
+            Some(password) => with_password(&database_url, &password)?,
+        };
         let database_max_connections = r.parse(
             "DATABASE_MAX_CONNECTIONS",
             10u32,
@@ -860,6 +864,36 @@ impl Config {
     }
 }
 
+/// `DATABASE_URL` with `DATABASE_PASSWORD` put in, so that the password can
+/// be a secret file of its own (the one PostgreSQL's image reads too).
+fn with_password(url: &SecretString, password: &SecretString) -> Result<SecretString, ConfigError> {
+    let mut parsed = url::Url::parse(url.expose_secret())
+        .ok()
+        .filter(|u| matches!(u.scheme(), "postgres" | "postgresql"))
+        .ok_or_else(|| {
+            invalid(
+                "DATABASE_PASSWORD",
+                "only applies to a postgres:// DATABASE_URL",
+            )
+        })?;
+    if parsed.password().is_some() {
+        return Err(invalid(
+            "DATABASE_PASSWORD",
+            "DATABASE_URL already holds a password: keep it in one place",
+        ));
+    }
+    if parsed.username().is_empty() {
+        return Err(invalid(
+            "DATABASE_PASSWORD",
+            "DATABASE_URL names no user to go with it (postgres://user@host/db)",
+        ));
+    }
+    parsed
+        .set_password(Some(password.expose_secret()))
+        .map_err(|()| invalid("DATABASE_PASSWORD", "cannot be put in DATABASE_URL"))?;
+    Ok(SecretString::from(parsed.to_string()))
+}
+
 /// Accepts tracing's levels and Python's names for them (`WARNING`,
 /// `CRITICAL`), or a full tracing filter directive such as
 /// `info,bulkhead_agent=debug`.
@@ -1046,5 +1080,93 @@ mod tests {
             redact_url_password("redis://:pw@redis:6379/0"),
             "redis://:[redacted]@redis:6379/0"
         );
+    }
+
+    #[test]
+    fn the_database_password_can_be_a_secret_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("database_password"), "p@ss/word\n").unwrap();
+        let secrets_dir = dir.path().to_str().unwrap();
+        let config = Config::from_env(&Environment::from_pairs([
+            ("DATABASE_URL", "postgres://bulkhead@db:5432/bulkhead"),
+            ("SECRETS_DIR", secrets_dir),
+        ]))
+        .unwrap();
+        assert_eq!(
+            config.database_url.expose_secret(),
+            "postgres://bulkhead:p%40ss%2Fword@db:5432/bulkhead"
+        );
+        let described = format!("{:?}", config.describe());
+        assert!(!described.contains("p%40ss"), "{described}");
+
+        for (url, expected) in [
+            (
+                "postgres://bulkhead:other@db/bulkhead",
+                "keep it in one place",
+            ),
+            ("postgres://db/bulkhead", "names no user"),
+            ("sqlite://data/bulkhead.db", "postgres://"),
+        ] {
+            let error = Config::from_env(&Environment::from_pairs([
+                ("DATABASE_URL", url),
+                ("SECRETS_DIR", secrets_dir),
+            ]))
+            .unwrap_err();
+            assert_eq!(error.variable, "DATABASE_PASSWORD");
+            assert!(error.message.contains(expected), "{error}");
+            assert!(!error.to_string().contains("p@ss"), "{error}");
+        }
+    }
+
+    #[test]
+    fn remote_sandboxes_and_sandboxd_need_a_url_and_a_strong_token() {
+        let no_secrets = [("SECRETS_DIR", "/nonexistent")];
+        let env = |pairs: &[(&'static str, &'static str)]| {
+            Environment::from_pairs(no_secrets.iter().chain(pairs).copied())
+        };
+        let error = Config::from_env(&env(&[("SANDBOX_BACKEND", "remote")])).unwrap_err();
+        assert_eq!(error.variable, "SANDBOX_REMOTE_URL");
+        let error = Config::from_env(&env(&[
+            ("SANDBOX_BACKEND", "remote"),
+            ("SANDBOX_REMOTE_URL", "http://sandboxd:7070"),
+        ]))
+        .unwrap_err();
+        assert_eq!(error.variable, "SANDBOXD_TOKEN");
+        let error = Config::from_env(&env(&[
+            ("SANDBOX_BACKEND", "remote"),
+            ("SANDBOX_REMOTE_URL", "ftp://sandboxd"),
+        ]))
+        .unwrap_err();
+        assert_eq!(error.variable, "SANDBOX_REMOTE_URL");
+        let config = Config::from_env(&env(&[
+            ("SANDBOX_BACKEND", "remote"),
+            ("SANDBOX_REMOTE_URL", "http://sandboxd:7070"),
+            ("SANDBOXD_TOKEN", "0123456789abcdef0123456789abcdef"),
+        ]))
+        .unwrap();
+        let described = format!("{:?}", config.describe());
+        assert!(!described.contains("0123456789abcdef"), "{described}");
+        let error = Config::from_env(&env(&[("SANDBOX_SCOPE", "a/b")])).unwrap_err();
+        assert_eq!(error.variable, "SANDBOX_SCOPE");
+
+        let error = SandboxdConfig::from_env(&env(&[])).unwrap_err();
+        assert_eq!(error.variable, "SANDBOXD_TOKEN");
+        let error = SandboxdConfig::from_env(&env(&[("SANDBOXD_TOKEN", "short")])).unwrap_err();
+        assert!(error.message.contains("at least 24"), "{error}");
+        assert!(!error.to_string().contains("short"), "{error}");
+        let error = SandboxdConfig::from_env(&env(&[
+            ("SANDBOXD_TOKEN", "0123456789abcdef0123456789abcdef"),
+            ("SANDBOX_BACKEND", "remote"),
+        ]))
+        .unwrap_err();
+        assert_eq!(error.variable, "SANDBOX_BACKEND");
+        let sandboxd = SandboxdConfig::from_env(&env(&[
+            ("SANDBOXD_TOKEN", "0123456789abcdef0123456789abcdef"),
+            ("SANDBOX_BACKEND", "docker"),
+            ("SANDBOXD_PORT", "7171"),
+        ]))
+        .unwrap();
+        assert_eq!(sandboxd.port, 7171);
+        assert_eq!(sandboxd.sandbox.backend, SandboxBackendKind::Docker);
     }
 }
