@@ -1,3 +1,195 @@
-//! Nothing to link: this crate holds the tests of what we ship outside the
-//! binary (the image, and later the Compose stacks and Kubernetes
-//! manifests), run against the real Docker Engine `scripts/test` starts.
+//! Nothing to ship: this crate holds the tests of what we deliver outside
+//! the binary (the image, the Compose stacks, the Kubernetes manifests),
+//! run against the real Docker Engine `scripts/test` starts, and the few
+//! helpers those tests share.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The image the tests run, built from the root Dockerfile.
+pub const IMAGE: &str = "bulkhead:test";
+
+/// Runs the docker CLI and returns its stdout; panics with stderr if it
+/// fails.
+pub fn docker(args: &[&str]) -> String {
+    let output = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("the docker CLI runs");
+    assert!(
+        output.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// The repository's root folder.
+pub fn repository() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Builds the image from the Dockerfile as a user would (cached layers make
+/// a repeated build quick).
+pub fn build_image() {
+    let status = Command::new("docker")
+        .args(["build", "-q", "-t", IMAGE, "."])
+        .current_dir(repository())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("docker build runs");
+    assert!(status.success(), "the Dockerfile builds");
+}
+
+/// The sandbox image `scripts/ensure-images` built.
+pub fn sandbox_image() -> String {
+    std::env::var("SANDBOX_IMAGE").unwrap_or_else(|_| "bulkhead-sandbox:0.1".into())
+}
+
+/// A name no other test run uses at the same time.
+pub fn unique_suffix() -> String {
+    format!(
+        "{}{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    )
+}
+
+/// A TCP port free on loopback right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A Compose project made for one test from the repository's files, with
+/// its secrets in a folder of its own; `down -v` when dropped.
+pub struct Compose {
+    pub project: String,
+    files: Vec<String>,
+    env: Vec<(String, String)>,
+    pub secrets: tempfile::TempDir,
+}
+
+impl Compose {
+    /// `files` are relative to the repository; `env` adds to the variables
+    /// the files read (`BULKHEAD_IMAGE`, `BULKHEAD_SECRETS_DIR` and
+    /// `SANDBOX_IMAGE` are set here).
+    pub fn new(files: &[&str], env: &[(&str, &str)]) -> Compose {
+        let secrets = tempfile::tempdir().expect("a temporary folder");
+        for (name, value) in [
+            ("openai_api_key", "sk-compose-test-canary".to_string()),
+            ("database_password", format!("pw-{}", unique_suffix())),
+            (
+                "sandboxd_token",
+                format!("token-{}-{}", unique_suffix(), unique_suffix()),
+            ),
+        ] {
+            let path = secrets.path().join(name);
+            std::fs::write(&path, value).expect("writing a secret");
+            // Read by the containers' own users, as the README says.
+            let mut permissions = std::fs::metadata(&path).unwrap().permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o644);
+            std::fs::set_permissions(&path, permissions).unwrap();
+        }
+        // The temporary folder itself is 0700; the containers' users must
+        // traverse it.
+        let mut permissions = std::fs::metadata(secrets.path()).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+        std::fs::set_permissions(secrets.path(), permissions).unwrap();
+
+        let mut all_env: Vec<(String, String)> = vec![
+            ("BULKHEAD_IMAGE".into(), IMAGE.into()),
+            (
+                "BULKHEAD_SECRETS_DIR".into(),
+                secrets.path().display().to_string(),
+            ),
+            ("SANDBOX_IMAGE".into(), sandbox_image()),
+        ];
+        all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Compose {
+            project: format!("bhtest{}", unique_suffix()),
+            files: files.iter().map(|f| f.to_string()).collect(),
+            env: all_env,
+            secrets,
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("docker-compose");
+        command
+            .current_dir(repository())
+            .env_remove("COMPOSE_FILE")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .args(["--no-ansi", "-p", &self.project]);
+        for file in &self.files {
+            command.args(["-f", file]);
+        }
+        command.args(args);
+        command
+    }
+
+    /// Runs `docker-compose <args>`; panics with its output if it fails.
+    pub fn run(&self, args: &[&str]) -> String {
+        let output = self
+            .command(args)
+            .output()
+            .expect("docker-compose runs (scripts/ensure-docker installs it)");
+        assert!(
+            output.status.success(),
+            "docker-compose {args:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    /// The container of a service.
+    pub fn container(&self, service: &str) -> String {
+        let id = self.run(&["ps", "-q", service]);
+        assert!(!id.is_empty(), "{service} has a container");
+        id
+    }
+
+    /// Waits until every listed service's container reports `healthy`.
+    pub fn wait_healthy(&self, services: &[&str], within: std::time::Duration) {
+        let started = std::time::Instant::now();
+        loop {
+            let states: Vec<(String, String)> = services
+                .iter()
+                .map(|s| {
+                    let id = self.run(&["ps", "-q", s]);
+                    let health = if id.is_empty() {
+                        "absent".to_string()
+                    } else {
+                        docker(&["inspect", "-f", "{{.State.Health.Status}}", &id])
+                    };
+                    (s.to_string(), health)
+                })
+                .collect();
+            if states.iter().all(|(_, h)| h == "healthy") {
+                return;
+            }
+            if started.elapsed() > within {
+                let logs = self.command(&["logs", "--tail", "30"]).output().unwrap();
+                panic!(
+                    "not all healthy within {within:?}: {states:?}\n{}",
+                    String::from_utf8_lossy(&logs.stdout)
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        let _ = self
+            .command(&["down", "-v", "--remove-orphans", "-t", "5"])
+            .output();
+    }
+}

@@ -3,41 +3,11 @@
 //! capabilities, serving `/agent` through a published port, and stopping
 //! cleanly on SIGTERM with a request in flight.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use bulkhead_deploy::{IMAGE, build_image, docker, repository, unique_suffix};
 use serde_json::{Value, json};
-
-const IMAGE: &str = "bulkhead:test";
-
-fn docker(args: &[&str]) -> String {
-    let output = Command::new("docker")
-        .args(args)
-        .output()
-        .expect("the docker CLI runs");
-    assert!(
-        output.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
-fn repository() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Builds the image from the Dockerfile as a user would (cached layers make
-/// the second build quick).
-fn build_image() {
-    let status = Command::new("docker")
-        .args(["build", "-q", "-t", IMAGE, "."])
-        .current_dir(repository())
-        .status()
-        .expect("docker build runs");
-    assert!(status.success(), "the Dockerfile builds");
-}
 
 /// Containers and a network made for one test, removed afterwards.
 struct Scene {
@@ -47,14 +17,7 @@ struct Scene {
 
 impl Scene {
     fn new() -> Scene {
-        let suffix = format!(
-            "{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos()
-        );
+        let suffix = unique_suffix();
         docker(&["network", "create", &format!("bulkhead-test-{suffix}")]);
         Scene {
             suffix,
@@ -221,6 +184,8 @@ fn the_dockerfiles_pass_hadolint() {
             "Dockerfile",
             "deploy/sandbox/Dockerfile",
             "deploy/local-base/rust.Dockerfile",
+            "deploy/local-base/postgres.Dockerfile",
+            "deploy/local-base/redis.Dockerfile",
         ])
         .current_dir(repository())
         .output()
