@@ -7,6 +7,7 @@
 //! them: a client that goes away does not lose its run, and shutdown can
 //! wait for all of them and interrupt the ones that outlast the grace.
 
+pub mod roles;
 mod sandboxes;
 mod tools;
 
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+pub use roles::{PeerClient, Peers, RoleKind};
 pub use sandboxes::SandboxManager;
 pub use tools::{Tool, ToolContext, ToolError, ToolOutput, ToolRegistry};
 
@@ -40,6 +42,10 @@ pub struct EngineSettings {
     /// Values never to be written into the audit trail (API keys, database
     /// passwords), should a model echo them into tool arguments.
     pub secrets: Vec<String>,
+    /// This server's part in a team of agents (see [`roles`]).
+    pub role: RoleKind,
+    /// A planner's executor and critic.
+    pub peers: Option<Arc<PeerClient>>,
 }
 
 /// One event of a run, as streamed to a client and stored.
@@ -206,6 +212,7 @@ impl Engine {
         };
         let now = now_ms();
         let mut state = RunState::new(run_id.clone(), session_id.clone(), start.stream);
+        state.input = start.message.clone();
         let started = state.next_event(
             "run_started",
             json!({"run_id": run_id, "session_id": session_id}),
@@ -266,7 +273,10 @@ impl Engine {
     }
 
     async fn drive(&self, state: &mut RunState) -> RunOutcome {
-        let outcome = self.agent_loop(state).await;
+        let outcome = match (self.settings.role, &self.settings.peers) {
+            (RoleKind::Planner, Some(peers)) => self.planned_run(state, peers).await,
+            _ => self.agent_loop(state).await,
+        };
         let (status, output, error) = match &outcome {
             Ok(response) => (RunStatus::Completed, Some(response.as_str()), None),
             Err(failure) => (
@@ -373,13 +383,7 @@ impl Engine {
                 return Ok(sanitize(completion.content));
             }
             self.run_tools(state, &mut conversation, completion).await?;
-            let now = now_ms();
-            self.store
-                .record_step(&state.progress(now))
-                .await
-                .map_err(|e| internal("could not record the run's progress", &e))?;
-            state.pending_events.clear();
-            state.pending_messages.clear();
+            self.record_progress(state).await?;
         }
         Err(Failure {
             kind: FailureKind::MaxSteps,
@@ -389,6 +393,122 @@ impl Engine {
                 self.settings.max_steps
             ),
         })
+    }
+
+    /// The planner's run: a plan from the model, each step handed to the
+    /// executor (one executor session for the whole task), the results
+    /// handed to the critic. Each hand-over is recorded before the next.
+    async fn planned_run(
+        &self,
+        state: &mut RunState,
+        peers: &PeerClient,
+    ) -> Result<String, Failure> {
+        let plan = self.agent_loop(state).await?;
+        let (mut steps, dropped) = roles::parse_steps(&plan, peers.peers().max_steps);
+        if steps.is_empty() {
+            steps.push(state.input.clone());
+        }
+        state.emit(
+            "plan",
+            json!({"steps": steps, "dropped": dropped}),
+            now_ms(),
+        );
+        self.record_progress(state).await?;
+
+        let mut executor_session: Option<String> = None;
+        let mut results = Vec::with_capacity(steps.len());
+        for (index, step) in steps.iter().enumerate() {
+            state.emit(
+                "delegated",
+                json!({"role": "executor", "step": index + 1, "message": step, "session_id": executor_session}),
+                now_ms(),
+            );
+            let answer = self
+                .delegate(peers, RoleKind::Executor, step, executor_session.as_deref())
+                .await?;
+            state.tokens_used += answer.tokens_used;
+            state.emit(
+                "delegate_result",
+                json!({
+                    "role": "executor",
+                    "step": index + 1,
+                    "response": answer.response,
+                    "session_id": answer.session_id,
+                    "run_id": answer.run_id,
+                    "tokens_used": answer.tokens_used,
+                }),
+                now_ms(),
+            );
+            executor_session = Some(answer.session_id);
+            results.push(answer.response);
+            self.record_progress(state).await?;
+        }
+
+        let numbered = |items: &[String]| {
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| format!("{}. {item}", i + 1))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let (plan, results) = (numbered(&steps), numbered(&results));
+        let request = format!(
+            "Task:\n{}\n\nPlan:\n{plan}\n\nResults:\n{results}",
+            state.input
+        );
+        state.emit(
+            "delegated",
+            json!({"role": "critic", "message": request}),
+            now_ms(),
+        );
+        let review = self
+            .delegate(peers, RoleKind::Critic, &request, None)
+            .await?;
+        state.tokens_used += review.tokens_used;
+        state.emit(
+            "delegate_result",
+            json!({
+                "role": "critic",
+                "response": review.response,
+                "session_id": review.session_id,
+                "run_id": review.run_id,
+                "tokens_used": review.tokens_used,
+            }),
+            now_ms(),
+        );
+        Ok(format!(
+            "Plan:\n{plan}\n\nResults:\n{results}\n\nReview:\n{}",
+            review.response
+        ))
+    }
+
+    async fn delegate(
+        &self,
+        peers: &PeerClient,
+        role: RoleKind,
+        message: &str,
+        session_id: Option<&str>,
+    ) -> Result<roles::PeerAnswer, Failure> {
+        tokio::select! {
+            answer = peers.ask(role, message, session_id) => answer.map_err(|message| Failure {
+                kind: FailureKind::Upstream,
+                code: "delegate_error",
+                message,
+            }),
+            () = self.interrupt.cancelled() => Err(interrupted()),
+        }
+    }
+
+    /// Commits the events and messages gathered since the last commit.
+    async fn record_progress(&self, state: &mut RunState) -> Result<(), Failure> {
+        self.store
+            .record_step(&state.progress(now_ms()))
+            .await
+            .map_err(|e| internal("could not record the run's progress", &e))?;
+        state.pending_events.clear();
+        state.pending_messages.clear();
+        Ok(())
     }
 
     async fn call_model(
@@ -729,6 +849,8 @@ fn internal(what: &str, error: &StoreError) -> Failure {
 struct RunState {
     run_id: String,
     session_id: String,
+    /// The user's message that started the run.
+    input: String,
     streaming: bool,
     seq: i64,
     steps: i64,
@@ -750,6 +872,7 @@ impl RunState {
         RunState {
             run_id,
             session_id,
+            input: String::new(),
             streaming,
             seq: 0,
             steps: 0,

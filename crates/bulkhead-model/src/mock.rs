@@ -6,6 +6,8 @@
 //! - the last user message is `tool:<name> <json arguments>` → a call of tool
 //!   `<name>` with those arguments (`{}` when none are given);
 //! - the last user message is `fail:<status>` (400–599) → that HTTP error;
+//! - the last user message is `say:<text>` → exactly `<text>` (newlines
+//!   kept: how a test scripts a planner's plan);
 //! - anything else → `echo: <last user message>`.
 //!
 //! Usage counts whitespace-separated words: the prompt's message contents,
@@ -99,6 +101,9 @@ impl MockModel {
             && (status.is_client_error() || status.is_server_error())
         {
             return MockReply::Fail(status);
+        }
+        if let Some(text) = user.strip_prefix("say:") {
+            return MockReply::Text(text.to_string());
         }
         MockReply::Text(format!("echo: {user}"))
     }
@@ -423,6 +428,10 @@ mod tests {
         assert_eq!(
             MockModel::reply(&[user("fail:200")]),
             MockReply::Text("echo: fail:200".into())
+        );
+        assert_eq!(
+            MockModel::reply(&[user("say:step one\nstep two")]),
+            MockReply::Text("step one\nstep two".into())
         );
     }
 }

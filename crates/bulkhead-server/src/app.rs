@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bulkhead_agent::{Engine, EngineSettings, SandboxManager, ToolRegistry};
+use bulkhead_agent::{Engine, EngineSettings, PeerClient, SandboxManager, ToolRegistry};
 use bulkhead_model::{MockModel, Model, ModelSettings, OpenAiClient};
 use bulkhead_store::{Store, StoreOptions};
 use secrecy::ExposeSecret;
@@ -109,21 +109,25 @@ impl App {
         let lock_ttl = config.model.timeout * (config.model.max_retries + 1)
             + Duration::from_secs(8) * config.model.max_retries
             + Duration::from_secs(120);
-        let (backend, egress_proxy) =
-            crate::sandbox::backend(config.sandbox.backend, &config.sandbox)
-                .map_err(|e| anyhow::anyhow!("sandbox: {e}"))?;
-        match backend.remove_orphans().await {
-            Ok(0) => {}
-            Ok(removed) => tracing::warn!(removed, "removed sandboxes left by a previous process"),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not remove sandboxes left by a previous process")
-            }
-        }
-        let sandboxes = Arc::new(SandboxManager::new(
-            backend,
-            config.sandbox.limits.clone(),
-            config.sandbox.idle,
-        ));
+        let role = config.role;
+        // Roles that run no tools need no sandbox: nothing to probe, nothing
+        // to make, and no sandbox entry in /ready.
+        let (sandboxes, egress_proxy) = if role.uses_tools() {
+            let (sandboxes, proxy) = start_sandboxes(&config).await?;
+            (Some(sandboxes), proxy)
+        } else {
+            tracing::info!(
+                role = role.as_str(),
+                "this role runs no tools: no sandbox backend"
+            );
+            (None, None)
+        };
+        let peers = match &config.peers {
+            Some(peers) => Some(Arc::new(
+                PeerClient::new(peers.clone()).map_err(|e| anyhow::anyhow!("{e}"))?,
+            )),
+            None => None,
+        };
         let mut secrets: Vec<String> = Vec::new();
         if let Some(key) = &config.model.api_key {
             secrets.push(key.expose_secret().to_string());
@@ -136,28 +140,25 @@ impl App {
                 secrets.push(password);
             }
         }
-        // Tool calls lag the first sandbox probe by nothing: start it now.
-        tokio::spawn({
-            let sandboxes = Arc::clone(&sandboxes);
-            async move {
-                let _ = sandboxes.availability().await;
-                let mut tick = tokio::time::interval(sandboxes.reap_interval());
-                loop {
-                    tick.tick().await;
-                    sandboxes.reap_idle().await;
-                }
-            }
-        });
         let engine = Engine::new(
             store,
             model,
-            ToolRegistry::with_sandbox_tools(Arc::new(config.sandbox.egress.clone())),
-            Some(sandboxes),
+            if role.uses_tools() {
+                ToolRegistry::with_sandbox_tools(Arc::new(config.sandbox.egress.clone()))
+            } else {
+                ToolRegistry::default()
+            },
+            sandboxes,
             EngineSettings {
                 max_steps: config.max_steps,
-                system_prompt: config.system_prompt.clone(),
+                system_prompt: config
+                    .system_prompt
+                    .clone()
+                    .or_else(|| role.default_prompt().map(str::to_string)),
                 lock_ttl,
                 secrets,
+                role,
+                peers,
             },
         );
         Ok(App {
@@ -217,6 +218,43 @@ impl App {
         *cached = Some((Instant::now(), result.clone()));
         result
     }
+}
+
+/// The sandbox backend, cleared of what a previous process left, with its
+/// first probe and the idle reaper started.
+async fn start_sandboxes(
+    config: &Config,
+) -> anyhow::Result<(
+    Arc<SandboxManager>,
+    Option<bulkhead_sandbox::egress::EgressProxy>,
+)> {
+    let (backend, egress_proxy) = crate::sandbox::backend(config.sandbox.backend, &config.sandbox)
+        .map_err(|e| anyhow::anyhow!("sandbox: {e}"))?;
+    match backend.remove_orphans().await {
+        Ok(0) => {}
+        Ok(removed) => tracing::warn!(removed, "removed sandboxes left by a previous process"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not remove sandboxes left by a previous process")
+        }
+    }
+    let sandboxes = Arc::new(SandboxManager::new(
+        backend,
+        config.sandbox.limits.clone(),
+        config.sandbox.idle,
+    ));
+    // Tool calls lag the first sandbox probe by nothing: start it now.
+    tokio::spawn({
+        let sandboxes = Arc::clone(&sandboxes);
+        async move {
+            let _ = sandboxes.availability().await;
+            let mut tick = tokio::time::interval(sandboxes.reap_interval());
+            loop {
+                tick.tick().await;
+                sandboxes.reap_idle().await;
+            }
+        }
+    });
+    Ok((sandboxes, egress_proxy))
 }
 
 /// The password of a `scheme://user:password@host/…` URL.
@@ -291,7 +329,7 @@ impl Server {
         tracing::info!(
             address = %listener.local_addr()?,
             mode = app.config.mode.as_str(),
-            role = app.config.agent_role.as_deref().unwrap_or("agent"),
+            role = app.config.role.as_str(),
             "listening"
         );
         let router = crate::routes::router(AppState(Arc::clone(&app)));

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bulkhead_agent::RoleKind;
 use bulkhead_store::Backend;
 use secrecy::{ExposeSecret, SecretString};
 
@@ -155,7 +156,10 @@ pub struct Config {
     pub model: ModelConfig,
     pub log_level: String,
     pub log_format: LogFormat,
-    pub agent_role: Option<String>,
+    /// This server's part in a team of agents (`AGENT_ROLE`).
+    pub role: bulkhead_agent::RoleKind,
+    /// A planner's executor and critic (`EXECUTOR_URL`, `CRITIC_URL`).
+    pub peers: Option<bulkhead_agent::Peers>,
     pub system_prompt: Option<String>,
     pub enable_streaming: bool,
     pub enable_tracing: bool,
@@ -672,6 +676,62 @@ impl Config {
             }
         }
 
+        let role = match r
+            .raw("AGENT_ROLE")
+            .map(|role| role.to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("general") | Some("agent") => RoleKind::General,
+            Some("planner") => RoleKind::Planner,
+            Some("executor") => RoleKind::Executor,
+            Some("critic") => RoleKind::Critic,
+            Some(other) => {
+                return Err(invalid(
+                    "AGENT_ROLE",
+                    format!("expected planner, executor, critic or general, got {other:?}"),
+                ));
+            }
+        };
+        let peers = if role == RoleKind::Planner {
+            let mut peer = |name: &'static str, example: &str| {
+                let text = r.raw(name).ok_or_else(|| {
+                    invalid(
+                        name,
+                        format!("is required when AGENT_ROLE=planner (e.g. {example})"),
+                    )
+                })?;
+                let mut url = url::Url::parse(&text)
+                    .ok()
+                    .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+                    .ok_or_else(|| {
+                        invalid(
+                            name,
+                            format!("expected an http:// base URL such as {example}"),
+                        )
+                    })?;
+                // `join("agent")` must land under the base's path.
+                if !url.path().ends_with('/') {
+                    url.set_path(&format!("{}/", url.path()));
+                }
+                Ok::<_, ConfigError>(url)
+            };
+            let executor = peer("EXECUTOR_URL", "http://executor:8000")?;
+            let critic = peer("CRITIC_URL", "http://critic:8000")?;
+            Some(bulkhead_agent::Peers {
+                executor,
+                critic,
+                timeout: r.seconds("DELEGATE_TIMEOUT_SECONDS", 300.0, 86_400.0)?,
+                max_steps: r.parse(
+                    "MAX_PLAN_STEPS",
+                    8usize,
+                    "a whole number from 1 to 100",
+                    |n| (1..=100).contains(n),
+                )?,
+            })
+        } else {
+            None
+        };
+
         let config = Config {
             mode,
             host,
@@ -683,7 +743,8 @@ impl Config {
             model,
             log_level,
             log_format,
-            agent_role: r.raw("AGENT_ROLE"),
+            role,
+            peers,
             system_prompt: r.raw("SYSTEM_PROMPT"),
             enable_streaming: r.flag("ENABLE_STREAMING", true)?,
             enable_tracing: r.flag("ENABLE_TRACING", false)?,
@@ -716,7 +777,21 @@ impl Config {
         let optional = |value: &Option<String>| value.clone().unwrap_or_else(|| "(not set)".into());
         let rows: Vec<(&'static str, String)> = vec![
             ("AGENT_MODE", self.mode.as_str().into()),
-            ("AGENT_ROLE", optional(&self.agent_role)),
+            ("AGENT_ROLE", self.role.as_str().into()),
+            (
+                "EXECUTOR_URL",
+                self.peers
+                    .as_ref()
+                    .map(|p| p.executor.to_string())
+                    .unwrap_or_else(|| "(not set)".into()),
+            ),
+            (
+                "CRITIC_URL",
+                self.peers
+                    .as_ref()
+                    .map(|p| p.critic.to_string())
+                    .unwrap_or_else(|| "(not set)".into()),
+            ),
             ("HOST", self.host.to_string()),
             ("PORT", self.port.to_string()),
             (
