@@ -77,19 +77,98 @@ fn address_on(container: &str, network: &str) -> String {
     ])
 }
 
-/// This machine's own address on its main interface: a place outside every
-/// Docker network.
-fn host_address() -> String {
-    let output = Command::new("ip")
-        .args(["-4", "-o", "route", "get", "192.0.2.1"])
-        .output()
-        .expect("ip runs");
-    let text = String::from_utf8_lossy(&output.stdout).to_string();
-    text.split_whitespace()
-        .skip_while(|word| *word != "src")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no source address in {text:?}"))
-        .to_string()
+/// A machine beyond this one, as far as routing goes: a network namespace
+/// joined to the host by a veth pair, serving HTTP on port 80.
+struct Beyond {
+    namespace: String,
+    url: String,
+    server: std::process::Child,
+}
+
+impl Beyond {
+    fn start() -> Beyond {
+        let id = std::process::id() % 200 + 20;
+        let namespace = format!("bh-beyond-{id}");
+        let (host_side, inside) = (format!("bhb{id}h"), format!("bhb{id}n"));
+        let (host_address, address) = (format!("10.253.{id}.1"), format!("10.253.{id}.2"));
+        let ip = |args: &[&str]| {
+            let status = Command::new("ip").args(args).status().expect("ip runs");
+            assert!(status.success(), "ip {args:?}");
+        };
+        let _ = Command::new("ip")
+            .args(["netns", "del", &namespace])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &host_side])
+            .status();
+        ip(&["netns", "add", &namespace]);
+        ip(&[
+            "link", "add", &host_side, "type", "veth", "peer", "name", &inside,
+        ]);
+        ip(&["link", "set", &inside, "netns", &namespace]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{host_address}/24"),
+            "dev",
+            &host_side,
+        ]);
+        ip(&["link", "set", &host_side, "up"]);
+        let in_namespace = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &namespace, "ip"];
+            all.extend_from_slice(args);
+            ip(&all);
+        };
+        in_namespace(&["addr", "add", &format!("{address}/24"), "dev", &inside]);
+        in_namespace(&["link", "set", &inside, "up"]);
+        in_namespace(&["link", "set", "lo", "up"]);
+        in_namespace(&["route", "add", "default", "via", &host_address]);
+        let server = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &namespace,
+                "python3",
+                "-m",
+                "http.server",
+                "80",
+                "--bind",
+                &address,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 serves HTTP");
+        let url = format!("http://{address}/");
+        for _ in 0..50 {
+            let up = Command::new("ip")
+                .args(["netns", "exec", &namespace, "python3", "-c"])
+                .arg(format!(
+                    "import urllib.request; urllib.request.urlopen('{url}', timeout=1)"
+                ))
+                .status()
+                .is_ok_and(|s| s.success());
+            if up {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Beyond {
+            namespace,
+            url,
+            server,
+        }
+    }
+}
+
+impl Drop for Beyond {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.namespace])
+            .status();
+    }
 }
 
 struct Outside(String);
@@ -212,25 +291,21 @@ fn a_task_flows_through_planner_executor_and_critic_on_isolated_networks() {
         !reaches(&planner, &outside_url),
         "the planner must not reach {outside_url}"
     );
-    // And a listener on this machine's own address: the executor's
-    // networks route to it, the planner's do not.
-    let listener = std::net::TcpListener::bind((host_address().as_str(), 0)).unwrap();
-    let host = format!("http://{}/", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut stream = stream;
-            let mut request = [0u8; 1024];
-            let _ = std::io::Read::read(&mut stream, &mut request);
-            let _ = std::io::Write::write_all(
-                &mut stream,
-                b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-            );
-        }
-    });
-    assert!(reaches(&executor, &host), "the executor reaches {host}");
+    // And a machine beyond this one: a network namespace routed from the
+    // host, with a web server. The executor's egress network routes to it;
+    // the planner's internal network does not. (Docker's internal networks
+    // do still let a container reach the host's own addresses: see the
+    // README.)
+    let beyond = Beyond::start();
     assert!(
-        !reaches(&planner, &host),
-        "the planner must not reach {host}"
+        reaches(&executor, &beyond.url),
+        "the executor reaches {}",
+        beyond.url
+    );
+    assert!(
+        !reaches(&planner, &beyond.url),
+        "the planner must not reach {}",
+        beyond.url
     );
     assert!(!reaches(&compose.container("critic"), &outside_url));
 }
