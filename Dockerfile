@@ -23,8 +23,8 @@ RUN cargo chef cook --release --target x86_64-unknown-linux-musl --package bulkh
 COPY . .
 RUN cargo build --release --target x86_64-unknown-linux-musl --package bulkhead \
  && cp target/x86_64-unknown-linux-musl/release/bulkhead /bulkhead \
- && mkdir -p /rootfs/data /rootfs/tmp \
- && chown 65532:65532 /rootfs/data \
+ && mkdir -p /rootfs/data /rootfs/tmp /rootfs/run/bulkhead-egress \
+ && chown 65532:65532 /rootfs/data /rootfs/run/bulkhead-egress \
  && chmod 1777 /rootfs/tmp
 
 # ---- runtime: nothing but the binary, CA certificates and a data folder ----

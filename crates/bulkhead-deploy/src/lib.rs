@@ -77,8 +77,9 @@ pub struct Compose {
 
 impl Compose {
     /// `files` are relative to the repository; `env` adds to the variables
-    /// the files read (`BULKHEAD_IMAGE`, `BULKHEAD_SECRETS_DIR` and
-    /// `SANDBOX_IMAGE` are set here).
+    /// the files read (`BULKHEAD_IMAGE`, `BULKHEAD_SECRETS_DIR`,
+    /// `SANDBOX_IMAGE` and a `BULKHEAD_EGRESS_VOLUME` of the project's own
+    /// are set here).
     pub fn new(files: &[&str], env: &[(&str, &str)]) -> Compose {
         let secrets = tempfile::tempdir().expect("a temporary folder");
         for (name, value) in [
@@ -102,7 +103,9 @@ impl Compose {
         std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
         std::fs::set_permissions(secrets.path(), permissions).unwrap();
 
+        let project = format!("bhtest{}", unique_suffix());
         let mut all_env: Vec<(String, String)> = vec![
+            ("BULKHEAD_EGRESS_VOLUME".into(), format!("{project}-egress")),
             ("BULKHEAD_IMAGE".into(), IMAGE.into()),
             (
                 "BULKHEAD_SECRETS_DIR".into(),
@@ -112,7 +115,7 @@ impl Compose {
         ];
         all_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Compose {
-            project: format!("bhtest{}", unique_suffix()),
+            project,
             files: files.iter().map(|f| f.to_string()).collect(),
             env: all_env,
             secrets,

@@ -81,6 +81,7 @@ fn address_on(container: &str, network: &str) -> String {
 /// joined to the host by a veth pair, serving HTTP on port 80.
 struct Beyond {
     namespace: String,
+    address: String,
     url: String,
     server: std::process::Child,
 }
@@ -155,6 +156,7 @@ impl Beyond {
         }
         Beyond {
             namespace,
+            address,
             url,
             server,
         }
@@ -182,7 +184,10 @@ impl Drop for Outside {
 #[test]
 fn a_task_flows_through_planner_executor_and_critic_on_isolated_networks() {
     build_image();
-    let compose = Compose::new(&[FILE], &[]);
+    // A machine beyond this one, which the executor's tools may reach.
+    let beyond = Beyond::start();
+    let allowed = format!("{}:80", beyond.address);
+    let compose = Compose::new(&[FILE], &[("EXECUTOR_EGRESS_ALLOW", &allowed)]);
     compose.run(&["up", "-d", "--no-build"]);
     compose.wait_healthy(SERVICES, Duration::from_secs(90));
     let internal = format!("{}_internal", compose.project);
@@ -254,6 +259,26 @@ fn a_task_flows_through_planner_executor_and_critic_on_isolated_networks() {
     let critic_logs = docker(&["logs", &compose.container("critic")]);
     assert!(critic_logs.contains("run completed"), "{critic_logs}");
 
+    // The executor's tools reach the allowed host through its egress proxy
+    // (the sandbox itself still has no network), and nothing else.
+    let fetch = ask_planner(
+        &internal,
+        &format!(
+            "say:tool:http_fetch {{\"url\": \"{}\"}}\ntool:http_fetch {{\"url\": \"http://{}:9000/v1/models\"}}",
+            beyond.url,
+            "192.0.2.1"
+        ),
+    );
+    let response = fetch["body"]["response"].as_str().unwrap_or_else(|| panic!("{fetch}"));
+    assert!(
+        response.contains("Results:\n1. tool result: HTTP 200 OK"),
+        "the allowed host answered: {response}"
+    );
+    assert!(
+        response.contains("2. tool result: error:") && response.contains("is not in SANDBOX_EGRESS_ALLOW"),
+        "any other host is refused: {response}"
+    );
+
     // A host on the egress network: the executor reaches it, the planner
     // does not; the planner reaches its peers but nothing outside.
     let outside = Outside(format!("bulkhead-outside-{}", unique_suffix()));
@@ -291,12 +316,10 @@ fn a_task_flows_through_planner_executor_and_critic_on_isolated_networks() {
         !reaches(&planner, &outside_url),
         "the planner must not reach {outside_url}"
     );
-    // And a machine beyond this one: a network namespace routed from the
-    // host, with a web server. The executor's egress network routes to it;
-    // the planner's internal network does not. (Docker's internal networks
-    // do still let a container reach the host's own addresses: see the
-    // README.)
-    let beyond = Beyond::start();
+    // And the machine beyond this one: the executor's egress network routes
+    // to it; the planner's internal network does not. (Docker's internal
+    // networks do still let a container reach the host's own addresses:
+    // see the README.)
     assert!(
         reaches(&executor, &beyond.url),
         "the executor reaches {}",

@@ -96,6 +96,7 @@ async fn main() {
         socket: None,
         scope: "bench".into(),
         egress_socket: None,
+        egress_volume: None,
     });
     match docker.probe().await {
         Ok(_) => measure(&docker, iterations, &mut rows).await,

@@ -57,6 +57,10 @@ pub struct DockerConfig {
     /// The egress proxy's socket on the engine's host, if sandboxes may
     /// reach any host.
     pub egress_socket: Option<std::path::PathBuf>,
+    /// A named volume whose root holds the egress proxy's socket as
+    /// `egress.sock`, for when whoever runs the proxy is itself a container
+    /// and has no host path to offer. Mounted read-only at `/run/bulkhead`.
+    pub egress_volume: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -263,12 +267,31 @@ impl Backend for DockerBackend {
                     )]
                     .into(),
                 ),
-                mounts: Some(vec![Mount {
-                    target: Some(WORKSPACE.into()),
-                    source: Some(volume.clone()),
-                    typ: Some(MountTypeEnum::VOLUME),
-                    ..Default::default()
-                }]),
+                mounts: Some(
+                    std::iter::once(Mount {
+                        target: Some(WORKSPACE.into()),
+                        source: Some(volume.clone()),
+                        typ: Some(MountTypeEnum::VOLUME),
+                        ..Default::default()
+                    })
+                    .chain(
+                        self.inner
+                            .config
+                            .egress_volume
+                            .as_ref()
+                            .filter(|_| self.inner.config.egress_socket.is_none())
+                            .map(|egress| Mount {
+                                target: crate::egress::SANDBOX_SOCKET
+                                    .rsplit_once('/')
+                                    .map(|(folder, _)| folder.to_string()),
+                                source: Some(egress.clone()),
+                                typ: Some(MountTypeEnum::VOLUME),
+                                read_only: Some(true),
+                                ..Default::default()
+                            }),
+                    )
+                    .collect(),
+                ),
                 network_mode: Some("none".into()),
                 binds: self.inner.config.egress_socket.as_ref().map(|socket| {
                     vec![format!(

@@ -57,6 +57,7 @@ fn docker_backend(image: Option<&str>) -> DockerBackend {
         socket: None,
         scope: unique_id(),
         egress_socket: None,
+        egress_volume: None,
     })
 }
 

@@ -123,6 +123,12 @@ pub struct SandboxConfig {
     pub scope: String,
     /// Hosts sandboxed programs may reach through the egress proxy.
     pub egress: bulkhead_sandbox::egress::EgressPolicy,
+    /// Where the egress proxy's socket is made (default
+    /// `$SANDBOX_ROOT/.egress.sock`).
+    pub egress_socket: Option<PathBuf>,
+    /// The docker backend's named volume holding the egress socket, mounted
+    /// into sandboxes instead of a host path (sandboxd in a container).
+    pub egress_volume: Option<String>,
     /// The remote backend's sandboxd, and the token both sides hold.
     pub remote_url: Option<url::Url>,
     pub sandboxd_token: Option<SecretString>,
@@ -452,7 +458,30 @@ fn read_sandbox(r: &mut Reader<'_>) -> Result<SandboxConfig, ConfigError> {
             ),
         },
         sandboxd_token: r.secret("SANDBOXD_TOKEN", "SANDBOXD_TOKEN_FILE")?,
+        egress_socket: r.raw("SANDBOX_EGRESS_SOCKET").map(PathBuf::from),
+        egress_volume: r.raw("SANDBOX_EGRESS_VOLUME"),
     };
+    if let Some(volume) = &sandbox.egress_volume
+        && (volume.is_empty()
+            || !volume
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(invalid(
+            "SANDBOX_EGRESS_VOLUME",
+            "expected a volume name: letters, digits, '-', '_' or '.'",
+        ));
+    }
+    if sandbox
+        .egress_socket
+        .as_ref()
+        .is_some_and(|path| path.file_name().is_none_or(|name| name != "egress.sock"))
+    {
+        return Err(invalid(
+            "SANDBOX_EGRESS_SOCKET",
+            "expected a path ending in /egress.sock (sandboxes see the folder as /run/bulkhead)",
+        ));
+    }
     if sandbox.scope.is_empty()
         || sandbox.scope.len() > 128
         || !sandbox
@@ -668,10 +697,10 @@ impl Config {
                     "is required when SANDBOX_BACKEND=remote (the token sandboxd was started with)",
                 ));
             }
-            if !sandbox.egress.is_empty() {
+            if !sandbox.egress.is_empty() && sandbox.egress_socket.is_none() {
                 return Err(invalid(
-                    "SANDBOX_EGRESS_ALLOW",
-                    "with SANDBOX_BACKEND=remote, set it on sandboxd: its sandboxes get their network from there",
+                    "SANDBOX_EGRESS_SOCKET",
+                    "is required with SANDBOX_BACKEND=remote and SANDBOX_EGRESS_ALLOW: a path in the volume sandboxd mounts into its sandboxes (SANDBOX_EGRESS_VOLUME on sandboxd)",
                 ));
             }
         }
@@ -891,6 +920,21 @@ impl Config {
                     .unwrap_or_else(|| "(not set)".into()),
             ),
             ("SANDBOXD_TOKEN", secret(&self.sandbox.sandboxd_token)),
+            (
+                "SANDBOX_EGRESS_SOCKET",
+                self.sandbox
+                    .egress_socket
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "($SANDBOX_ROOT/.egress.sock)".into()),
+            ),
+            (
+                "SANDBOX_EGRESS_VOLUME",
+                self.sandbox
+                    .egress_volume
+                    .clone()
+                    .unwrap_or_else(|| "(not set)".into()),
+            ),
             (
                 "DOCKER_HOST",
                 self.sandbox
@@ -1223,6 +1267,24 @@ mod tests {
         assert!(!described.contains("0123456789abcdef"), "{described}");
         let error = Config::from_env(&env(&[("SANDBOX_SCOPE", "a/b")])).unwrap_err();
         assert_eq!(error.variable, "SANDBOX_SCOPE");
+        let remote = [
+            ("SANDBOX_BACKEND", "remote"),
+            ("SANDBOX_REMOTE_URL", "http://sandboxd:7070"),
+            ("SANDBOXD_TOKEN", "0123456789abcdef0123456789abcdef"),
+            ("SANDBOX_EGRESS_ALLOW", "api.github.com"),
+        ];
+        let error = Config::from_env(&env(&remote)).unwrap_err();
+        assert_eq!(error.variable, "SANDBOX_EGRESS_SOCKET", "{error}");
+        let with_socket: Vec<_> = remote
+            .iter()
+            .copied()
+            .chain([("SANDBOX_EGRESS_SOCKET", "/run/bulkhead-egress/egress.sock")])
+            .collect();
+        Config::from_env(&env(&with_socket)).unwrap();
+        let error = Config::from_env(&env(&[("SANDBOX_EGRESS_SOCKET", "/tmp/proxy")])).unwrap_err();
+        assert_eq!(error.variable, "SANDBOX_EGRESS_SOCKET");
+        let error = Config::from_env(&env(&[("SANDBOX_EGRESS_VOLUME", "../x")])).unwrap_err();
+        assert_eq!(error.variable, "SANDBOX_EGRESS_VOLUME");
 
         let error = SandboxdConfig::from_env(&env(&[])).unwrap_err();
         assert_eq!(error.variable, "SANDBOXD_TOKEN");

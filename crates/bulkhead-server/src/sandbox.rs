@@ -18,17 +18,23 @@ pub fn backend(
     kind: SandboxBackendKind,
     config: &SandboxConfig,
 ) -> Result<(Arc<dyn Backend>, Option<EgressProxy>), String> {
-    let proxy = if config.egress.is_empty() || kind == SandboxBackendKind::Remote {
+    let proxy = if config.egress.is_empty() {
         None
     } else {
-        std::fs::create_dir_all(&config.root)
-            .map_err(|e| format!("cannot create {}: {e}", config.root.display()))?;
-        let root = config
-            .root
-            .canonicalize()
-            .map_err(|e| format!("{}: {e}", config.root.display()))?;
-        let proxy = EgressProxy::start(&root.join(".egress.sock"), Arc::new(config.egress.clone()))
-            .map_err(|e| format!("cannot start the egress proxy: {e}"))?;
+        let socket = match &config.egress_socket {
+            Some(socket) => socket.clone(),
+            None => {
+                std::fs::create_dir_all(&config.root)
+                    .map_err(|e| format!("cannot create {}: {e}", config.root.display()))?;
+                config
+                    .root
+                    .canonicalize()
+                    .map_err(|e| format!("{}: {e}", config.root.display()))?
+                    .join(".egress.sock")
+            }
+        };
+        let proxy = EgressProxy::start(&socket, Arc::new(config.egress.clone()))
+            .map_err(|e| format!("cannot start the egress proxy at {}: {e}", socket.display()))?;
         Some(proxy)
     };
     let socket = proxy.as_ref().map(|p| p.path().to_path_buf());
@@ -58,7 +64,10 @@ pub fn build(
             runtime: config.runtime.clone(),
             socket: config.docker_host.clone(),
             scope: config.scope.clone(),
-            egress_socket,
+            // A volume, when named, carries the socket: the host path of a
+            // socket made inside a container means nothing to the engine.
+            egress_socket: egress_socket.filter(|_| config.egress_volume.is_none()),
+            egress_volume: config.egress_volume.clone(),
         }))),
         SandboxBackendKind::Remote => {
             let (Some(url), Some(token)) = (&config.remote_url, &config.sandboxd_token) else {
