@@ -265,17 +265,19 @@ fn a_task_flows_through_planner_executor_and_critic_on_isolated_networks() {
         &internal,
         &format!(
             "say:tool:http_fetch {{\"url\": \"{}\"}}\ntool:http_fetch {{\"url\": \"http://{}:9000/v1/models\"}}",
-            beyond.url,
-            "192.0.2.1"
+            beyond.url, "192.0.2.1"
         ),
     );
-    let response = fetch["body"]["response"].as_str().unwrap_or_else(|| panic!("{fetch}"));
+    let response = fetch["body"]["response"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{fetch}"));
     assert!(
         response.contains("Results:\n1. tool result: HTTP 200 OK"),
         "the allowed host answered: {response}"
     );
     assert!(
-        response.contains("2. tool result: error:") && response.contains("is not in SANDBOX_EGRESS_ALLOW"),
+        response.contains("2. tool result: error:")
+            && response.contains("is not in SANDBOX_EGRESS_ALLOW"),
         "any other host is refused: {response}"
     );
 

@@ -36,8 +36,11 @@ pub async fn run(command: SandboxCommand, config: &Config) -> ExitCode {
         None => config.sandbox.backend,
         Some("namespace") => SandboxBackendKind::Namespace,
         Some("docker") => SandboxBackendKind::Docker,
+        Some("remote") => SandboxBackendKind::Remote,
         Some(other) => {
-            eprintln!("bulkhead sandbox: unknown backend {other:?} (expected namespace or docker)");
+            eprintln!(
+                "bulkhead sandbox: unknown backend {other:?} (expected namespace, docker or remote)"
+            );
             return ExitCode::from(2);
         }
     };
