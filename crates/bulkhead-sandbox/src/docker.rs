@@ -555,29 +555,43 @@ impl DockerSandbox {
         // exit code 126 with the engine's message ("cannot exec in a
         // stopped state", "task … not found") on stdout and nothing on
         // stderr. Then the container's state decides.
-        let suspect = match &first {
-            Ok(result) => {
-                result.exit_code == Some(126)
+        // How long to watch the state: the engine can keep reporting the
+        // container running for seconds after its init died when the
+        // machine is busy, so an answer in the engine's own words is
+        // watched longer than a bare 126, which a program may return.
+        let watch = match &first {
+            Ok(result)
+                if result.exit_code == Some(126)
                     && result.stderr.total_bytes == 0
-                    && result.stdout.total_bytes < 512
+                    && result.stdout.total_bytes < 512 =>
+            {
+                let text = &result.stdout.text;
+                if ["stopped state", "not found", "OCI runtime", "is not running"]
+                    .iter()
+                    .any(|words| text.contains(words))
+                {
+                    Duration::from_secs(10)
+                } else {
+                    Duration::from_secs(1)
+                }
             }
-            Err(SandboxError::Unavailable(_)) => true,
-            Err(_) => false,
+            Err(SandboxError::Unavailable(_)) => Duration::from_secs(10),
+            _ => return first,
         };
-        if !suspect || !self.stopped_or_stopping().await {
+        if !self.stopped_or_stopping(watch).await {
             return first;
         }
         self.restart().await?;
         self.exec_once(argv, stdin, timeout).await
     }
 
-    /// Whether the container is down or on its way down (watched for up to
-    /// a second, since the engine notices a dead init with a delay).
-    async fn stopped_or_stopping(&self) -> bool {
+    /// Whether the container is down or on its way down within `watch`
+    /// (the engine notices a dead init with a delay).
+    async fn stopped_or_stopping(&self, watch: Duration) -> bool {
         let Ok(docker) = self.inner.client().await else {
             return false;
         };
-        for _ in 0..20 {
+        for _ in 0..(watch.as_millis() / 50).max(1) {
             let running = docker
                 .inspect_container(&self.name, None)
                 .await
