@@ -566,9 +566,14 @@ impl DockerSandbox {
                     && result.stdout.total_bytes < 512 =>
             {
                 let text = &result.stdout.text;
-                if ["stopped state", "not found", "OCI runtime", "is not running"]
-                    .iter()
-                    .any(|words| text.contains(words))
+                if [
+                    "stopped state",
+                    "not found",
+                    "OCI runtime",
+                    "is not running",
+                ]
+                .iter()
+                .any(|words| text.contains(words))
                 {
                     Duration::from_secs(10)
                 } else {

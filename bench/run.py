@@ -1,0 +1,506 @@
+"""Bulkhead side by side with the tutorials' FastAPI service, in one run.
+
+Called by `bench/run` (which makes the virtual environment). Measures both
+services with wrk, the servers pinned to one half of the cores and the load
+generator to the other, then Bulkhead alone on PostgreSQL, under 10,000
+concurrent streaming runs, in its sandboxes and as an image. Writes
+bench/results/run-<commit>-<time>.{json,md} and PNG plots, and prints the
+Markdown table. Not part of the test suite: nothing here asserts.
+"""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BULKHEAD = ROOT / "target" / "release" / "bulkhead"
+STREAM_LOAD = ROOT / "target" / "release" / "stream-load"
+SANDBOX_BENCH = ROOT / "target" / "release" / "examples" / "sandbox_bench"
+REFERENCE = Path(os.environ.get("BULKHEAD_REFERENCE_DIR", ROOT / "bench" / "reference" / "fastapi-agent"))
+VENV = Path(os.environ.get("BULKHEAD_BENCH_VENV", ROOT / "bench" / ".venv"))
+
+CONNECTIONS = [1, 4, 16, 64, 256]
+HEADLINE = 64
+SWEEP_SECONDS = int(os.environ.get("BENCH_SWEEP_SECONDS", "4"))
+HEADLINE_SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+STARTS = int(os.environ.get("BENCH_STARTS", "7"))
+STREAM_RUNS = int(os.environ.get("BENCH_STREAM_RUNS", "10000"))
+
+# The targets of PRODUCT.md.
+TARGETS = {
+    "agent_rps_ratio": 20.0,
+    "agent_p99_ratio": 0.1,
+    "ready_ms": 30.0,
+    "idle_rss_mb": 15.0,
+    "image_mb": 15.0,
+    "container_healthy_ms": 1000.0,
+    "sandbox_namespace_p50_ms": 10.0,
+    "sandbox_docker_warm_p50_ms": 60.0,
+    "sandbox_docker_cold_ms": 400.0,
+    "stream_rss_mb": 300.0,
+}
+
+WRK_SCRIPT = """
+wrk.method = "{method}"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  local errors = summary.errors
+  io.write(string.format(
+    "WRKJSON {{\\"requests\\":%d,\\"duration_us\\":%d,\\"connect\\":%d,\\"read\\":%d,\\"write\\":%d,\\"status\\":%d,\\"timeout\\":%d,\\"p50_us\\":%d,\\"p90_us\\":%d,\\"p99_us\\":%d,\\"max_us\\":%d}}\\n",
+    summary.requests, summary.duration, errors.connect, errors.read, errors.write,
+    errors.status, errors.timeout, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.max))
+end
+"""
+
+
+def log(message):
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def cpu_split():
+    cores = os.cpu_count() or 1
+    if cores == 1:
+        return "0", "0"
+    half = cores // 2
+    server = "0" if half == 1 else f"0-{half - 1}"
+    load = str(half) if cores - half == 1 else f"{half}-{cores - 1}"
+    return server, load
+
+
+SERVER_CPUS, LOAD_CPUS = cpu_split()
+
+
+def raise_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+    except ValueError:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url, timeout=1.0):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return 0
+
+
+def rss_kb(pid, field="VmRSS"):
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Server:
+    """A service under test, pinned to the server cores."""
+
+    def __init__(self, name, argv, env, port, cwd=None):
+        self.name, self.port = name, port
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(
+            ["taskset", "-c", SERVER_CPUS, *argv],
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=raise_nofile,
+        )
+
+    @property
+    def base(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout=30.0):
+        """Seconds from spawn to the first 200 from /ready."""
+        deadline = self.started + timeout
+        while time.perf_counter() < deadline:
+            if get(self.base + "/ready", timeout=0.5) == 200:
+                return time.perf_counter() - self.started
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.process.stderr.read().decode()[-2000:]}")
+            time.sleep(0.0005)
+        raise RuntimeError(f"{self.name} not ready within {timeout}s")
+
+    def rss_mb(self, field="VmRSS"):
+        return rss_kb(self.process.pid, field) / 1024
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def bulkhead(database_url=None, extra=None):
+    port = free_port()
+    data = Path(tempfile.mkdtemp(prefix="bulkhead-bench-"))
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/root"),
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "AGENT_MODE": "development",
+        "LOG_LEVEL": "warn",
+        "DATABASE_URL": database_url or f"sqlite://{data}/bulkhead.db",
+        "SANDBOX_ROOT": str(data / "sandboxes"),
+        "SECRETS_DIR": str(data / "no-secrets"),
+    }
+    env.update(extra or {})
+    server = Server("bulkhead", [str(BULKHEAD), "serve"], env, port, cwd=data)
+    server.data = data
+    return server
+
+
+def reference():
+    port = free_port()
+    env = {"PATH": f"{VENV}/bin:" + os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
+    argv = [
+        str(VENV / "bin" / "uvicorn"), "app:app", "--app-dir", str(REFERENCE),
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+    ]
+    return Server("fastapi", argv, env, port)
+
+
+def wrk(server, path, connections, seconds):
+    method, body = ("POST", '\'{"message": "hello"}\'') if path == "/agent" else ("GET", "nil")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT.format(method=method, body=body))
+    threads = 1 if connections < 4 else min(2, os.cpu_count() or 1)
+    output = subprocess.run(
+        ["taskset", "-c", LOAD_CPUS, "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s",
+         "--timeout", "10s", "-s", script.name, server.base + path],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    os.unlink(script.name)
+    line = next(l for l in output.splitlines() if l.startswith("WRKJSON "))
+    raw = json.loads(line[len("WRKJSON "):])
+    errors = raw["connect"] + raw["read"] + raw["write"] + raw["status"] + raw["timeout"]
+    return {
+        "connections": connections,
+        "rps": raw["requests"] / (raw["duration_us"] / 1e6),
+        "p50_ms": raw["p50_us"] / 1000,
+        "p90_ms": raw["p90_us"] / 1000,
+        "p99_ms": raw["p99_us"] / 1000,
+        "max_ms": raw["max_us"] / 1000,
+        "requests": raw["requests"],
+        "errors": errors,
+        "non_2xx": raw["status"],
+    }
+
+
+def measure_service(make, label):
+    log(f"{label}: start to /ready, {STARTS} starts")
+    starts = []
+    for _ in range(STARTS):
+        server = make()
+        try:
+            starts.append(server.wait_ready() * 1000)
+        finally:
+            server.stop()
+            if hasattr(server, "data"):
+                shutil.rmtree(server.data, ignore_errors=True)
+    server = make()
+    try:
+        server.wait_ready()
+        time.sleep(1.0)
+        idle = server.rss_mb()
+        result = {"ready_ms": statistics.median(starts), "ready_ms_all": starts, "idle_rss_mb": idle}
+        for path in ["/health", "/agent"]:
+            sweep = []
+            for connections in CONNECTIONS:
+                seconds = HEADLINE_SECONDS if connections == HEADLINE else SWEEP_SECONDS
+                log(f"{label}: {path} at {connections} connections, {seconds}s")
+                point = wrk(server, path, connections, seconds)
+                if connections == HEADLINE:
+                    point["rss_mb"] = server.rss_mb()
+                sweep.append(point)
+            result[path.strip("/")] = sweep
+        result["peak_rss_mb"] = server.rss_mb("VmHWM")
+        return result
+    finally:
+        server.stop()
+        if hasattr(server, "data"):
+            shutil.rmtree(server.data, ignore_errors=True)
+
+
+def headline(result, path):
+    return next(p for p in result[path] if p["connections"] == HEADLINE)
+
+
+def postgres_url():
+    try:
+        admin = subprocess.run([str(ROOT / "scripts" / "ensure-postgres")], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as error:
+        log(f"no PostgreSQL ({error}); skipping the PostgreSQL figures")
+        return None, None
+    name = f"bench_{int(time.time())}"
+    subprocess.run(["psql", admin, "-qc", f"create database {name}"], check=True)
+    return admin, admin.rsplit("/", 1)[0] + "/" + name
+
+
+def measure_postgres():
+    admin, url = postgres_url()
+    if not url:
+        return None
+    server = bulkhead(database_url=url)
+    try:
+        server.wait_ready()
+        log(f"bulkhead on PostgreSQL: /agent at {HEADLINE} connections")
+        return wrk(server, "/agent", HEADLINE, HEADLINE_SECONDS)
+    finally:
+        server.stop()
+        subprocess.run(["psql", admin, "-qc", f"drop database if exists {url.rsplit('/', 1)[1]}"])
+
+
+def measure_streams():
+    log(f"bulkhead: {STREAM_RUNS} concurrent streaming runs, mock model latency 1 s")
+    server = bulkhead(extra={"MOCK_MODEL_LATENCY_MS": "1000", "DATABASE_MAX_CONNECTIONS": "4"})
+    try:
+        server.wait_ready()
+        peak = {"rss": 0.0}
+        load = subprocess.Popen(
+            ["taskset", "-c", LOAD_CPUS, str(STREAM_LOAD), server.base, str(STREAM_RUNS), "180"],
+            stdout=subprocess.PIPE, text=True, preexec_fn=raise_nofile,
+        )
+        while load.poll() is None:
+            peak["rss"] = max(peak["rss"], server.rss_mb())
+            time.sleep(0.05)
+        report = json.loads(load.stdout.read())
+        report["peak_rss_mb"] = max(peak["rss"], server.rss_mb("VmHWM"))
+        return report
+    finally:
+        server.stop()
+        shutil.rmtree(server.data, ignore_errors=True)
+
+
+def measure_sandboxes():
+    log("sandbox latency per backend")
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    try:
+        subprocess.run([str(SANDBOX_BENCH), str(BULKHEAD), str(out), "100"], check=True,
+                       stdout=subprocess.DEVNULL)
+        rows = json.loads(out.read_text())["results"]
+    except (OSError, subprocess.CalledProcessError) as error:
+        log(f"sandbox benchmark failed: {error}")
+        return []
+    finally:
+        out.unlink(missing_ok=True)
+    return rows
+
+
+def docker_ok():
+    return shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+
+def measure_image():
+    if not docker_ok():
+        log("no Docker Engine: skipping the image figures")
+        return None
+    log("image: build, size, container start to healthy")
+    subprocess.run(["docker", "build", "-q", "-t", "bulkhead:bench", str(ROOT)], check=True,
+                   stdout=subprocess.DEVNULL)
+    size = int(subprocess.run(["docker", "image", "inspect", "-f", "{{.Size}}", "bulkhead:bench"],
+                              capture_output=True, text=True, check=True).stdout)
+    to_health, to_healthy = [], []
+    for _ in range(3):
+        name = f"bulkhead-bench-{os.getpid()}-{time.time_ns()}"
+        port = free_port()
+        started = time.perf_counter()
+        subprocess.run(["docker", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000",
+                        "--tmpfs", "/data:uid=65532,gid=65532", "-e", "AGENT_MODE=development",
+                        "bulkhead:bench"], check=True, stdout=subprocess.DEVNULL)
+        try:
+            answered = healthy = None
+            while time.perf_counter() - started < 30 and (answered is None or healthy is None):
+                now = time.perf_counter() - started
+                if answered is None and get(f"http://127.0.0.1:{port}/health", 0.2) == 200:
+                    answered = now
+                if healthy is None:
+                    state = subprocess.run(["docker", "inspect", "-f", "{{.State.Health.Status}}", name],
+                                           capture_output=True, text=True).stdout.strip()
+                    if state == "healthy":
+                        healthy = now
+                time.sleep(0.01)
+            to_health.append((answered or 30) * 1000)
+            to_healthy.append((healthy or 30) * 1000)
+        finally:
+            subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    return {
+        "size_mb": size / 1e6,
+        "start_to_health_answer_ms": statistics.median(to_health),
+        "start_to_healthy_status_ms": statistics.median(to_healthy),
+    }
+
+
+def verdict(value, target, lower_is_better=True):
+    if value is None:
+        return "not measured"
+    ok = value <= target if lower_is_better else value >= target
+    return "met" if ok else "**missed**"
+
+
+def table(results):
+    b, r = results["bulkhead"], results["fastapi"]
+    b_agent, r_agent = headline(b, "agent"), headline(r, "agent")
+    b_health, r_health = headline(b, "health"), headline(r, "health")
+    rows = []
+
+    def row(figure, bulk, ref, ratio, target, state):
+        rows.append(f"| {figure} | {bulk} | {ref} | {ratio} | {target} | {state} |")
+
+    rps_ratio = b_agent["rps"] / max(r_agent["rps"], 1e-9)
+    p99_ratio = b_agent["p99_ms"] / max(r_agent["p99_ms"], 1e-9)
+    row("`/agent` req/s (64 conn., SQLite)", f"{b_agent['rps']:,.0f}", f"{r_agent['rps']:,.0f}",
+        f"{rps_ratio:.1f}×", "≥ 20×", verdict(rps_ratio, TARGETS["agent_rps_ratio"], False))
+    row("`/agent` p50 / p99", f"{b_agent['p50_ms']:.2f} / {b_agent['p99_ms']:.2f} ms",
+        f"{r_agent['p50_ms']:.2f} / {r_agent['p99_ms']:.2f} ms", f"p99 {p99_ratio:.2f}×", "p99 ≤ 0.1×",
+        verdict(p99_ratio, TARGETS["agent_p99_ratio"]))
+    row("`/agent` errors", b_agent["errors"], r_agent["errors"], "", "0",
+        verdict(b_agent["errors"], 0))
+    row("`/health` req/s (64 conn.)", f"{b_health['rps']:,.0f}", f"{r_health['rps']:,.0f}",
+        f"{b_health['rps'] / max(r_health['rps'], 1e-9):.1f}×", "", "")
+    row("`/health` p50 / p99", f"{b_health['p50_ms']:.2f} / {b_health['p99_ms']:.2f} ms",
+        f"{r_health['p50_ms']:.2f} / {r_health['p99_ms']:.2f} ms", "", "", "")
+    row("start to `/ready` (median)", f"{b['ready_ms']:.1f} ms", f"{r['ready_ms']:.0f} ms",
+        f"{b['ready_ms'] / max(r['ready_ms'], 1e-9):.2f}×", "≤ 30 ms", verdict(b["ready_ms"], TARGETS["ready_ms"]))
+    row("resident memory, idle", f"{b['idle_rss_mb']:.1f} MB", f"{r['idle_rss_mb']:.1f} MB",
+        f"{b['idle_rss_mb'] / max(r['idle_rss_mb'], 1e-9):.2f}×", "≤ 15 MB",
+        verdict(b["idle_rss_mb"], TARGETS["idle_rss_mb"]))
+    row("resident memory, `/agent` load (peak)", f"{b['peak_rss_mb']:.1f} MB", f"{r['peak_rss_mb']:.1f} MB",
+        "", "", "")
+    pg = results.get("postgres")
+    if pg:
+        row("`/agent` on PostgreSQL req/s, p50 / p99", f"{pg['rps']:,.0f}, {pg['p50_ms']:.2f} / {pg['p99_ms']:.2f} ms",
+            "", "", "", f"{pg['errors']} errors")
+    streams = results.get("streams")
+    if streams:
+        row(f"{streams['runs']:,} concurrent streaming runs (1 s model)",
+            f"{streams['completed']:,} done, {streams['errors']} errors, {streams['wall_ms'] / 1000:.1f} s",
+            "", "", "all, 0 errors", verdict(streams["errors"], 0))
+        row("resident memory, streaming runs (peak)", f"{streams['peak_rss_mb']:.0f} MB", "", "", "≤ 300 MB",
+            verdict(streams["peak_rss_mb"], TARGETS["stream_rss_mb"]))
+    for item in results.get("sandboxes", []):
+        target, key = "", None
+        if item["backend"] == "namespace" and item["operation"].startswith("true"):
+            target, key = "p50 ≤ 10 ms", "sandbox_namespace_p50_ms"
+        elif item["backend"] == "docker" and item["operation"].startswith("true"):
+            target, key = "p50 ≤ 60 ms", "sandbox_docker_warm_p50_ms"
+        elif item["backend"] == "docker" and "cold" in item["operation"]:
+            target, key = "≤ 400 ms", "sandbox_docker_cold_ms"
+        row(f"sandbox {item['backend']}: {item['operation']}",
+            f"p50 {item['p50_ms']:.1f} / p99 {item['p99_ms']:.1f} ms", "", "", target,
+            verdict(item["p50_ms"], TARGETS[key]) if key else "")
+    image = results.get("image")
+    if image:
+        row("image size", f"{image['size_mb']:.1f} MB", "", "", "≤ 15 MB", verdict(image["size_mb"], TARGETS["image_mb"]))
+        row("container start to `/health` answering", f"{image['start_to_health_answer_ms']:.0f} ms", "", "", "", "")
+        row("container start to `healthy`", f"{image['start_to_healthy_status_ms']:.0f} ms", "", "", "≤ 1 s",
+            verdict(image["start_to_healthy_status_ms"], TARGETS["container_healthy_ms"]))
+    head = [
+        f"Run {results['commit']} at {results['time']} on {results['cores']} cores "
+        f"(servers on CPU {SERVER_CPUS}, load on CPU {LOAD_CPUS}).",
+        "",
+        "| figure | Bulkhead | FastAPI reference | ratio | target | |",
+        "|---|---|---|---|---|---|",
+    ]
+    return "\n".join(head + rows) + "\n"
+
+
+def plots(results, stem):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no plots")
+        return []
+    written = []
+    for path in ["agent", "health"]:
+        figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        for name, style in [("bulkhead", "o-"), ("fastapi", "s--")]:
+            sweep = results[name][path]
+            x = [p["connections"] for p in sweep]
+            left.plot(x, [p["rps"] for p in sweep], style, label=name)
+            right.plot(x, [p["p99_ms"] for p in sweep], style, label=f"{name} p99")
+            right.plot(x, [p["p50_ms"] for p in sweep], style, alpha=0.4, label=f"{name} p50")
+        for axis, label in [(left, "requests per second"), (right, "latency (ms)")]:
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("connections")
+            axis.set_ylabel(label)
+            axis.grid(True, alpha=0.3)
+            axis.legend()
+        right.set_yscale("log")
+        figure.suptitle(f"/{path}: Bulkhead vs FastAPI reference ({results['commit']}, {results['cores']} cores)")
+        figure.tight_layout()
+        out = RESULTS / f"{stem}-{path}.png"
+        figure.savefig(out, dpi=100)
+        plt.close(figure)
+        written.append(str(out.relative_to(ROOT)))
+    return written
+
+
+def main():
+    raise_nofile()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    results = {
+        "commit": commit,
+        "time": stamp,
+        "cores": os.cpu_count(),
+        "server_cpus": SERVER_CPUS,
+        "load_cpus": LOAD_CPUS,
+        "targets": TARGETS,
+    }
+    started = time.time()
+    results["fastapi"] = measure_service(reference, "fastapi")
+    results["bulkhead"] = measure_service(bulkhead, "bulkhead")
+    results["postgres"] = measure_postgres()
+    results["streams"] = measure_streams()
+    results["sandboxes"] = measure_sandboxes()
+    results["image"] = measure_image()
+    results["seconds"] = round(time.time() - started)
+    stem = f"run-{commit}-{stamp}"
+    results["plots"] = plots(results, stem)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    markdown = table(results)
+    (RESULTS / f"{stem}.md").write_text(markdown)
+    (RESULTS / "latest.md").write_text(markdown)
+    print(markdown)
+    log(f"written: bench/results/{stem}.json, .md and {len(results['plots'])} plots in {results['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+//! Nothing to link: see `src/bin/stream_load.rs`, run by `bench/run`.
