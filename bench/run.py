@@ -164,6 +164,8 @@ class Server:
 def bulkhead(database_url=None, extra=None):
     port = free_port()
     data = Path(tempfile.mkdtemp(prefix="bulkhead-bench-"))
+    # mkdtemp makes it 0700; the sandboxes' host uid must traverse it.
+    data.chmod(0o755)
     env = {
         "PATH": os.environ["PATH"],
         "HOME": os.environ.get("HOME", "/root"),

@@ -44,9 +44,33 @@ impl std::fmt::Debug for Daemon {
 }
 
 /// A sandbox, made once even when several requests ask for it at once.
-#[derive(Default)]
 struct Slot {
     sandbox: OnceCell<Arc<dyn Sandbox>>,
+    last_used: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Default for Slot {
+    fn default() -> Slot {
+        Slot {
+            sandbox: OnceCell::new(),
+            last_used: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+}
+
+impl Slot {
+    fn touch(&self) {
+        if let Ok(mut last_used) = self.last_used.lock() {
+            *last_used = std::time::Instant::now();
+        }
+    }
+
+    fn idle_for(&self) -> std::time::Duration {
+        self.last_used
+            .lock()
+            .map(|t| t.elapsed())
+            .unwrap_or_default()
+    }
 }
 
 impl Daemon {
@@ -103,6 +127,7 @@ impl Daemon {
         if let Some(sandbox) = replaced.as_ref().and_then(|old| old.sandbox.get()) {
             let _ = sandbox.destroy().await;
         }
+        slot.touch();
         let limits = cap(limits, &self.ceiling);
         let sandbox = slot
             .sandbox
@@ -123,6 +148,35 @@ impl Daemon {
                     .await
                     .remove(&(scope.to_string(), id.to_string()));
                 Err(e.into())
+            }
+        }
+    }
+
+    /// Destroys the sandboxes no request has used for `idle`: a server that
+    /// went away for good does not leave its sandboxes running forever. A
+    /// server that comes back gets a fresh sandbox on its next call.
+    pub async fn reap_idle(&self, idle: std::time::Duration) {
+        let expired: Vec<((String, String), Arc<Slot>)> = {
+            let mut sandboxes = self.sandboxes.lock().await;
+            let keys: Vec<(String, String)> = sandboxes
+                .iter()
+                .filter(|(_, slot)| {
+                    slot.idle_for() >= idle
+                        // Not in use: an operation in flight holds the
+                        // sandbox (and a creation the slot) as well.
+                        && Arc::strong_count(slot) == 1
+                        && slot.sandbox.get().is_none_or(|s| Arc::strong_count(s) == 1)
+                })
+                .map(|(key, _)| key.clone())
+                .collect();
+            keys.into_iter()
+                .filter_map(|key| sandboxes.remove(&key).map(|slot| (key, slot)))
+                .collect()
+        };
+        for ((scope, id), slot) in expired {
+            if let Some(sandbox) = slot.sandbox.get() {
+                tracing::info!(scope, id, "destroying an idle sandbox");
+                let _ = sandbox.destroy().await;
             }
         }
     }
@@ -205,17 +259,34 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .with_state(daemon)
 }
 
-/// Serves until `shutdown` completes, then destroys every sandbox.
+/// Serves until `shutdown` completes, then destroys every sandbox. Meanwhile
+/// sandboxes idle for `idle` are destroyed.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     daemon: Arc<Daemon>,
+    idle: std::time::Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(Arc::clone(&daemon)))
+    let reaper = tokio::spawn({
+        let daemon = Arc::clone(&daemon);
+        async move {
+            let period = (idle / 2).clamp(
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(30),
+            );
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                daemon.reap_idle(idle).await;
+            }
+        }
+    });
+    let served = axum::serve(listener, router(Arc::clone(&daemon)))
         .with_graceful_shutdown(shutdown)
-        .await?;
+        .await;
+    reaper.abort();
     daemon.destroy_all().await;
-    Ok(())
+    served
 }
 
 async fn require_token(

@@ -25,10 +25,15 @@ struct Sandboxd {
 impl Sandboxd {
     async fn start(ceiling: Limits) -> Sandboxd {
         let dir = tempfile::tempdir().unwrap();
-        Sandboxd::start_at(dir, ceiling, 0).await
+        Sandboxd::start_at(dir, ceiling, 0, Duration::from_secs(3600)).await
     }
 
-    async fn start_at(dir: tempfile::TempDir, ceiling: Limits, port: u16) -> Sandboxd {
+    async fn start_at(
+        dir: tempfile::TempDir,
+        ceiling: Limits,
+        port: u16,
+        idle: Duration,
+    ) -> Sandboxd {
         let root = dir.path().to_path_buf();
         let helper = bulkhead_testing::sandbox_helper();
         let factory_root = root.clone();
@@ -49,7 +54,7 @@ impl Sandboxd {
         let url = url::Url::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            serve(listener, daemon, async {
+            serve(listener, daemon, idle, async {
                 let _ = stopped.await;
             })
             .await
@@ -278,7 +283,7 @@ async fn restart_on(dir: tempfile::TempDir, port: u16) -> Sandboxd {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Sandboxd::start_at(dir, Limits::default(), port).await
+    Sandboxd::start_at(dir, Limits::default(), port, Duration::from_secs(3600)).await
 }
 
 #[tokio::test]
@@ -312,5 +317,28 @@ async fn removing_leftovers_of_one_scope_leaves_the_others_alone() {
     };
     assert!(read(theirs).await, "another scope's workspace was kept");
     assert!(!read(mine).await, "the scope's own leftovers were removed");
+    sandboxd.stop().await;
+}
+
+#[tokio::test]
+async fn sandboxes_left_idle_are_destroyed_by_sandboxd() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandboxd = Sandboxd::start_at(dir, Limits::default(), 0, Duration::from_secs(1)).await;
+    let backend = sandboxd.client("forgetful", TOKEN);
+    let sandbox = backend.create("s", &Limits::default()).await.unwrap();
+    let write = Operation::WriteFile {
+        path: "kept.txt".into(),
+        content: "x".into(),
+    };
+    let read = Operation::ReadFile {
+        path: "kept.txt".into(),
+    };
+    assert!(sandbox.run(&write).await.unwrap().success());
+    // Used within the idle time: kept.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(sandbox.run(&read).await.unwrap().success());
+    // Then left alone for longer: destroyed; the next call gets a fresh one.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    assert!(!sandbox.run(&read).await.unwrap().success());
     sandboxd.stop().await;
 }

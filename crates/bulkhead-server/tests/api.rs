@@ -1690,6 +1690,7 @@ async fn spawn_sandboxd(
         config.sandbox.limits.clone(),
         factory,
     );
+    let idle = config.sandbox.idle;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .unwrap();
@@ -1697,7 +1698,7 @@ async fn spawn_sandboxd(
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let _proxy = proxy;
-        bulkhead_sandbox_remote::server::serve(listener, daemon, async {
+        bulkhead_sandbox_remote::server::serve(listener, daemon, idle, async {
             let _ = stopped.await;
         })
         .await

@@ -250,7 +250,8 @@ fn sandboxd() -> ExitCode {
             ceilings = ?config.sandbox.limits,
             "sandboxd listening"
         );
-        bulkhead_sandbox_remote::server::serve(listener, daemon, shutdown).await?;
+        bulkhead_sandbox_remote::server::serve(listener, daemon, config.sandbox.idle, shutdown)
+            .await?;
         tracing::info!("sandboxd stopped; its sandboxes are removed");
         anyhow::Ok(())
     });
