@@ -450,12 +450,12 @@ def plots(results, stem):
     written = []
     for path in ["agent", "health"]:
         figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-        for name, style in [("bulkhead", "o-"), ("fastapi", "s--")]:
+        for name, style, color in [("bulkhead", "o-", "tab:blue"), ("fastapi", "s--", "tab:orange")]:
             sweep = results[name][path]
             x = [p["connections"] for p in sweep]
-            left.plot(x, [p["rps"] for p in sweep], style, label=name)
-            right.plot(x, [p["p99_ms"] for p in sweep], style, label=f"{name} p99")
-            right.plot(x, [p["p50_ms"] for p in sweep], style, alpha=0.4, label=f"{name} p50")
+            left.plot(x, [p["rps"] for p in sweep], style, color=color, label=name)
+            right.plot(x, [p["p99_ms"] for p in sweep], style, color=color, label=f"{name} p99")
+            right.plot(x, [p["p50_ms"] for p in sweep], style, color=color, alpha=0.4, label=f"{name} p50")
         for axis, label in [(left, "requests per second"), (right, "latency (ms)")]:
             axis.set_xscale("log", base=2)
             axis.set_xlabel("connections")
