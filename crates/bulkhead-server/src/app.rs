@@ -47,25 +47,44 @@ impl App {
     /// Connects to the database (waiting for it up to
     /// `DATABASE_CONNECT_TIMEOUT_SECONDS`), migrates it and sets up the model.
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        let store = connect_store(&config).await?;
-        let applied = store.migrate().await.context("database migration failed")?;
-        tracing::info!(
-            backend = store.backend().as_str(),
-            migrations = applied,
-            "database ready"
-        );
-        if store.backend() == bulkhead_store::Backend::Sqlite {
-            let recovered = store
-                .recover_abandoned_runs(bulkhead_agent::now_ms())
-                .await
-                .context("could not recover runs left by a previous process")?;
-            if recovered > 0 {
-                tracing::warn!(
-                    runs = recovered,
-                    "marked runs left unfinished by a previous process as interrupted"
-                );
+        // The database and the sandbox backend are set up side by side: the
+        // first `/ready` waits for both, so start-up takes the longer of the
+        // two rather than their sum.
+        let role = config.role;
+        let database = async {
+            let store = connect_store(&config).await?;
+            let applied = store.migrate().await.context("database migration failed")?;
+            tracing::info!(
+                backend = store.backend().as_str(),
+                migrations = applied,
+                "database ready"
+            );
+            if store.backend() == bulkhead_store::Backend::Sqlite {
+                let recovered = store
+                    .recover_abandoned_runs(bulkhead_agent::now_ms())
+                    .await
+                    .context("could not recover runs left by a previous process")?;
+                if recovered > 0 {
+                    tracing::warn!(
+                        runs = recovered,
+                        "marked runs left unfinished by a previous process as interrupted"
+                    );
+                }
             }
-        }
+            anyhow::Ok(store)
+        };
+        // Roles that run no tools need no sandbox: nothing to probe, nothing
+        // to make, and no sandbox entry in /ready.
+        let sandboxes = async {
+            if role.uses_tools() {
+                let (sandboxes, proxy) = start_sandboxes(&config).await?;
+                anyhow::Ok((Some(sandboxes), proxy))
+            } else {
+                tracing::info!(role = role.as_str(), "this role runs no tools: no sandbox backend");
+                Ok((None, None))
+            }
+        };
+        let (store, (sandboxes, egress_proxy)) = tokio::try_join!(database, sandboxes)?;
         let model = match &config.model.endpoint {
             Some(endpoint) => Model::Remote(
                 OpenAiClient::new(ModelSettings {
@@ -109,19 +128,6 @@ impl App {
         let lock_ttl = config.model.timeout * (config.model.max_retries + 1)
             + Duration::from_secs(8) * config.model.max_retries
             + Duration::from_secs(120);
-        let role = config.role;
-        // Roles that run no tools need no sandbox: nothing to probe, nothing
-        // to make, and no sandbox entry in /ready.
-        let (sandboxes, egress_proxy) = if role.uses_tools() {
-            let (sandboxes, proxy) = start_sandboxes(&config).await?;
-            (Some(sandboxes), proxy)
-        } else {
-            tracing::info!(
-                role = role.as_str(),
-                "this role runs no tools: no sandbox backend"
-            );
-            (None, None)
-        };
         let peers = match &config.peers {
             Some(peers) => Some(Arc::new(
                 PeerClient::new(peers.clone()).map_err(|e| anyhow::anyhow!("{e}"))?,
