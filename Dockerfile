@@ -42,8 +42,9 @@ USER 65532:65532
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 8000
-# Every 0.5 s (written so for hadolint): Docker runs the first check one interval after start, and
-# engines before 25 have no --start-interval to check faster while starting.
+# Every half second (0.5s: hadolint reads no "ms"): Docker runs the first
+# check one interval after the start, and engines before 25 have no
+# --start-interval to check faster while starting.
 HEALTHCHECK --interval=0.5s --timeout=2s --start-period=10s --retries=3 \
   CMD ["/bulkhead", "healthcheck"]
 LABEL org.opencontainers.image.title="bulkhead" \
