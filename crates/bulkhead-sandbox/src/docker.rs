@@ -335,7 +335,7 @@ impl Backend for DockerBackend {
                 host_config: Some(host_config),
                 ..Default::default()
             };
-            docker
+            let id = docker
                 .create_container(
                     Some(CreateContainerOptions {
                         name: name.clone(),
@@ -344,7 +344,8 @@ impl Backend for DockerBackend {
                     config,
                 )
                 .await
-                .map_err(|e| unavailable("cannot create the sandbox container", e))?;
+                .map_err(|e| unavailable("cannot create the sandbox container", e))?
+                .id;
             if let Err(e) = docker.start_container::<String>(&name, None).await {
                 let _ = remove(docker, &name, &volume).await;
                 return Err(unavailable("cannot start the sandbox container", e));
@@ -352,6 +353,8 @@ impl Backend for DockerBackend {
             Ok(Arc::new(DockerSandbox {
                 inner: Arc::clone(&self.inner),
                 name,
+                id,
+                init_pid: std::sync::Mutex::new(None),
                 volume,
                 limits: limits.clone(),
                 counters: Mutex::new(Counters::default()),
@@ -432,6 +435,11 @@ struct Counters {
 struct DockerSandbox {
     inner: Arc<Inner>,
     name: String,
+    /// The container's full id, which its cgroup paths contain.
+    id: String,
+    /// The host pid of the container's init, once looked up: reading the
+    /// cgroup counters then costs no round trip to the engine.
+    init_pid: std::sync::Mutex<Option<i64>>,
     volume: String,
     limits: Limits,
     counters: Mutex<Counters>,
@@ -820,7 +828,17 @@ impl DockerSandbox {
         hit
     }
 
-    async fn host_observation(&self) -> Option<Observation> {
+    /// The host pid of the container's init and its `/proc/<pid>/cgroup`:
+    /// the cached pid while its cgroup still names this container (a
+    /// restart gives a new init), else asked of the engine.
+    async fn init_cgroups(&self) -> Option<(i64, String)> {
+        let cached = self.init_pid.lock().ok().and_then(|pid| *pid);
+        if let Some(pid) = cached
+            && let Ok(cgroups) = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            && cgroups.contains(&self.id)
+        {
+            return Some((pid, cgroups));
+        }
         let docker = self.inner.client().await.ok()?;
         let pid = docker
             .inspect_container(&self.name, None)
@@ -832,6 +850,14 @@ impl DockerSandbox {
             return None;
         }
         let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        if let Ok(mut cached) = self.init_pid.lock() {
+            *cached = Some(pid);
+        }
+        Some((pid, cgroups))
+    }
+
+    async fn host_observation(&self) -> Option<Observation> {
+        let (pid, cgroups) = self.init_cgroups().await?;
         let path_of = |controller: &str| {
             cgroups.lines().find_map(|line| {
                 let mut fields = line.splitn(3, ':');

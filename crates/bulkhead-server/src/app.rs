@@ -80,7 +80,10 @@ impl App {
                 let (sandboxes, proxy) = start_sandboxes(&config).await?;
                 anyhow::Ok((Some(sandboxes), proxy))
             } else {
-                tracing::info!(role = role.as_str(), "this role runs no tools: no sandbox backend");
+                tracing::info!(
+                    role = role.as_str(),
+                    "this role runs no tools: no sandbox backend"
+                );
                 Ok((None, None))
             }
         };
