@@ -22,7 +22,7 @@
 //! | `GET /health` | `{"status":"healthy"}` |
 //! | `GET /v1/scopes/{scope}/probe` | a [`Probe`](bulkhead_sandbox::Probe) |
 //! | `GET /v1/scopes/{scope}/ping` | 204: sandboxd answers and takes the token |
-//! | `PUT /v1/scopes/{scope}/sandboxes/{id}` with [`Limits`](bulkhead_sandbox::Limits) | the limits applied |
+//! | `PUT /v1/scopes/{scope}/sandboxes/{id}` with [`Limits`](bulkhead_sandbox::Limits) | the limits applied (made if not held; a held one is kept) |
 //! | `POST /v1/scopes/{scope}/sandboxes/{id}/run` with a [`RunRequest`] | an [`ExecResult`](bulkhead_sandbox::ExecResult) |
 //! | `DELETE /v1/scopes/{scope}/sandboxes/{id}` | 204 |
 //! | `DELETE /v1/scopes/{scope}/sandboxes` | `{"removed": n}`: the scope's leftovers |

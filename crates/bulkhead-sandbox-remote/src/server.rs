@@ -104,29 +104,19 @@ impl Daemon {
     }
 
     /// The sandbox, made with `limits` (capped) if sandboxd does not hold it.
+    /// Never replaced while held: a client that wants a fresh one destroys
+    /// it first (and a server starting anew clears its scope), so that no
+    /// request can remove a container another request is using.
     async fn sandbox(
         &self,
         scope: &str,
         id: &str,
         limits: &Limits,
-        replace: bool,
     ) -> Result<Arc<dyn Sandbox>, ApiError> {
         let backend = self.backend(scope).await?;
         validate_name("sandbox id", id)?;
         let key = (scope.to_string(), id.to_string());
-        let (slot, replaced) = {
-            let mut sandboxes = self.sandboxes.lock().await;
-            let replaced = if replace {
-                sandboxes.remove(&key)
-            } else {
-                None
-            };
-            (Arc::clone(sandboxes.entry(key).or_default()), replaced)
-        };
-        // Outside the map's lock: removing a container takes a while.
-        if let Some(sandbox) = replaced.as_ref().and_then(|old| old.sandbox.get()) {
-            let _ = sandbox.destroy().await;
-        }
+        let slot = Arc::clone(self.sandboxes.lock().await.entry(key).or_default());
         slot.touch();
         let limits = cap(limits, &self.ceiling);
         let sandbox = slot
@@ -334,7 +324,7 @@ async fn create(
     Path((scope, id)): Path<(String, String)>,
     Json(limits): Json<Limits>,
 ) -> Result<Json<Limits>, ApiError> {
-    let sandbox = daemon.sandbox(&scope, &id, &limits, true).await?;
+    let sandbox = daemon.sandbox(&scope, &id, &limits).await?;
     Ok(Json(sandbox.limits().clone()))
 }
 
@@ -344,7 +334,7 @@ async fn run(
     Json(request): Json<RunRequest>,
 ) -> Result<Json<ExecResult>, ApiError> {
     request.operation.validate()?;
-    let sandbox = daemon.sandbox(&scope, &id, &request.limits, false).await?;
+    let sandbox = daemon.sandbox(&scope, &id, &request.limits).await?;
     let result = sandbox.run(&request.operation).await?;
     tracing::info!(
         scope,
