@@ -121,6 +121,10 @@ async fn the_compose_stack_runs_keeps_its_data_and_survives_a_database_outage() 
     let inspect = &inspect[0];
     let mounts = inspect["Mounts"].to_string();
     assert!(!mounts.contains("docker.sock"), "{mounts}");
+    assert!(
+        !mounts.contains("\"Destination\":\"/data\""),
+        "no anonymous volume for the unused data folder: {mounts}"
+    );
     assert_eq!(inspect["HostConfig"]["CapDrop"], json!(["ALL"]));
     assert_eq!(inspect["HostConfig"]["CapAdd"], Value::Null);
     assert_eq!(inspect["HostConfig"]["Privileged"], false);
