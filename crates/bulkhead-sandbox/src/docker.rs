@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bollard::Docker;
 use bollard::container::{
     Config, CreateContainerOptions, KillContainerOptions, ListContainersOptions, LogOutput,
-    RemoveContainerOptions,
+    RemoveContainerOptions, RestartContainerOptions,
 };
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
 use bollard::models::{HostConfig, Mount, MountTypeEnum, ResourcesUlimits};
@@ -562,39 +562,38 @@ impl DockerSandbox {
         // ways depending on how far the stop has got: an engine error, or
         // exit code 126 with the engine's message ("cannot exec in a
         // stopped state", "task … not found") on stdout and nothing on
-        // stderr. Then the container's state decides.
-        // How long to watch the state: the engine can keep reporting the
-        // container running for seconds after its init died when the
-        // machine is busy, so an answer in the engine's own words is
-        // watched longer than a bare 126, which a program may return.
-        let watch = match &first {
+        // stderr. When the runtime itself says the container is stopped, that is
+        // believed at once: the engine's own state can lag behind it by
+        // many seconds on a busy machine (seen in CI), so the container is
+        // restarted through the engine, which settles its state first.
+        // A bare 126 with nothing on stderr may be a program's own answer,
+        // so then the state decides, watched briefly.
+        match &first {
             Ok(result)
                 if result.exit_code == Some(126)
                     && result.stderr.total_bytes == 0
                     && result.stdout.total_bytes < 512 =>
             {
                 let text = &result.stdout.text;
-                if [
-                    "stopped state",
-                    "not found",
-                    "OCI runtime",
-                    "is not running",
-                ]
-                .iter()
-                .any(|words| text.contains(words))
-                {
-                    Duration::from_secs(10)
+                let engine_says_stopped = text.contains("cannot exec in a stopped")
+                    || (text.contains("OCI runtime")
+                        && (text.contains("stopped") || text.contains("not running")));
+                if engine_says_stopped {
+                    self.restart_now().await?;
+                } else if self.stopped_or_stopping(Duration::from_secs(1)).await {
+                    self.restart().await?;
                 } else {
-                    Duration::from_secs(1)
+                    return first;
                 }
             }
-            Err(SandboxError::Unavailable(_)) => Duration::from_secs(10),
+            Err(SandboxError::Unavailable(_)) => {
+                if !self.stopped_or_stopping(Duration::from_secs(10)).await {
+                    return first;
+                }
+                self.restart().await?;
+            }
             _ => return first,
-        };
-        if !self.stopped_or_stopping(watch).await {
-            return first;
         }
-        self.restart().await?;
         self.exec_once(argv, stdin, timeout).await
     }
 
@@ -618,6 +617,17 @@ impl DockerSandbox {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         false
+    }
+
+    /// Restarts the container through the engine without waiting for its
+    /// state to catch up (the engine stops what is left, then starts it).
+    async fn restart_now(&self) -> Result<(), SandboxError> {
+        let docker = self.inner.client().await?;
+        *self.counters.lock().await = Counters::default();
+        docker
+            .restart_container(&self.name, Some(RestartContainerOptions { t: 0 }))
+            .await
+            .map_err(|e| unavailable("cannot restart the sandbox container", e))
     }
 
     /// Waits for the container to finish stopping, then starts it.
