@@ -44,7 +44,7 @@ impl Drop for Scene {
     fn drop(&mut self) {
         for container in &self.containers {
             let _ = Command::new("docker")
-                .args(["rm", "-f", container])
+                .args(["rm", "-f", "-v", container])
                 .output();
         }
         let _ = Command::new("docker")
