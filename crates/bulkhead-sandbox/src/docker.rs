@@ -479,14 +479,7 @@ impl DockerSandbox {
         match docker.create_exec(&self.name, options.clone()).await {
             Ok(exec) => Ok(exec.id),
             Err(first) => {
-                let running = docker
-                    .inspect_container(&self.name, None)
-                    .await
-                    .ok()
-                    .and_then(|c| c.state)
-                    .and_then(|s| s.running)
-                    .unwrap_or(false);
-                if running {
+                if self.running(docker).await.unwrap_or(false) {
                     return Err(unavailable("docker exec", first));
                 }
                 self.restart().await?;
@@ -604,14 +597,7 @@ impl DockerSandbox {
             return false;
         };
         for _ in 0..(watch.as_millis() / 50).max(1) {
-            let running = docker
-                .inspect_container(&self.name, None)
-                .await
-                .ok()
-                .and_then(|c| c.state)
-                .and_then(|s| s.running)
-                .unwrap_or(false);
-            if !running {
+            if !self.running(docker).await.unwrap_or(false) {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -630,18 +616,22 @@ impl DockerSandbox {
             .map_err(|e| unavailable("cannot restart the sandbox container", e))
     }
 
+    /// Whether the engine reports the container running.
+    async fn running(&self, docker: &Docker) -> Result<bool, SandboxError> {
+        Ok(docker
+            .inspect_container(&self.name, None)
+            .await
+            .map_err(|e| unavailable("cannot inspect the sandbox container", e))?
+            .state
+            .and_then(|s| s.running)
+            .unwrap_or(false))
+    }
+
     /// Waits for the container to finish stopping, then starts it.
     async fn restart(&self) -> Result<(), SandboxError> {
         let docker = self.inner.client().await?;
         for _ in 0..100 {
-            let running = docker
-                .inspect_container(&self.name, None)
-                .await
-                .map_err(|e| unavailable("cannot inspect the sandbox container", e))?
-                .state
-                .and_then(|s| s.running)
-                .unwrap_or(false);
-            if !running {
+            if !self.running(docker).await? {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
