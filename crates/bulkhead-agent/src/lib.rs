@@ -200,10 +200,13 @@ impl Engine {
         if !self.is_accepting() {
             return Err(StartError::ShuttingDown);
         }
-        let run_id = uuid::Uuid::new_v4().to_string();
+        // Time-ordered ids (UUIDv7): the store's indexes grow at their end
+        // instead of at random pages, so a commit writes a few pages for many
+        // runs rather than a few pages per run.
+        let run_id = uuid::Uuid::now_v7().to_string();
         let (session_id, is_new_session) = match start.session_id {
             Some(id) => (id, false),
-            None => (uuid::Uuid::new_v4().to_string(), true),
+            None => (uuid::Uuid::now_v7().to_string(), true),
         };
         let session = if is_new_session {
             SessionRef::New(&session_id)
@@ -213,6 +216,7 @@ impl Engine {
         let now = now_ms();
         let mut state = RunState::new(run_id.clone(), session_id.clone(), start.stream);
         state.input = start.message.clone();
+        state.new_session = is_new_session;
         let started = state.next_event(
             "run_started",
             json!({"run_id": run_id, "session_id": session_id}),
@@ -351,12 +355,17 @@ impl Engine {
 
     /// Model, tools, model… until a text answer. Returns that answer.
     async fn agent_loop(&self, state: &mut RunState) -> Result<String, Failure> {
-        let stored = self
-            .store
-            .messages(&state.session_id)
-            .await
-            .map_err(|e| internal("could not load the conversation", &e))?;
-        let mut conversation: Vec<ChatMessage> = Vec::with_capacity(stored.len() + 1);
+        // A session this run opened holds nothing but the run's input: no
+        // need to read it back.
+        let stored = if state.new_session {
+            Vec::new()
+        } else {
+            self.store
+                .messages(&state.session_id)
+                .await
+                .map_err(|e| internal("could not load the conversation", &e))?
+        };
+        let mut conversation: Vec<ChatMessage> = Vec::with_capacity(stored.len() + 2);
         if let Some(prompt) = &self.settings.system_prompt {
             conversation.push(ChatMessage::text("system", prompt.clone()));
         }
@@ -371,6 +380,9 @@ impl Engine {
                 tool_call_id: m.tool_call_id,
             }
         }));
+        if state.new_session {
+            conversation.push(ChatMessage::text("user", state.input.clone()));
+        }
 
         for step in 1..=self.settings.max_steps {
             state.steps = step as i64;
@@ -572,7 +584,7 @@ impl Engine {
         conversation.push(assistant);
         for call in calls {
             let name = call.function.name.as_str();
-            let audit_id = uuid::Uuid::new_v4().to_string();
+            let audit_id = uuid::Uuid::now_v7().to_string();
             state.emit(
                 "tool_call",
                 json!({"id": call.id, "name": name, "arguments": call.function.arguments, "audit_id": audit_id}),
@@ -851,6 +863,8 @@ struct RunState {
     session_id: String,
     /// The user's message that started the run.
     input: String,
+    /// The run opened its session: the conversation is its input alone.
+    new_session: bool,
     streaming: bool,
     seq: i64,
     steps: i64,
@@ -873,6 +887,7 @@ impl RunState {
             run_id,
             session_id,
             input: String::new(),
+            new_session: false,
             streaming,
             seq: 0,
             steps: 0,

@@ -4,11 +4,16 @@
 //! This is the only crate of the workspace that speaks SQL. Both backends use
 //! the same schema shape (ids as text, timestamps as milliseconds since the
 //! epoch, JSON as text), so every query is written once and run through
-//! whichever native sqlx driver the URL names. SQLite gets one writer
-//! connection and a pool of readers: SQLite serialises writers anyway, and a
-//! single writer turns lock contention (`SQLITE_BUSY`) into a plain queue.
+//! whichever driver the URL names. PostgreSQL runs on sqlx. SQLite reads
+//! (and migrations) run on sqlx too; its writes go to one writer thread that
+//! owns the only writing connection (rusqlite, the same SQLite library) and
+//! commits queued writes together: SQLite serialises writers anyway, a single
+//! writer turns lock contention (`SQLITE_BUSY`) into a plain queue, and whole
+//! units of work crossing threads once beat sqlx's hand-off per statement
+//! (see `sqlite_writer`).
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::QueryBuilder;
@@ -18,7 +23,12 @@ use sqlx::sqlite::{
 };
 
 mod model;
+mod sqlite_writer;
+mod sqlite_writes;
 pub use model::*;
+
+use sqlite_writer::Writer;
+use sqlite_writes::{OwnedBeginRun, OwnedFinish, OwnedProgress, OwnedToolExecution};
 
 /// Errors from the store. Their text never carries a connection string.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +44,12 @@ pub enum StoreError {
     },
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database writer: {0}")]
+    WriterFailed(String),
+    #[error("the store is closed")]
+    Closed,
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -84,7 +100,14 @@ impl Default for StoreOptions {
 
 #[derive(Clone)]
 enum Pools {
-    Sqlite { read: SqlitePool, write: SqlitePool },
+    Sqlite {
+        read: SqlitePool,
+        writer: Arc<Writer>,
+        /// How to open a connection for migrations.
+        connect: SqliteConnectOptions,
+        /// Where an in-memory database lives (removed with the last handle).
+        _memory: Option<Arc<tempfile::TempDir>>,
+    },
     Postgres(PgPool),
 }
 
@@ -102,11 +125,12 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Runs `$body` with `$pool` bound to the pool that takes writes.
-macro_rules! with_writer {
-    ($self:ident, |$pool:ident| $body:block) => {
+/// Runs a write: `$sqlite` (a unit for the SQLite writer thread) or `$body`
+/// with `$pool` bound to the PostgreSQL pool. Both evaluate to a `Result`.
+macro_rules! write_with {
+    ($self:ident, sqlite: $sqlite:expr, postgres: |$pool:ident| $body:block) => {
         match &$self.pools {
-            Pools::Sqlite { write: $pool, .. } => $body,
+            Pools::Sqlite { writer, .. } => writer.write($sqlite).await,
             Pools::Postgres($pool) => $body,
         }
     };
@@ -196,6 +220,10 @@ impl Store {
         Ok(Store { pools })
     }
 
+    fn is_sqlite(&self) -> bool {
+        matches!(self.pools, Pools::Sqlite { .. })
+    }
+
     pub fn backend(&self) -> Backend {
         match self.pools {
             Pools::Sqlite { .. } => Backend::Sqlite,
@@ -207,9 +235,12 @@ impl Store {
     /// number of migrations the schema now has.
     pub async fn migrate(&self) -> Result<usize, StoreError> {
         match &self.pools {
-            Pools::Sqlite { write, .. } => {
+            Pools::Sqlite { connect, .. } => {
+                use sqlx::Connection as _;
                 let migrator = sqlx::migrate!("migrations/sqlite");
-                migrator.run(write).await?;
+                let mut connection = sqlx::SqliteConnection::connect_with(connect).await?;
+                migrator.run(&mut connection).await?;
+                connection.close().await?;
                 Ok(migrator.iter().count())
             }
             Pools::Postgres(pool) => {
@@ -230,9 +261,9 @@ impl Store {
 
     pub async fn close(&self) {
         match &self.pools {
-            Pools::Sqlite { read, write } => {
+            Pools::Sqlite { read, writer, .. } => {
+                writer.close().await;
                 read.close().await;
-                write.close().await;
             }
             Pools::Postgres(pool) => pool.close().await,
         }
@@ -242,7 +273,7 @@ impl Store {
     /// sessions they held. Only sound where this process is the database's
     /// only user, which is what an SQLite file means for Bulkhead.
     pub async fn recover_abandoned_runs(&self, now: i64) -> Result<u64, StoreError> {
-        with_writer!(self, |pool| {
+        write_with!(self, sqlite: move |c| sqlite_writes::recover_abandoned_runs(c, now), postgres: |pool| {
             let mut tx = pool.begin().await?;
             let runs = sqlx::query(
                 "UPDATE runs SET status = 'interrupted', finished_at = $1, \
@@ -271,7 +302,20 @@ impl Store {
     /// over (its holder is presumed dead) and the run that held it is marked
     /// interrupted.
     pub async fn begin_run(&self, begin: &BeginRun<'_>) -> Result<(), BeginRunError> {
-        with_writer!(self, |pool| {
+        let pool = match &self.pools {
+            Pools::Sqlite { writer, .. } => {
+                let owned = OwnedBeginRun::from(begin);
+                // A refusal (session busy or unknown) wrote nothing: it comes
+                // back as a value, so it does not roll back the writes
+                // batched with it.
+                return writer
+                    .write(move |c| sqlite_writes::begin_run(c, &owned))
+                    .await
+                    .map_err(BeginRunError::Store)?;
+            }
+            Pools::Postgres(pool) => pool,
+        };
+        {
             let mut tx = pool.begin().await.map_err(StoreError::from)?;
             let (session_id, created) = match begin.session {
                 SessionRef::New(id) => {
@@ -356,13 +400,14 @@ impl Store {
             insert_events!(tx, begin.run_id, std::slice::from_ref(&begin.first_event));
             tx.commit().await.map_err(StoreError::from)?;
             Ok(())
-        })
+        }
     }
 
     /// Records what a step of a run produced (assistant tool calls, tool
     /// results, events) and refreshes the session lock.
     pub async fn record_step(&self, step: &RunProgress<'_>) -> Result<(), StoreError> {
-        with_writer!(self, |pool| {
+        let owned = self.is_sqlite().then(|| OwnedProgress::from(step));
+        write_with!(self, sqlite: move |c| sqlite_writes::record_step(c, owned.as_ref().expect("made for SQLite")), postgres: |pool| {
             let mut tx = pool.begin().await?;
             insert_messages!(tx, step.session_id, step.run_id, step.messages, step.now);
             insert_events!(tx, step.run_id, step.events);
@@ -387,7 +432,15 @@ impl Store {
     /// events, and frees the session.
     pub async fn finish_run(&self, finish: &FinishRun<'_>) -> Result<(), StoreError> {
         let progress = &finish.progress;
-        with_writer!(self, |pool| {
+        let owned = self.is_sqlite().then(|| OwnedFinish {
+            progress: OwnedProgress::from(progress),
+            status: finish.status.as_str(),
+            output: finish.output.map(str::to_owned),
+            error: finish
+                .error
+                .map(|(code, message)| (code.to_owned(), message.to_owned())),
+        });
+        write_with!(self, sqlite: move |c| sqlite_writes::finish_run(c, owned.as_ref().expect("made for SQLite")), postgres: |pool| {
             let mut tx = pool.begin().await?;
             insert_messages!(
                 tx,
@@ -430,7 +483,18 @@ impl Store {
         &self,
         call: &NewToolExecution<'_>,
     ) -> Result<(), StoreError> {
-        with_writer!(self, |pool| {
+        let owned = self.is_sqlite().then(|| OwnedToolExecution {
+            id: call.id.to_owned(),
+            session_id: call.session_id.to_owned(),
+            run_id: call.run_id.to_owned(),
+            call_id: call.call_id.to_owned(),
+            tool: call.tool.to_owned(),
+            arguments: call.arguments.to_owned(),
+            backend: call.backend.to_owned(),
+            limits: call.limits.map(str::to_owned),
+            started_at: call.started_at,
+        });
+        write_with!(self, sqlite: move |c| sqlite_writes::start_tool_execution(c, owned.as_ref().expect("made for SQLite")), postgres: |pool| {
             sqlx::query(
                 "INSERT INTO tool_executions \
                  (id, session_id, run_id, call_id, tool, arguments, backend, limits, status, started_at) \
@@ -447,8 +511,8 @@ impl Store {
             .bind(call.started_at)
             .execute(pool)
             .await?;
-        });
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Completes the record of a tool call.
@@ -457,7 +521,11 @@ impl Store {
         id: &str,
         end: &ToolExecutionEnd,
     ) -> Result<(), StoreError> {
-        with_writer!(self, |pool| {
+        let owned = self.is_sqlite().then(|| (id.to_owned(), end.clone()));
+        write_with!(self, sqlite: move |c| {
+            let (id, end) = owned.as_ref().expect("made for SQLite");
+            sqlite_writes::finish_tool_execution(c, id, end)
+        }, postgres: |pool| {
             sqlx::query(
                 "UPDATE tool_executions SET status = $1, finished_at = $2, exit_code = $3, signal = $4, \
                  killed_reason = $5, limits_hit = $6, stdout_bytes = $7, stderr_bytes = $8, \
@@ -481,8 +549,8 @@ impl Store {
             .bind(id)
             .execute(pool)
             .await?;
-        });
-        Ok(())
+            Ok(())
+        })
     }
 
     /// A session's tool calls, oldest first.
@@ -567,7 +635,8 @@ impl Store {
     /// Deletes a session with its messages, runs and events, unless a run
     /// holds it.
     pub async fn delete_session(&self, id: &str) -> Result<DeleteOutcome, StoreError> {
-        with_writer!(self, |pool| {
+        let owned = id.to_owned();
+        write_with!(self, sqlite: move |c| sqlite_writes::delete_session(c, &owned), postgres: |pool| {
             let mut tx = pool.begin().await?;
             let deleted =
                 sqlx::query("DELETE FROM sessions WHERE id = $1 AND active_run_id IS NULL")
@@ -599,7 +668,7 @@ const RUN_COLUMNS: &str = "id, session_id, status, input, output, tokens_used, s
     error_code, error_message, created_at, finished_at";
 
 async fn connect_sqlite(url: &str, options: &StoreOptions) -> Result<Pools, StoreError> {
-    let connect = SqliteConnectOptions::from_str(url)
+    let mut connect = SqliteConnectOptions::from_str(url)
         .map_err(|e| StoreError::InvalidUrl(e.to_string()))?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
@@ -610,39 +679,51 @@ async fn connect_sqlite(url: &str, options: &StoreOptions) -> Result<Pools, Stor
         .foreign_keys(true);
     let filename = connect.get_filename().to_string_lossy().into_owned();
     let in_memory = filename.is_empty() || filename == ":memory:" || url.contains("mode=memory");
-    if in_memory {
-        // Every connection would see its own empty database: use exactly one.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .acquire_timeout(options.acquire_timeout)
-            .connect_with(connect)
-            .await?;
-        return Ok(Pools::Sqlite {
-            read: pool.clone(),
-            write: pool,
-        });
-    }
-    if let Some(parent) = std::path::Path::new(&filename).parent()
-        && !parent.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
-            path: parent.display().to_string(),
-            source,
-        })?;
-    }
-    let write = SqlitePoolOptions::new()
-        .max_connections(1)
-        .min_connections(1)
-        .acquire_timeout(Duration::from_secs(30))
-        .connect_with(connect.clone())
-        .await?;
+    let mut memory = None;
+    let path = if in_memory {
+        // The writer and the readers are separate connections, and each
+        // would see its own empty in-memory database: hold it in a file of
+        // its own that goes when the store does.
+        let dir = tempfile::Builder::new()
+            .prefix("bulkhead-memory-")
+            .tempdir()
+            .map_err(|source| StoreError::CreateDir {
+                path: std::env::temp_dir().display().to_string(),
+                source,
+            })?;
+        let path = dir.path().join("bulkhead.db");
+        connect = connect.filename(&path);
+        memory = Some(Arc::new(dir));
+        path
+    } else {
+        let path = std::path::PathBuf::from(&filename);
+        if let Some(parent) = path.parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
+                path: parent.display().to_string(),
+                source,
+            })?;
+        }
+        path
+    };
+    // The writer creates the file and switches it to WAL before any reader
+    // opens it read-only.
+    let writer = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || Writer::open(&path))
+            .await
+            .map_err(|e| StoreError::WriterFailed(e.to_string()))??
+    };
     let read = SqlitePoolOptions::new()
         .max_connections(options.max_connections.max(1))
         .acquire_timeout(options.acquire_timeout)
-        .connect_with(connect.read_only(true))
+        .connect_with(connect.clone().read_only(true))
         .await?;
-    Ok(Pools::Sqlite { read, write })
+    Ok(Pools::Sqlite {
+        read,
+        writer: Arc::new(writer),
+        connect,
+        _memory: memory,
+    })
 }

@@ -206,6 +206,75 @@ async fn runs_left_running_are_recovered(kind: DbKind) {
     );
 }
 
+/// Many writes at once, as under load, where SQLite's writer commits them
+/// together: one that fails (a duplicate run id) and one that is refused (a
+/// busy session) cost nothing to the others, and each caller hears its own
+/// outcome.
+async fn writes_made_together_succeed_or_fail_alone(kind: DbKind) {
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    store
+        .begin_run(&begin(SessionRef::New("busy"), "holder", 1_000, 0))
+        .await
+        .unwrap();
+    let mut writes = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let store = store.clone();
+        writes.spawn(async move {
+            let (session, run) = match i {
+                // The run id "holder" exists already: a constraint error.
+                7 => (format!("s{i}"), "holder".to_string()),
+                _ => (format!("s{i}"), format!("r{i}")),
+            };
+            let outcome = if i == 13 {
+                store
+                    .begin_run(&begin(SessionRef::Existing("busy"), &run, 1_001, 0))
+                    .await
+            } else {
+                store
+                    .begin_run(&begin(SessionRef::New(&session), &run, 1_001, 0))
+                    .await
+            };
+            if outcome.is_ok() {
+                finish(&store, &session, &run, 1_002).await;
+            }
+            (i, outcome)
+        });
+    }
+    let mut succeeded = 0;
+    while let Some(joined) = writes.join_next().await {
+        let (i, outcome) = joined.unwrap();
+        match i {
+            7 => assert!(
+                matches!(outcome, Err(BeginRunError::Store(_))),
+                "{outcome:?}"
+            ),
+            13 => assert!(
+                matches!(outcome, Err(BeginRunError::SessionBusy { .. })),
+                "{outcome:?}"
+            ),
+            _ => {
+                assert!(outcome.is_ok(), "write {i}: {outcome:?}");
+                succeeded += 1;
+            }
+        }
+    }
+    assert_eq!(succeeded, 38);
+    for i in (0..40).filter(|i| ![7, 13].contains(i)) {
+        let run = store.run(&format!("r{i}")).await.unwrap().unwrap();
+        assert_eq!(run.status, "completed", "run r{i}");
+        assert_eq!(store.messages(&format!("s{i}")).await.unwrap().len(), 2);
+    }
+    assert!(
+        store.session("s7").await.unwrap().is_none(),
+        "the failed write left nothing"
+    );
+    assert_eq!(
+        store.run("holder").await.unwrap().unwrap().session_id,
+        "busy"
+    );
+}
+
 on_both_databases!(
     migrations_apply_once_and_are_idempotent,
     a_session_holds_one_run_at_a_time,
@@ -213,4 +282,5 @@ on_both_databases!(
     an_abandoned_lock_is_taken_over,
     deleting_a_session_removes_its_history,
     runs_left_running_are_recovered,
+    writes_made_together_succeed_or_fail_alone,
 );

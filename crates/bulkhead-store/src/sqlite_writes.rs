@@ -1,0 +1,307 @@
+//! The store's writes on SQLite, as units for the writer thread. They mirror
+//! the PostgreSQL ones in `lib.rs` statement for statement; SQLite numbers
+//! its parameters `?N`.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::{
+    BeginRunError, DeleteOutcome, NewEvent, NewMessage, SessionRef, StoreError, ToolExecutionEnd,
+};
+
+/// A [`crate::BeginRun`] the writer thread can own.
+pub(crate) struct OwnedBeginRun {
+    pub new_session: bool,
+    pub session_id: String,
+    pub run_id: String,
+    pub input: String,
+    pub now: i64,
+    pub lock_stale_before: i64,
+    pub first_event: NewEvent,
+}
+
+impl OwnedBeginRun {
+    pub(crate) fn from(begin: &crate::BeginRun<'_>) -> OwnedBeginRun {
+        let (new_session, session_id) = match begin.session {
+            SessionRef::New(id) => (true, id),
+            SessionRef::Existing(id) => (false, id),
+        };
+        OwnedBeginRun {
+            new_session,
+            session_id: session_id.to_owned(),
+            run_id: begin.run_id.to_owned(),
+            input: begin.input.to_owned(),
+            now: begin.now,
+            lock_stale_before: begin.lock_stale_before,
+            first_event: begin.first_event.clone(),
+        }
+    }
+}
+
+/// A [`crate::RunProgress`] the writer thread can own.
+pub(crate) struct OwnedProgress {
+    pub run_id: String,
+    pub session_id: String,
+    pub messages: Vec<NewMessage>,
+    pub events: Vec<NewEvent>,
+    pub tokens_used: i64,
+    pub steps: i64,
+    pub now: i64,
+}
+
+impl OwnedProgress {
+    pub(crate) fn from(progress: &crate::RunProgress<'_>) -> OwnedProgress {
+        OwnedProgress {
+            run_id: progress.run_id.to_owned(),
+            session_id: progress.session_id.to_owned(),
+            messages: progress.messages.to_vec(),
+            events: progress.events.to_vec(),
+            tokens_used: progress.tokens_used,
+            steps: progress.steps,
+            now: progress.now,
+        }
+    }
+}
+
+pub(crate) fn recover_abandoned_runs(c: &Connection, now: i64) -> Result<u64, StoreError> {
+    let runs = c
+        .prepare_cached(
+            "UPDATE runs SET status = 'interrupted', finished_at = ?1, \
+             error_code = 'server_stopped', \
+             error_message = 'the server stopped before the run finished' \
+             WHERE status = 'running'",
+        )?
+        .execute(params![now])?;
+    c.prepare_cached(
+        "UPDATE sessions SET active_run_id = NULL, locked_at = NULL \
+         WHERE active_run_id IS NOT NULL",
+    )?
+    .execute([])?;
+    Ok(runs as u64)
+}
+
+/// Opens a run; `Ok(Err(_))` is a refusal, made before anything is written.
+pub(crate) fn begin_run(
+    c: &Connection,
+    begin: &OwnedBeginRun,
+) -> Result<Result<(), BeginRunError>, StoreError> {
+    let session_id = begin.session_id.as_str();
+    if begin.new_session {
+        c.prepare_cached(
+            "INSERT INTO sessions (id, created_at, updated_at, active_run_id, locked_at) \
+             VALUES (?1, ?2, ?2, ?3, ?2)",
+        )?
+        .execute(params![session_id, begin.now, begin.run_id])?;
+    } else {
+        let locked = c
+            .prepare_cached(
+                "UPDATE sessions SET active_run_id = ?1, locked_at = ?2, updated_at = ?2 \
+                 WHERE id = ?3 AND (active_run_id IS NULL OR locked_at < ?4)",
+            )?
+            .execute(params![
+                begin.run_id,
+                begin.now,
+                session_id,
+                begin.lock_stale_before
+            ])?;
+        if locked == 0 {
+            let holder: Option<Option<String>> = c
+                .prepare_cached("SELECT active_run_id FROM sessions WHERE id = ?1")?
+                .query_row(params![session_id], |row| row.get(0))
+                .optional()?;
+            return Ok(Err(match holder {
+                None => BeginRunError::SessionNotFound,
+                Some(active_run_id) => BeginRunError::SessionBusy {
+                    active_run_id: active_run_id.unwrap_or_default(),
+                },
+            }));
+        }
+        // A run that lost its lock to staleness never finished.
+        c.prepare_cached(
+            "UPDATE runs SET status = 'interrupted', finished_at = ?1, \
+             error_code = 'lock_expired', \
+             error_message = 'the run stopped reporting progress and its session was taken over' \
+             WHERE session_id = ?2 AND status = 'running'",
+        )?
+        .execute(params![begin.now, session_id])?;
+    }
+    c.prepare_cached(
+        "INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at) \
+         VALUES (?1, ?2, 'running', ?3, 0, 0, ?4)",
+    )?
+    .execute(params![begin.run_id, session_id, begin.input, begin.now])?;
+    c.prepare_cached(
+        "INSERT INTO messages (session_id, run_id, role, content, created_at) \
+         VALUES (?1, ?2, 'user', ?3, ?4)",
+    )?
+    .execute(params![session_id, begin.run_id, begin.input, begin.now])?;
+    insert_events(c, &begin.run_id, std::slice::from_ref(&begin.first_event))?;
+    Ok(Ok(()))
+}
+
+fn insert_events(c: &Connection, run_id: &str, events: &[NewEvent]) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut insert = c.prepare_cached(
+        "INSERT INTO run_events (run_id, seq, kind, data, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for event in events {
+        insert.execute(params![
+            run_id,
+            event.seq,
+            event.kind,
+            event.data,
+            event.created_at
+        ])?;
+    }
+    Ok(())
+}
+
+fn insert_messages(c: &Connection, progress: &OwnedProgress) -> Result<(), StoreError> {
+    if progress.messages.is_empty() {
+        return Ok(());
+    }
+    let mut insert = c.prepare_cached(
+        "INSERT INTO messages (session_id, run_id, role, content, tool_calls, tool_call_id, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for message in &progress.messages {
+        insert.execute(params![
+            progress.session_id,
+            progress.run_id,
+            message.role,
+            message.content,
+            message.tool_calls,
+            message.tool_call_id,
+            progress.now
+        ])?;
+    }
+    Ok(())
+}
+
+pub(crate) fn record_step(c: &Connection, step: &OwnedProgress) -> Result<(), StoreError> {
+    insert_messages(c, step)?;
+    insert_events(c, &step.run_id, &step.events)?;
+    c.prepare_cached("UPDATE runs SET tokens_used = ?1, steps = ?2 WHERE id = ?3")?
+        .execute(params![step.tokens_used, step.steps, step.run_id])?;
+    c.prepare_cached("UPDATE sessions SET locked_at = ?1 WHERE id = ?2 AND active_run_id = ?3")?
+        .execute(params![step.now, step.session_id, step.run_id])?;
+    Ok(())
+}
+
+pub(crate) struct OwnedFinish {
+    pub progress: OwnedProgress,
+    pub status: &'static str,
+    pub output: Option<String>,
+    pub error: Option<(String, String)>,
+}
+
+pub(crate) fn finish_run(c: &Connection, finish: &OwnedFinish) -> Result<(), StoreError> {
+    let progress = &finish.progress;
+    insert_messages(c, progress)?;
+    insert_events(c, &progress.run_id, &progress.events)?;
+    c.prepare_cached(
+        "UPDATE runs SET status = ?1, output = ?2, tokens_used = ?3, steps = ?4, \
+         error_code = ?5, error_message = ?6, finished_at = ?7 WHERE id = ?8",
+    )?
+    .execute(params![
+        finish.status,
+        finish.output,
+        progress.tokens_used,
+        progress.steps,
+        finish.error.as_ref().map(|e| e.0.as_str()),
+        finish.error.as_ref().map(|e| e.1.as_str()),
+        progress.now,
+        progress.run_id
+    ])?;
+    c.prepare_cached(
+        "UPDATE sessions SET active_run_id = NULL, locked_at = NULL, updated_at = ?1 \
+         WHERE id = ?2 AND active_run_id = ?3",
+    )?
+    .execute(params![progress.now, progress.session_id, progress.run_id])?;
+    Ok(())
+}
+
+/// A [`crate::NewToolExecution`] the writer thread can own.
+pub(crate) struct OwnedToolExecution {
+    pub id: String,
+    pub session_id: String,
+    pub run_id: String,
+    pub call_id: String,
+    pub tool: String,
+    pub arguments: String,
+    pub backend: String,
+    pub limits: Option<String>,
+    pub started_at: i64,
+}
+
+pub(crate) fn start_tool_execution(
+    c: &Connection,
+    call: &OwnedToolExecution,
+) -> Result<(), StoreError> {
+    c.prepare_cached(
+        "INSERT INTO tool_executions \
+         (id, session_id, run_id, call_id, tool, arguments, backend, limits, status, started_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'running', ?9)",
+    )?
+    .execute(params![
+        call.id,
+        call.session_id,
+        call.run_id,
+        call.call_id,
+        call.tool,
+        call.arguments,
+        call.backend,
+        call.limits,
+        call.started_at
+    ])?;
+    Ok(())
+}
+
+pub(crate) fn finish_tool_execution(
+    c: &Connection,
+    id: &str,
+    end: &ToolExecutionEnd,
+) -> Result<(), StoreError> {
+    c.prepare_cached(
+        "UPDATE tool_executions SET status = ?1, finished_at = ?2, exit_code = ?3, signal = ?4, \
+         killed_reason = ?5, limits_hit = ?6, stdout_bytes = ?7, stderr_bytes = ?8, \
+         stdout_truncated = ?9, stderr_truncated = ?10, stdout_sha256 = ?11, \
+         stderr_sha256 = ?12, duration_ms = ?13, error = ?14 WHERE id = ?15",
+    )?
+    .execute(params![
+        end.status,
+        end.finished_at,
+        end.exit_code,
+        end.signal,
+        end.killed_reason,
+        end.limits_hit,
+        end.stdout_bytes,
+        end.stderr_bytes,
+        end.stdout_truncated,
+        end.stderr_truncated,
+        end.stdout_sha256,
+        end.stderr_sha256,
+        end.duration_ms,
+        end.error,
+        id
+    ])?;
+    Ok(())
+}
+
+pub(crate) fn delete_session(c: &Connection, id: &str) -> Result<DeleteOutcome, StoreError> {
+    let deleted = c
+        .prepare_cached("DELETE FROM sessions WHERE id = ?1 AND active_run_id IS NULL")?
+        .execute(params![id])?;
+    if deleted == 1 {
+        return Ok(DeleteOutcome::Deleted);
+    }
+    let exists = c
+        .prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?
+        .exists(params![id])?;
+    Ok(if exists {
+        DeleteOutcome::Busy
+    } else {
+        DeleteOutcome::NotFound
+    })
+}
