@@ -104,7 +104,7 @@ enum Pools {
         read: SqlitePool,
         writer: Arc<Writer>,
         /// How to open a connection for migrations.
-        connect: SqliteConnectOptions,
+        connect: Arc<SqliteConnectOptions>,
         /// Where an in-memory database lives (removed with the last handle).
         _memory: Option<Arc<tempfile::TempDir>>,
     },
@@ -238,7 +238,11 @@ impl Store {
             Pools::Sqlite { connect, .. } => {
                 use sqlx::Connection as _;
                 let migrator = sqlx::migrate!("migrations/sqlite");
-                let mut connection = sqlx::SqliteConnection::connect_with(connect).await?;
+                // Without foreign keys: SQLite rebuilds a table by dropping
+                // it, which would otherwise cascade (see 0003), and the pragma
+                // cannot change inside the transaction a migration runs in.
+                let connect = connect.as_ref().clone().foreign_keys(false);
+                let mut connection = sqlx::SqliteConnection::connect_with(&connect).await?;
                 migrator.run(&mut connection).await?;
                 connection.close().await?;
                 Ok(migrator.iter().count())
@@ -723,7 +727,70 @@ async fn connect_sqlite(url: &str, options: &StoreOptions) -> Result<Pools, Stor
     Ok(Pools::Sqlite {
         read,
         writer: Arc::new(writer),
-        connect,
+        connect: Arc::new(connect),
         _memory: memory,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database made before the tables were rebuilt keeps every row, its
+    /// keys and its cascades through the rebuild.
+    #[tokio::test]
+    async fn sqlite_rebuild_keeps_existing_rows() {
+        use sqlx::Connection as _;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/old.db", dir.path().display());
+        let options = SqliteConnectOptions::from_str(&url)
+            .unwrap()
+            .create_if_missing(true)
+            .foreign_keys(true);
+        let mut old = sqlx::SqliteConnection::connect_with(&options)
+            .await
+            .unwrap();
+        let all = sqlx::migrate!("migrations/sqlite");
+        let before_rebuild = sqlx::migrate::Migrator {
+            migrations: std::borrow::Cow::Owned(all.migrations[..2].to_vec()),
+            ..sqlx::migrate::Migrator::DEFAULT
+        };
+        before_rebuild.run(&mut old).await.unwrap();
+        for statement in [
+            "INSERT INTO sessions VALUES ('s1', 1, 2, NULL, NULL)",
+            "INSERT INTO sessions VALUES ('s2', 1, 2, 'r2', 5)",
+            "INSERT INTO runs (id, session_id, status, input, output, tokens_used, steps, created_at, finished_at) \
+             VALUES ('r1', 's1', 'completed', 'hi', 'hello', 3, 1, 1, 2)",
+            "INSERT INTO runs (id, session_id, status, input, created_at) VALUES ('r2', 's2', 'running', 'yo', 3)",
+            "INSERT INTO messages (session_id, run_id, role, content, created_at) VALUES ('s1', 'r1', 'user', 'hi', 1)",
+            "INSERT INTO run_events VALUES ('r1', 1, 'run_started', '{}', 1)",
+            "INSERT INTO run_events VALUES ('r1', 2, 'run_completed', '{}', 2)",
+        ] {
+            sqlx::query(statement).execute(&mut old).await.unwrap();
+        }
+        old.close().await.unwrap();
+
+        let store = Store::connect(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(store.migrate().await.unwrap(), 3);
+        let run = store.run("r1").await.unwrap().unwrap();
+        assert_eq!(
+            (run.status.as_str(), run.output.as_deref()),
+            ("completed", Some("hello"))
+        );
+        assert_eq!(store.run_events("r1", 0).await.unwrap().len(), 2);
+        assert_eq!(store.messages("s1").await.unwrap().len(), 1);
+        // The running run is found through the new partial index.
+        assert_eq!(store.recover_abandoned_runs(10).await.unwrap(), 1);
+        // Cascades still reach the rebuilt tables.
+        assert_eq!(
+            store.delete_session("s1").await.unwrap(),
+            DeleteOutcome::Deleted
+        );
+        assert!(store.run("r1").await.unwrap().is_none());
+        assert!(store.run_events("r1", 0).await.unwrap().is_empty());
+        assert!(store.messages("s1").await.unwrap().is_empty());
+        store.close().await;
+    }
 }
