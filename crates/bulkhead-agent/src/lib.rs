@@ -133,6 +133,16 @@ pub struct Engine {
     accepting: AtomicBool,
 }
 
+/// A new id for a session, run or tool call: a UUIDv7, time-ordered so that
+/// the store's indexes grow at their end instead of at a random page per
+/// insert (a commit then writes a few pages for many runs). Without uuid's
+/// shared counter: its ids within one millisecond would follow each other,
+/// and a session id is what lets a client continue a conversation, so all
+/// 74 bits after the timestamp stay random.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext)).to_string()
+}
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -200,13 +210,10 @@ impl Engine {
         if !self.is_accepting() {
             return Err(StartError::ShuttingDown);
         }
-        // Time-ordered ids (UUIDv7): the store's indexes grow at their end
-        // instead of at random pages, so a commit writes a few pages for many
-        // runs rather than a few pages per run.
-        let run_id = uuid::Uuid::now_v7().to_string();
+        let run_id = new_id();
         let (session_id, is_new_session) = match start.session_id {
             Some(id) => (id, false),
-            None => (uuid::Uuid::now_v7().to_string(), true),
+            None => (new_id(), true),
         };
         let session = if is_new_session {
             SessionRef::New(&session_id)
@@ -584,7 +591,7 @@ impl Engine {
         conversation.push(assistant);
         for call in calls {
             let name = call.function.name.as_str();
-            let audit_id = uuid::Uuid::now_v7().to_string();
+            let audit_id = new_id();
             state.emit(
                 "tool_call",
                 json!({"id": call.id, "name": name, "arguments": call.function.arguments, "audit_id": audit_id}),
