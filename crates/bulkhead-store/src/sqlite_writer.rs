@@ -162,21 +162,7 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     Ok(connection)
 }
 
-/// Asks the kernel not to switch to this thread the moment a unit wakes it,
-/// but once the thread that queued it has nothing else to do: by then that
-/// thread has usually queued more, and they commit together.
-#[allow(unsafe_code)] // one libc call with no safe binding in nix
-fn prefer_batches() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; `param` outlives the call.
-    let status = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
-    if status != 0 {
-        tracing::debug!("SCHED_BATCH refused; the writer keeps the default policy");
-    }
-}
-
 fn serve(connection: Connection, units: mpsc::Receiver<Box<dyn Unit>>) {
-    prefer_batches();
     let mut batch: Vec<Box<dyn Unit>> = Vec::with_capacity(MAX_BATCH);
     while let Ok(first) = units.recv() {
         batch.push(first);
