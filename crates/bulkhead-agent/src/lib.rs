@@ -215,45 +215,49 @@ impl Engine {
             Some(id) => (id, false),
             None => (new_id(), true),
         };
-        let session = if is_new_session {
-            SessionRef::New(&session_id)
-        } else {
-            SessionRef::Existing(&session_id)
-        };
         let now = now_ms();
         let mut state = RunState::new(run_id.clone(), session_id.clone(), start.stream);
-        state.input = start.message.clone();
+        state.input = start.message;
         state.new_session = is_new_session;
         let started = state.next_event(
             "run_started",
             json!({"run_id": run_id, "session_id": session_id}),
             now,
         );
-        self.store
-            .begin_run(&BeginRun {
-                session,
-                run_id: &run_id,
-                input: &start.message,
-                now,
-                lock_stale_before: now - self.settings.lock_ttl.as_millis() as i64,
-                first_event: started,
-            })
-            .await
-            .map_err(|e| match e {
-                BeginRunError::SessionNotFound => StartError::SessionNotFound,
-                BeginRunError::SessionBusy { active_run_id } => StartError::SessionBusy {
-                    session_id: session_id.clone(),
-                    active_run_id,
-                },
-                BeginRunError::Store(e) => StartError::Store(e),
-            })?;
+        let lock_stale_before = now - self.settings.lock_ttl.as_millis() as i64;
         let events = state.take_receiver();
+        let (begun_tx, begun_rx) = oneshot::channel();
         let (outcome_tx, outcome_rx) = oneshot::channel();
         let engine = Arc::clone(self);
         let span = tracing::info_span!("run", run_id = %run_id, session_id = %session_id);
+        // The run is opened on its own task, not the caller's: a client that
+        // hangs up while the opening is being written cancels the caller,
+        // and a run opened by then must still be driven to its end and
+        // closed, not left `running` with its session locked.
         self.runs.spawn(
             async move {
                 let _in_flight = in_flight;
+                let session = if state.new_session {
+                    SessionRef::New(&state.session_id)
+                } else {
+                    SessionRef::Existing(&state.session_id)
+                };
+                let begun = engine
+                    .store
+                    .begin_run(&BeginRun {
+                        session,
+                        run_id: &state.run_id,
+                        input: &state.input,
+                        now,
+                        lock_stale_before,
+                        first_event: started,
+                    })
+                    .await;
+                let opened = begun.is_ok();
+                let _ = begun_tx.send(begun);
+                if !opened {
+                    return;
+                }
                 tracing::info!("run started");
                 let outcome = engine.drive(&mut state).await;
                 match &outcome {
@@ -275,6 +279,22 @@ impl Engine {
             }
             .instrument(span),
         );
+        match begun_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(BeginRunError::SessionNotFound)) => return Err(StartError::SessionNotFound),
+            Ok(Err(BeginRunError::SessionBusy { active_run_id })) => {
+                return Err(StartError::SessionBusy {
+                    session_id,
+                    active_run_id,
+                });
+            }
+            Ok(Err(BeginRunError::Store(e))) => return Err(StartError::Store(e)),
+            Err(_) => {
+                return Err(StartError::Store(StoreError::WriterFailed(
+                    "the run's task ended before the run was opened".into(),
+                )));
+            }
+        }
         Ok(RunHandle {
             run_id,
             session_id,

@@ -1,0 +1,76 @@
+//! The engine against a real SQLite store and the in-process mock model.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkhead_agent::{Engine, EngineSettings, RoleKind, StartRun, ToolRegistry};
+use bulkhead_model::{MockModel, Model};
+use bulkhead_store::{Store, StoreOptions};
+
+async fn engine(dir: &tempfile::TempDir) -> Arc<Engine> {
+    let url = format!("sqlite://{}/bulkhead.db", dir.path().display());
+    let store = Store::connect(&url, &StoreOptions::default())
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    Arc::new(Engine::new(
+        store,
+        Arc::new(Model::Mock(MockModel::new(Duration::ZERO))),
+        ToolRegistry::with_builtins(),
+        None,
+        EngineSettings {
+            max_steps: 4,
+            system_prompt: None,
+            lock_ttl: Duration::from_secs(600),
+            secrets: Vec::new(),
+            role: RoleKind::General,
+            peers: None,
+        },
+    ))
+}
+
+/// A client that hangs up while its run is being opened (the caller's
+/// future dropped after its first poll) must not leave a run `running` and
+/// its session locked: the run is opened and driven on its own task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_caller_hangs_up_while_it_opens_still_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(&dir).await;
+    let first = engine
+        .start_run(StartRun {
+            session_id: None,
+            message: "first".into(),
+            stream: false,
+        })
+        .await
+        .unwrap();
+    let session_id = first.session_id.clone();
+    first.outcome.await.unwrap();
+
+    for i in 0..20 {
+        let start = engine.start_run(StartRun {
+            session_id: Some(session_id.clone()),
+            message: format!("abandoned {i}"),
+            stream: false,
+        });
+        // One poll: the opening is handed to the store, then the caller goes.
+        let _ = tokio::time::timeout(Duration::ZERO, start).await;
+        // Each run must end before the next can take the session.
+        let mut ended = false;
+        for _ in 0..100 {
+            let session = engine.store().session(&session_id).await.unwrap().unwrap();
+            let runs = engine.store().runs(&session_id).await.unwrap();
+            if session.active_run_id.is_none() && runs.iter().all(|r| r.status != "running") {
+                ended = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            ended,
+            "attempt {i}: a run was left running with its session locked"
+        );
+    }
+    let runs = engine.store().runs(&session_id).await.unwrap();
+    assert!(runs.iter().all(|r| r.status == "completed"), "{runs:?}");
+}
