@@ -682,7 +682,9 @@ async fn connect_sqlite(url: &str, options: &StoreOptions) -> Result<Pools, Stor
         .busy_timeout(Duration::from_secs(10))
         .foreign_keys(true);
     let filename = connect.get_filename().to_string_lossy().into_owned();
-    let in_memory = filename.is_empty() || filename == ":memory:" || url.contains("mode=memory");
+    // sqlx names an in-memory database itself (`file:sqlx-in-memory-N`),
+    // so the URL, not the parsed file name, says whether it is one.
+    let in_memory = filename.is_empty() || url.contains(":memory:") || url.contains("mode=memory");
     let mut memory = None;
     let path = if in_memory {
         // The writer and the readers are separate connections, and each
@@ -696,7 +698,14 @@ async fn connect_sqlite(url: &str, options: &StoreOptions) -> Result<Pools, Stor
                 source,
             })?;
         let path = dir.path().join("bulkhead.db");
-        connect = connect.filename(&path);
+        // Fresh options: those parsed from the URL say "in memory".
+        connect = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
         memory = Some(Arc::new(dir));
         path
     } else {
@@ -735,6 +744,48 @@ async fn connect_sqlite(url: &str, options: &StoreOptions) -> Result<Pools, Stor
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `sqlite::memory:` still means one database for the writer and every
+    /// reader, gone with the store.
+    #[tokio::test]
+    async fn an_in_memory_database_is_shared_and_temporary() {
+        let store = Store::connect("sqlite::memory:", &StoreOptions::default())
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let Pools::Sqlite {
+            _memory: Some(dir), ..
+        } = &store.pools
+        else {
+            panic!("an in-memory database has its own folder");
+        };
+        let folder = dir.path().to_path_buf();
+        let event = NewEvent {
+            seq: 1,
+            kind: "run_started",
+            data: "{}".into(),
+            created_at: 1,
+        };
+        store
+            .begin_run(&BeginRun {
+                session: SessionRef::New("s1"),
+                run_id: "r1",
+                input: "hello",
+                now: 1,
+                lock_stale_before: 0,
+                first_event: event,
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.messages("s1").await.unwrap().len(), 1);
+        assert_eq!(store.run("r1").await.unwrap().unwrap().status, "running");
+        store.close().await;
+        drop(store);
+        assert!(
+            !folder.exists(),
+            "the in-memory database's folder is removed"
+        );
+    }
 
     /// A database made before the tables were rebuilt keeps every row, its
     /// keys and its cascades through the rebuild.
