@@ -178,9 +178,18 @@ fn serve(connection: Connection, units: mpsc::Receiver<Box<dyn Unit>>) {
                     unit.answer(Ok(()));
                 }
             }
-            Err(e) => {
+            // The database itself refused (the write lock not had within the
+            // busy timeout, a full disk at commit): running the units one by
+            // one would meet the same refusal once per unit.
+            Err(e @ BatchError::Sqlite(_)) => {
+                tracing::error!(error = %e, units = batch.len(), "database writes could not be committed");
+                for unit in batch.drain(..) {
+                    unit.answer(Err(&e));
+                }
+            }
+            Err(BatchError::UnitFailed) => {
                 if batch.len() > 1 {
-                    tracing::debug!(error = %e, "a batch rolled back; its writes run one by one");
+                    tracing::debug!("a write failed; the others of its batch run one by one");
                 }
                 for mut unit in batch.drain(..) {
                     let committed = run_together(&connection, std::slice::from_mut(&mut unit));
