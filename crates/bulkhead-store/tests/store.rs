@@ -284,3 +284,44 @@ on_both_databases!(
     runs_left_running_are_recovered,
     writes_made_together_succeed_or_fail_alone,
 );
+
+/// Another process holding SQLite's write lock past the busy timeout (10 s):
+/// the writes waiting on it fail with an error rather than hang, nothing of
+/// them is kept, and writing works again once the lock is let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_writes_fail_cleanly_while_another_process_holds_the_lock() {
+    use sqlx::Connection as _;
+    let db = TestDb::new(DbKind::Sqlite).await;
+    let store = open(&db).await;
+    let mut other = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+
+    let mut blocked = tokio::task::JoinSet::new();
+    for i in 0..3 {
+        let store = store.clone();
+        blocked.spawn(async move {
+            let (session, run) = (format!("s{i}"), format!("r{i}"));
+            store
+                .begin_run(&begin(SessionRef::New(&session), &run, 1_000, 0))
+                .await
+        });
+    }
+    while let Some(outcome) = blocked.join_next().await {
+        let outcome = outcome.unwrap();
+        assert!(
+            matches!(outcome, Err(BeginRunError::Store(_))),
+            "{outcome:?}"
+        );
+    }
+
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    store
+        .begin_run(&begin(SessionRef::New("after"), "r-after", 1_000, 0))
+        .await
+        .unwrap();
+    assert!(store.run("r0").await.unwrap().is_none());
+    assert!(store.run("r-after").await.unwrap().is_some());
+}
