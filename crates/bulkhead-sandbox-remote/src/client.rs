@@ -44,15 +44,9 @@ impl RemoteBackend {
                 config.url.scheme()
             ));
         }
-        if config.scope.is_empty()
-            || !config
-                .scope
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            || config.scope.chars().all(|c| c == '.')
-        {
+        if !crate::is_valid_name(&config.scope) {
             return Err(format!(
-                "invalid sandbox scope {:?}: letters, digits, '-', '_' and '.' only",
+                "invalid sandbox scope {:?}: 1 to 128 letters, digits, '-', '_' and '.'",
                 config.scope
             ));
         }

@@ -36,6 +36,19 @@
 pub mod client;
 pub mod server;
 
+/// Whether `name` may name a scope, a sandbox on sandboxd, or the volume
+/// sandboxes share: 1 to 128 letters, digits, `-`, `_` or `.`, and not dots
+/// alone (`.` and `..` would be paths). The agent server's configuration,
+/// the remote client and sandboxd all check names with this one rule.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.chars().all(|c| c == '.')
+}
+
 use bulkhead_sandbox::{Limits, Operation};
 use serde::{Deserialize, Serialize};
 
@@ -58,4 +71,19 @@ struct ErrorBody {
 struct ErrorObject {
     code: String,
     message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_valid_name;
+
+    #[test]
+    fn names_are_plain_words_never_paths() {
+        for good in ["bulkhead", "team-a_1", "v1.2", ".hidden", &"a".repeat(128)] {
+            assert!(is_valid_name(good), "{good:?}");
+        }
+        for bad in ["", ".", "..", "a/b", "../x", "a b", "ü", &"a".repeat(129)] {
+            assert!(!is_valid_name(bad), "{bad:?}");
+        }
+    }
 }

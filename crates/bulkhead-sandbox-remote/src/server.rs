@@ -206,12 +206,7 @@ pub fn cap(asked: &Limits, ceiling: &Limits) -> Limits {
 }
 
 fn validate_name(what: &str, name: &str) -> Result<(), ApiError> {
-    if name.is_empty()
-        || name.len() > 128
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    {
+    if !crate::is_valid_name(name) {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_request",

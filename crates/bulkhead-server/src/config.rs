@@ -462,14 +462,11 @@ fn read_sandbox(r: &mut Reader<'_>) -> Result<SandboxConfig, ConfigError> {
         egress_volume: r.raw("SANDBOX_EGRESS_VOLUME"),
     };
     if let Some(volume) = &sandbox.egress_volume
-        && (volume.is_empty()
-            || !volume
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        && !bulkhead_sandbox_remote::is_valid_name(volume)
     {
         return Err(invalid(
             "SANDBOX_EGRESS_VOLUME",
-            "expected a volume name: letters, digits, '-', '_' or '.'",
+            "expected a volume name: 1 to 128 letters, digits, '-', '_' or '.'",
         ));
     }
     if sandbox
@@ -482,13 +479,7 @@ fn read_sandbox(r: &mut Reader<'_>) -> Result<SandboxConfig, ConfigError> {
             "expected a path ending in /egress.sock (sandboxes see the folder as /run/bulkhead)",
         ));
     }
-    if sandbox.scope.is_empty()
-        || sandbox.scope.len() > 128
-        || !sandbox
-            .scope
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
+    if !bulkhead_sandbox_remote::is_valid_name(&sandbox.scope) {
         return Err(invalid(
             "SANDBOX_SCOPE",
             "expected 1 to 128 letters, digits, '-', '_' or '.'",
