@@ -319,6 +319,37 @@ impl Store {
             }
             Pools::Postgres(pool) => pool,
         };
+        if let SessionRef::New(session_id) = begin.session {
+            // A new session cannot be busy: the whole opening is one
+            // statement, so one round trip instead of six. Foreign keys are
+            // checked at the end of the statement, after every part of it.
+            let event = &begin.first_event;
+            sqlx::query(
+                "WITH session AS (\
+                   INSERT INTO sessions (id, created_at, updated_at, active_run_id, locked_at) \
+                   VALUES ($1, $2, $2, $3, $2)), \
+                 run AS (\
+                   INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at) \
+                   VALUES ($3, $1, 'running', $4, 0, 0, $2)), \
+                 message AS (\
+                   INSERT INTO messages (session_id, run_id, role, content, created_at) \
+                   VALUES ($1, $3, 'user', $4, $2)) \
+                 INSERT INTO run_events (run_id, seq, kind, data, created_at) \
+                 VALUES ($3, $5, $6, $7, $8)",
+            )
+            .bind(session_id)
+            .bind(begin.now)
+            .bind(begin.run_id)
+            .bind(begin.input)
+            .bind(event.seq)
+            .bind(event.kind)
+            .bind(&event.data)
+            .bind(event.created_at)
+            .execute(pool)
+            .await
+            .map_err(StoreError::from)?;
+            return Ok(());
+        }
         {
             let mut tx = pool.begin().await.map_err(StoreError::from)?;
             let (session_id, created) = match begin.session {
@@ -445,39 +476,47 @@ impl Store {
                 .map(|(code, message)| (code.to_owned(), message.to_owned())),
         });
         write_with!(self, sqlite: move |c| sqlite_writes::finish_run(c, owned.as_ref().expect("made for SQLite")), postgres: |pool| {
-            let mut tx = pool.begin().await?;
-            insert_messages!(
-                tx,
-                progress.session_id,
-                progress.run_id,
-                progress.messages,
-                progress.now
-            );
-            insert_events!(tx, progress.run_id, progress.events);
+            // One statement, so one round trip instead of six: the messages
+            // and events go in as arrays, kept in their order.
+            let messages = progress.messages;
+            let events = progress.events;
             sqlx::query(
-                "UPDATE runs SET status = $1, output = $2, tokens_used = $3, steps = $4, \
-                 error_code = $5, error_message = $6, finished_at = $7 WHERE id = $8",
+                "WITH message AS (\
+                   INSERT INTO messages (session_id, run_id, role, content, tool_calls, tool_call_id, created_at) \
+                   SELECT $1, $2, m.role, m.content, m.tool_calls, m.tool_call_id, $3 \
+                   FROM UNNEST($4::text[], $5::text[], $6::text[], $7::text[]) \
+                     WITH ORDINALITY AS m(role, content, tool_calls, tool_call_id, n) \
+                   ORDER BY m.n), \
+                 event AS (\
+                   INSERT INTO run_events (run_id, seq, kind, data, created_at) \
+                   SELECT $2, e.seq, e.kind, e.data, e.created_at \
+                   FROM UNNEST($8::bigint[], $9::text[], $10::text[], $11::bigint[]) \
+                     AS e(seq, kind, data, created_at)), \
+                 run AS (\
+                   UPDATE runs SET status = $12, output = $13, tokens_used = $14, steps = $15, \
+                   error_code = $16, error_message = $17, finished_at = $3 WHERE id = $2) \
+                 UPDATE sessions SET active_run_id = NULL, locked_at = NULL, updated_at = $3 \
+                 WHERE id = $1 AND active_run_id = $2",
             )
+            .bind(progress.session_id)
+            .bind(progress.run_id)
+            .bind(progress.now)
+            .bind(messages.iter().map(|m| m.role).collect::<Vec<_>>())
+            .bind(messages.iter().map(|m| m.content.as_deref()).collect::<Vec<_>>())
+            .bind(messages.iter().map(|m| m.tool_calls.as_deref()).collect::<Vec<_>>())
+            .bind(messages.iter().map(|m| m.tool_call_id.as_deref()).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.seq).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.kind).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.data.as_str()).collect::<Vec<_>>())
+            .bind(events.iter().map(|e| e.created_at).collect::<Vec<_>>())
             .bind(finish.status.as_str())
             .bind(finish.output)
             .bind(progress.tokens_used)
             .bind(progress.steps)
             .bind(finish.error.map(|e| e.0))
             .bind(finish.error.map(|e| e.1))
-            .bind(progress.now)
-            .bind(progress.run_id)
-            .execute(&mut *tx)
+            .execute(pool)
             .await?;
-            sqlx::query(
-                "UPDATE sessions SET active_run_id = NULL, locked_at = NULL, updated_at = $1 \
-                 WHERE id = $2 AND active_run_id = $3",
-            )
-            .bind(progress.now)
-            .bind(progress.session_id)
-            .bind(progress.run_id)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
             Ok(())
         })
     }
