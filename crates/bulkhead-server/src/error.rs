@@ -15,6 +15,9 @@ pub struct ApiError {
     pub message: String,
     /// Extra members of the error object (a run's ids, say).
     pub details: Map<String, Value>,
+    /// Answer with `Connection: close`: the request's body was left unread,
+    /// so the connection cannot carry another request.
+    pub close_connection: bool,
 }
 
 impl ApiError {
@@ -24,6 +27,7 @@ impl ApiError {
             code,
             message: message.into(),
             details: Map::new(),
+            close_connection: false,
         }
     }
 
@@ -49,6 +53,12 @@ impl ApiError {
         )
     }
 
+    /// Tells the client not to send another request on this connection.
+    pub fn closing_connection(mut self) -> ApiError {
+        self.close_connection = true;
+        self
+    }
+
     pub fn with(mut self, key: &str, value: impl Into<Value>) -> ApiError {
         self.details.insert(key.to_string(), value.into());
         self
@@ -67,6 +77,13 @@ impl IntoResponse for ApiError {
         error.insert("code".into(), self.code.into());
         error.insert("message".into(), self.message.into());
         error.extend(self.details);
-        (self.status, Json(json!({ "error": error }))).into_response()
+        let mut response = (self.status, Json(json!({ "error": error }))).into_response();
+        if self.close_connection {
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }

@@ -16,6 +16,9 @@ pub async fn json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
             "body_too_large",
             format!("the request body is larger than {limit} bytes (MAX_BODY_BYTES)"),
         )
+        // The rest of the body is not read; a client that reused the
+        // connection would have its next request fail.
+        .closing_connection()
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)

@@ -839,6 +839,12 @@ async fn bad_input_gets_clear_errors(kind: DbKind) {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // The rest of that body was never read: the server says it closes the
+    // connection, so the client's next request goes on a new one and works.
+    assert_eq!(
+        response.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
 
     let (status, body) = app.get("/no/such/route").await;
     assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
