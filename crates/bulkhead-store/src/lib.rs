@@ -125,12 +125,21 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Runs a write: `$sqlite` (a unit for the SQLite writer thread) or `$body`
-/// with `$pool` bound to the PostgreSQL pool. Both evaluate to a `Result`.
+/// Runs a write: on SQLite, `$unit` on the writer thread with `$owned` (made
+/// by `$make`: the thread needs data it owns) and `$c` its connection; on
+/// PostgreSQL, `$body` with `$pool` bound to the pool. Both evaluate to a
+/// `Result`.
 macro_rules! write_with {
-    ($self:ident, sqlite: $sqlite:expr, postgres: |$pool:ident| $body:block) => {
+    (
+        $self:ident,
+        sqlite: ($owned:ident = $make:expr) |$c:ident| $unit:expr,
+        postgres: |$pool:ident| $body:block
+    ) => {
         match &$self.pools {
-            Pools::Sqlite { writer, .. } => writer.write($sqlite).await,
+            Pools::Sqlite { writer, .. } => {
+                let $owned = $make;
+                writer.write(move |$c| $unit).await
+            }
             Pools::Postgres($pool) => $body,
         }
     };
@@ -220,10 +229,6 @@ impl Store {
         Ok(Store { pools })
     }
 
-    fn is_sqlite(&self) -> bool {
-        matches!(self.pools, Pools::Sqlite { .. })
-    }
-
     pub fn backend(&self) -> Backend {
         match self.pools {
             Pools::Sqlite { .. } => Backend::Sqlite,
@@ -277,7 +282,7 @@ impl Store {
     /// sessions they held. Only sound where this process is the database's
     /// only user, which is what an SQLite file means for Bulkhead.
     pub async fn recover_abandoned_runs(&self, now: i64) -> Result<u64, StoreError> {
-        write_with!(self, sqlite: move |c| sqlite_writes::recover_abandoned_runs(c, now), postgres: |pool| {
+        write_with!(self, sqlite: (at = now) |c| sqlite_writes::recover_abandoned_runs(c, at), postgres: |pool| {
             let mut tx = pool.begin().await?;
             let runs = sqlx::query(
                 "UPDATE runs SET status = 'interrupted', finished_at = $1, \
@@ -441,8 +446,7 @@ impl Store {
     /// Records what a step of a run produced (assistant tool calls, tool
     /// results, events) and refreshes the session lock.
     pub async fn record_step(&self, step: &RunProgress<'_>) -> Result<(), StoreError> {
-        let owned = self.is_sqlite().then(|| OwnedProgress::from(step));
-        write_with!(self, sqlite: move |c| sqlite_writes::record_step(c, owned.as_ref().expect("made for SQLite")), postgres: |pool| {
+        write_with!(self, sqlite: (step = OwnedProgress::from(step)) |c| sqlite_writes::record_step(c, &step), postgres: |pool| {
             let mut tx = pool.begin().await?;
             insert_messages!(tx, step.session_id, step.run_id, step.messages, step.now);
             insert_events!(tx, step.run_id, step.events);
@@ -467,15 +471,7 @@ impl Store {
     /// events, and frees the session.
     pub async fn finish_run(&self, finish: &FinishRun<'_>) -> Result<(), StoreError> {
         let progress = &finish.progress;
-        let owned = self.is_sqlite().then(|| OwnedFinish {
-            progress: OwnedProgress::from(progress),
-            status: finish.status.as_str(),
-            output: finish.output.map(str::to_owned),
-            error: finish
-                .error
-                .map(|(code, message)| (code.to_owned(), message.to_owned())),
-        });
-        write_with!(self, sqlite: move |c| sqlite_writes::finish_run(c, owned.as_ref().expect("made for SQLite")), postgres: |pool| {
+        write_with!(self, sqlite: (finish = OwnedFinish::from(finish)) |c| sqlite_writes::finish_run(c, &finish), postgres: |pool| {
             // One statement, so one round trip instead of six: the messages
             // and events go in as arrays, kept in their order.
             let messages = progress.messages;
@@ -526,18 +522,7 @@ impl Store {
         &self,
         call: &NewToolExecution<'_>,
     ) -> Result<(), StoreError> {
-        let owned = self.is_sqlite().then(|| OwnedToolExecution {
-            id: call.id.to_owned(),
-            session_id: call.session_id.to_owned(),
-            run_id: call.run_id.to_owned(),
-            call_id: call.call_id.to_owned(),
-            tool: call.tool.to_owned(),
-            arguments: call.arguments.to_owned(),
-            backend: call.backend.to_owned(),
-            limits: call.limits.map(str::to_owned),
-            started_at: call.started_at,
-        });
-        write_with!(self, sqlite: move |c| sqlite_writes::start_tool_execution(c, owned.as_ref().expect("made for SQLite")), postgres: |pool| {
+        write_with!(self, sqlite: (call = OwnedToolExecution::from(call)) |c| sqlite_writes::start_tool_execution(c, &call), postgres: |pool| {
             sqlx::query(
                 "INSERT INTO tool_executions \
                  (id, session_id, run_id, call_id, tool, arguments, backend, limits, status, started_at) \
@@ -564,11 +549,7 @@ impl Store {
         id: &str,
         end: &ToolExecutionEnd,
     ) -> Result<(), StoreError> {
-        let owned = self.is_sqlite().then(|| (id.to_owned(), end.clone()));
-        write_with!(self, sqlite: move |c| {
-            let (id, end) = owned.as_ref().expect("made for SQLite");
-            sqlite_writes::finish_tool_execution(c, id, end)
-        }, postgres: |pool| {
+        write_with!(self, sqlite: (owned = (id.to_owned(), end.clone())) |c| sqlite_writes::finish_tool_execution(c, &owned.0, &owned.1), postgres: |pool| {
             sqlx::query(
                 "UPDATE tool_executions SET status = $1, finished_at = $2, exit_code = $3, signal = $4, \
                  killed_reason = $5, limits_hit = $6, stdout_bytes = $7, stderr_bytes = $8, \
@@ -678,8 +659,7 @@ impl Store {
     /// Deletes a session with its messages, runs and events, unless a run
     /// holds it.
     pub async fn delete_session(&self, id: &str) -> Result<DeleteOutcome, StoreError> {
-        let owned = id.to_owned();
-        write_with!(self, sqlite: move |c| sqlite_writes::delete_session(c, &owned), postgres: |pool| {
+        write_with!(self, sqlite: (id = id.to_owned()) |c| sqlite_writes::delete_session(c, &id), postgres: |pool| {
             let mut tx = pool.begin().await?;
             let deleted =
                 sqlx::query("DELETE FROM sessions WHERE id = $1 AND active_run_id IS NULL")

@@ -189,11 +189,25 @@ pub(crate) fn record_step(c: &Connection, step: &OwnedProgress) -> Result<(), St
     Ok(())
 }
 
+/// A [`crate::FinishRun`] the writer thread can own.
 pub(crate) struct OwnedFinish {
     pub progress: OwnedProgress,
     pub status: &'static str,
     pub output: Option<String>,
     pub error: Option<(String, String)>,
+}
+
+impl OwnedFinish {
+    pub(crate) fn from(finish: &crate::FinishRun<'_>) -> OwnedFinish {
+        OwnedFinish {
+            progress: OwnedProgress::from(&finish.progress),
+            status: finish.status.as_str(),
+            output: finish.output.map(str::to_owned),
+            error: finish
+                .error
+                .map(|(code, message)| (code.to_owned(), message.to_owned())),
+        }
+    }
 }
 
 pub(crate) fn finish_run(c: &Connection, finish: &OwnedFinish) -> Result<(), StoreError> {
@@ -233,6 +247,22 @@ pub(crate) struct OwnedToolExecution {
     pub backend: String,
     pub limits: Option<String>,
     pub started_at: i64,
+}
+
+impl OwnedToolExecution {
+    pub(crate) fn from(call: &crate::NewToolExecution<'_>) -> OwnedToolExecution {
+        OwnedToolExecution {
+            id: call.id.to_owned(),
+            session_id: call.session_id.to_owned(),
+            run_id: call.run_id.to_owned(),
+            call_id: call.call_id.to_owned(),
+            tool: call.tool.to_owned(),
+            arguments: call.arguments.to_owned(),
+            backend: call.backend.to_owned(),
+            limits: call.limits.map(str::to_owned),
+            started_at: call.started_at,
+        }
+    }
 }
 
 pub(crate) fn start_tool_execution(
