@@ -635,6 +635,7 @@ impl Engine {
                     "stdout_bytes": execution.stdout.total_bytes,
                     "stderr_bytes": execution.stderr.total_bytes,
                     "truncated": execution.stdout.truncated || execution.stderr.truncated,
+                    "egress_refused": execution.egress_refusals.len(),
                 });
             }
             state.emit("tool_result", result, now_ms());
@@ -764,6 +765,7 @@ impl Engine {
             stderr_sha256: execution.map(|x| x.stderr.sha256.clone()),
             duration_ms: Some(execution.map_or(finished_at - started_at, |x| x.duration_ms as i64)),
             error,
+            egress_refusals: execution.map(|x| json!(x.egress_refusals).to_string()),
         };
         if let Err(e) = self.store.finish_tool_execution(audit_id, &end).await {
             tracing::error!(error = %e, audit_id, "could not complete the record of a tool call");
@@ -781,6 +783,7 @@ impl Engine {
             stderr_bytes = end.stderr_bytes,
             truncated =
                 end.stdout_truncated.unwrap_or(false) || end.stderr_truncated.unwrap_or(false),
+            egress_refused = execution.map_or(0, |x| x.egress_refusals.len()),
             "tool call audited"
         );
         Ok(output)

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bulkhead_sandbox::egress::{EgressGate, EgressProxy, remote_gate_name};
 use bulkhead_sandbox::{Backend, ExecResult, Limits, Operation, Probe, Sandbox, SandboxError};
 use futures_util::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
@@ -23,6 +24,11 @@ pub struct RemoteConfig {
     pub token: SecretString,
     /// This server's share of sandboxd (see the crate docs).
     pub scope: String,
+    /// This server's egress proxy, in the volume sandboxd mounts gates
+    /// from: each sandbox gets a gate named by
+    /// [`bulkhead_sandbox::egress::remote_gate_name`], opened before
+    /// sandboxd makes the sandbox.
+    pub egress: Option<Arc<EgressProxy>>,
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +168,19 @@ impl Backend for RemoteBackend {
     ) -> BoxFuture<'a, Result<Arc<dyn Sandbox>, SandboxError>> {
         Box::pin(async move {
             let inner = &self.inner;
+            let gate = match &inner.config.egress {
+                Some(proxy) if crate::is_valid_name(id) => Some(
+                    proxy
+                        .open_gate(&remote_gate_name(&inner.config.scope, id))
+                        .map_err(|e| {
+                            SandboxError::Unavailable(format!(
+                                "cannot open an egress socket in {}: {e}",
+                                proxy.folder().display()
+                            ))
+                        })?,
+                ),
+                _ => None,
+            };
             let applied: Limits = inner
                 .call(
                     inner
@@ -176,6 +195,7 @@ impl Backend for RemoteBackend {
                 inner: Arc::clone(&self.inner),
                 id: id.to_string(),
                 limits: applied,
+                gate,
             }) as Arc<dyn Sandbox>)
         })
     }
@@ -199,6 +219,7 @@ struct RemoteSandbox {
     id: String,
     /// The limits sandboxd applied: the asked ones, capped by its own.
     limits: Limits,
+    gate: Option<EgressGate>,
 }
 
 impl Sandbox for RemoteSandbox {
@@ -214,24 +235,27 @@ impl Sandbox for RemoteSandbox {
         &'a self,
         operation: &'a Operation,
     ) -> BoxFuture<'a, Result<ExecResult, SandboxError>> {
-        Box::pin(async move {
-            operation.validate()?;
-            let inner = &self.inner;
-            let body = RunRequest {
-                limits: self.limits.clone(),
-                operation: operation.clone(),
-            };
-            inner
-                .call(
-                    inner
-                        .http
-                        .post(inner.endpoint(&["sandboxes", &self.id, "run"]))
-                        .json(&body),
-                    self.limits.timeout + SLACK,
-                )
-                .await?
-                .ok_or_else(|| SandboxError::Unavailable("sandboxd sent no result".into()))
-        })
+        Box::pin(bulkhead_sandbox::egress::attributed(
+            self.gate.as_ref(),
+            async move {
+                operation.validate()?;
+                let inner = &self.inner;
+                let body = RunRequest {
+                    limits: self.limits.clone(),
+                    operation: operation.clone(),
+                };
+                inner
+                    .call(
+                        inner
+                            .http
+                            .post(inner.endpoint(&["sandboxes", &self.id, "run"]))
+                            .json(&body),
+                        self.limits.timeout + SLACK,
+                    )
+                    .await?
+                    .ok_or_else(|| SandboxError::Unavailable("sandboxd sent no result".into()))
+            },
+        ))
     }
 
     fn destroy(&self) -> BoxFuture<'_, Result<(), SandboxError>> {

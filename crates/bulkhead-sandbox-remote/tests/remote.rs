@@ -44,7 +44,7 @@ impl Sandboxd {
                 root: factory_root.join(scope),
                 host_uid: 100_000,
                 host_gid: 100_000,
-                egress_socket: None,
+                egress: None,
             })) as Arc<dyn Backend>)
         });
         let daemon = Daemon::new(&SecretString::from(TOKEN), ceiling, factory);
@@ -74,6 +74,7 @@ impl Sandboxd {
             url: self.url.clone(),
             token: SecretString::from(token),
             scope: scope.into(),
+            egress: None,
         })
         .unwrap()
     }
@@ -246,6 +247,7 @@ async fn bad_requests_get_clear_errors() {
         url: sandboxd.url.clone(),
         token: SecretString::from(TOKEN),
         scope: "..".into(),
+        egress: None,
     });
     assert!(bad_scope.unwrap_err().contains("invalid sandbox scope"));
     sandboxd.stop().await;

@@ -81,7 +81,7 @@ async fn main() {
         root: dir.path().to_path_buf(),
         host_uid: 100_000,
         host_gid: 100_000,
-        egress_socket: None,
+        egress: None,
     });
     namespace
         .probe()
@@ -95,7 +95,7 @@ async fn main() {
         runtime: None,
         socket: None,
         scope: "bench".into(),
-        egress_socket: None,
+        egress: None,
         egress_volume: None,
     });
     match docker.probe().await {

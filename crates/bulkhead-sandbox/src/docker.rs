@@ -26,6 +26,7 @@ use futures_util::future::BoxFuture;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Mutex, OnceCell};
 
+use crate::egress::{EgressGate, EgressProxy};
 use crate::output::OutputCapture;
 use crate::paths::{WORKSPACE, workspace_path};
 use crate::{Backend, ExecResult, KilledReason, Limits, Operation, Probe, Sandbox, SandboxError};
@@ -54,12 +55,15 @@ pub struct DockerConfig {
     /// backend makes; orphans are looked for under this value only, so
     /// that servers sharing an engine leave each other's sandboxes alone.
     pub scope: String,
-    /// The egress proxy's socket on the engine's host, if sandboxes may
-    /// reach any host.
-    pub egress_socket: Option<std::path::PathBuf>,
-    /// A named volume whose root holds the egress proxy's socket as
-    /// `egress.sock`, for when whoever runs the proxy is itself a container
-    /// and has no host path to offer. Mounted read-only at `/run/bulkhead`.
+    /// The egress proxy, if sandboxes may reach any host: each sandbox gets
+    /// a gate of its own, mounted read-only at
+    /// [`crate::egress::SANDBOX_SOCKET`].
+    pub egress: Option<Arc<EgressProxy>>,
+    /// A named volume holding the proxy's gates, for when whoever runs the
+    /// proxy is itself a container and has no host path to offer: a gate
+    /// is mounted from the volume's folder on the engine's host. Without a
+    /// proxy of its own (sandboxd), the gate is the one the client opened
+    /// for the sandbox ([`crate::egress::remote_gate_name`]), if it did.
     pub egress_volume: Option<String>,
 }
 
@@ -143,6 +147,60 @@ fn container_name(id: &str) -> String {
 
 fn volume_name(id: &str) -> String {
     format!("bulkhead-workspace-{id}")
+}
+
+impl DockerBackend {
+    /// The gate a new sandbox gets (when the proxy is ours) and the path on
+    /// the engine's host to mount at [`crate::egress::SANDBOX_SOCKET`].
+    async fn egress_source(
+        &self,
+        docker: &Docker,
+        id: &str,
+    ) -> Result<(Option<EgressGate>, Option<String>), SandboxError> {
+        let config = &self.inner.config;
+        let folder_on_host = match &config.egress_volume {
+            Some(volume) => match docker.inspect_volume(volume).await {
+                Ok(volume) => Some(volume.mountpoint),
+                Err(e) if config.egress.is_some() => {
+                    return Err(unavailable(
+                        &format!("cannot find the egress volume {volume}"),
+                        e,
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(volume, error = %e, "no egress volume: the sandbox gets no egress");
+                    return Ok((None, None));
+                }
+            },
+            None => None,
+        };
+        match (&config.egress, folder_on_host) {
+            (Some(proxy), folder) => {
+                let gate = proxy.open_local_gate().map_err(|e| {
+                    unavailable(
+                        &format!(
+                            "cannot open an egress socket in {}",
+                            proxy.folder().display()
+                        ),
+                        e,
+                    )
+                })?;
+                let source = match folder {
+                    Some(folder) => format!("{folder}/{}", gate.file_name()),
+                    None => gate.path().display().to_string(),
+                };
+                Ok((Some(gate), Some(source)))
+            }
+            (None, Some(folder)) => Ok((
+                None,
+                Some(format!(
+                    "{folder}/{}",
+                    crate::egress::remote_gate_name(&config.scope, id)
+                )),
+            )),
+            (None, None) => Ok((None, None)),
+        }
+    }
 }
 
 impl Backend for DockerBackend {
@@ -253,6 +311,7 @@ impl Backend for DockerBackend {
                 })
                 .await
                 .map_err(|e| unavailable("cannot create the workspace volume", e))?;
+            let (gate, egress_source) = self.egress_source(docker, id).await?;
             let memory = limits.memory_bytes as i64;
             let host_config = HostConfig {
                 memory: Some(memory),
@@ -274,32 +333,16 @@ impl Backend for DockerBackend {
                         typ: Some(MountTypeEnum::VOLUME),
                         ..Default::default()
                     })
-                    .chain(
-                        self.inner
-                            .config
-                            .egress_volume
-                            .as_ref()
-                            .filter(|_| self.inner.config.egress_socket.is_none())
-                            .map(|egress| Mount {
-                                target: crate::egress::SANDBOX_SOCKET
-                                    .rsplit_once('/')
-                                    .map(|(folder, _)| folder.to_string()),
-                                source: Some(egress.clone()),
-                                typ: Some(MountTypeEnum::VOLUME),
-                                read_only: Some(true),
-                                ..Default::default()
-                            }),
-                    )
+                    .chain(egress_source.as_ref().map(|source| Mount {
+                        target: Some(crate::egress::SANDBOX_SOCKET.into()),
+                        source: Some(source.clone()),
+                        typ: Some(MountTypeEnum::BIND),
+                        read_only: Some(true),
+                        ..Default::default()
+                    }))
                     .collect(),
                 ),
                 network_mode: Some("none".into()),
-                binds: self.inner.config.egress_socket.as_ref().map(|socket| {
-                    vec![format!(
-                        "{}:{}:ro",
-                        socket.display(),
-                        crate::egress::SANDBOX_SOCKET
-                    )]
-                }),
                 cap_drop: Some(vec!["ALL".into()]),
                 security_opt: Some(vec!["no-new-privileges".into()]),
                 init: Some(true),
@@ -335,15 +378,34 @@ impl Backend for DockerBackend {
                 host_config: Some(host_config),
                 ..Default::default()
             };
-            let id = docker
-                .create_container(
-                    Some(CreateContainerOptions {
-                        name: name.clone(),
-                        platform: None,
-                    }),
-                    config,
-                )
+            let options = CreateContainerOptions {
+                name: name.clone(),
+                platform: None,
+            };
+            let created = match docker
+                .create_container(Some(options.clone()), config.clone())
                 .await
+            {
+                // The client has no gate for this sandbox: it allows no
+                // egress, so the sandbox gets none.
+                Err(e)
+                    if gate.is_none()
+                        && egress_source.is_some()
+                        && e.to_string().contains("bind source path does not exist") =>
+                {
+                    let mut config = config;
+                    if let Some(mounts) = config
+                        .host_config
+                        .as_mut()
+                        .and_then(|host| host.mounts.as_mut())
+                    {
+                        mounts.retain(|m| m.typ != Some(MountTypeEnum::BIND));
+                    }
+                    docker.create_container(Some(options), config).await
+                }
+                other => other,
+            };
+            let id = created
                 .map_err(|e| unavailable("cannot create the sandbox container", e))?
                 .id;
             if let Err(e) = docker.start_container::<String>(&name, None).await {
@@ -354,6 +416,7 @@ impl Backend for DockerBackend {
                 inner: Arc::clone(&self.inner),
                 name,
                 id,
+                gate,
                 init_pid: std::sync::Mutex::new(None),
                 volume,
                 limits: limits.clone(),
@@ -435,6 +498,8 @@ struct Counters {
 struct DockerSandbox {
     inner: Arc<Inner>,
     name: String,
+    /// This sandbox's socket to the egress proxy, when the proxy is ours.
+    gate: Option<EgressGate>,
     /// The container's full id, which its cgroup paths contain.
     id: String,
     /// The host pid of the container's init, once looked up: reading the
@@ -798,6 +863,7 @@ impl DockerSandbox {
             stdout: stdout.finish(),
             stderr: stderr.finish(),
             duration_ms,
+            egress_refusals: Vec::new(),
         })
     }
 
@@ -959,6 +1025,7 @@ fn refusal(message: String) -> ExecResult {
         stdout: OutputCapture::new(0).finish(),
         stderr: stderr.finish(),
         duration_ms: 0,
+        egress_refusals: Vec::new(),
     }
 }
 
@@ -975,7 +1042,7 @@ impl Sandbox for DockerSandbox {
         &'a self,
         operation: &'a Operation,
     ) -> BoxFuture<'a, Result<ExecResult, SandboxError>> {
-        Box::pin(async move {
+        Box::pin(crate::egress::attributed(self.gate.as_ref(), async move {
             operation.validate()?;
             match operation {
                 Operation::Exec { argv, timeout } => {
@@ -1019,7 +1086,7 @@ impl Sandbox for DockerSandbox {
                     Ok(result)
                 }
             }
-        })
+        }))
     }
 
     fn destroy(&self) -> BoxFuture<'_, Result<(), SandboxError>> {

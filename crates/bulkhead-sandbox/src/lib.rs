@@ -209,6 +209,22 @@ pub struct ExecResult {
     pub stdout: CapturedOutput,
     pub stderr: CapturedOutput,
     pub duration_ms: u64,
+    /// The tunnels the egress proxy refused the operation's programs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_refusals: Vec<EgressRefusal>,
+}
+
+/// A destination the egress proxy refused a sandboxed program.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressRefusal {
+    /// As the program asked for it (a name or an address).
+    pub host: String,
+    pub port: u16,
+    /// The address the name resolved to, when that is what was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The rule that refused it, in words.
+    pub rule: String,
 }
 
 impl ExecResult {

@@ -43,7 +43,7 @@ fn namespace_backend(root: PathBuf, helper: PathBuf) -> NamespaceBackend {
         root,
         host_uid: 100_000,
         host_gid: 100_000,
-        egress_socket: None,
+        egress: None,
     })
 }
 
@@ -56,7 +56,7 @@ fn docker_backend(image: Option<&str>) -> DockerBackend {
         runtime: None,
         socket: None,
         scope: unique_id(),
-        egress_socket: None,
+        egress: None,
         egress_volume: None,
     })
 }

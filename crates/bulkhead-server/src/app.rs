@@ -34,8 +34,6 @@ pub struct App {
     model_probe: Mutex<Option<(Instant, Result<(), String>)>>,
     /// Checked by `/ready` when `REDIS_URL` is set.
     redis: Option<redis::Client>,
-    /// Serves sandboxes' egress for as long as the app lives.
-    _egress_proxy: Option<bulkhead_sandbox::egress::EgressProxy>,
 }
 
 /// How long a model-endpoint probe result is reused by `/ready`, so that
@@ -77,17 +75,16 @@ impl App {
         // to make, and no sandbox entry in /ready.
         let sandboxes = async {
             if role.uses_tools() {
-                let (sandboxes, proxy) = start_sandboxes(&config).await?;
-                anyhow::Ok((Some(sandboxes), proxy))
+                anyhow::Ok(Some(start_sandboxes(&config).await?))
             } else {
                 tracing::info!(
                     role = role.as_str(),
                     "this role runs no tools: no sandbox backend"
                 );
-                Ok((None, None))
+                Ok(None)
             }
         };
-        let (store, (sandboxes, egress_proxy)) = tokio::try_join!(database, sandboxes)?;
+        let (store, sandboxes) = tokio::try_join!(database, sandboxes)?;
         let model = match &config.model.endpoint {
             Some(endpoint) => Model::Remote(
                 OpenAiClient::new(ModelSettings {
@@ -175,7 +172,6 @@ impl App {
             engine: Arc::new(engine),
             model_probe: Mutex::new(None),
             redis,
-            _egress_proxy: egress_proxy,
         })
     }
 
@@ -231,13 +227,8 @@ impl App {
 
 /// The sandbox backend, cleared of what a previous process left, with its
 /// first probe and the idle reaper started.
-async fn start_sandboxes(
-    config: &Config,
-) -> anyhow::Result<(
-    Arc<SandboxManager>,
-    Option<bulkhead_sandbox::egress::EgressProxy>,
-)> {
-    let (backend, egress_proxy) = crate::sandbox::backend(config.sandbox.backend, &config.sandbox)
+async fn start_sandboxes(config: &Config) -> anyhow::Result<Arc<SandboxManager>> {
+    let backend = crate::sandbox::backend(config.sandbox.backend, &config.sandbox)
         .map_err(|e| anyhow::anyhow!("sandbox: {e}"))?;
     match backend.remove_orphans().await {
         Ok(0) => {}
@@ -263,7 +254,7 @@ async fn start_sandboxes(
             }
         }
     });
-    Ok((sandboxes, egress_proxy))
+    Ok(sandboxes)
 }
 
 /// The password of a `scheme://user:password@host/…` URL.

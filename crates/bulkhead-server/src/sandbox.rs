@@ -11,42 +11,44 @@ use bulkhead_sandbox_remote::server::BackendFactory;
 
 use crate::config::{SandboxBackendKind, SandboxConfig};
 
-/// The backend, and the egress proxy its sandboxes reach the allowed hosts
-/// through (none when no host is allowed). Keep the proxy alive as long as
-/// the backend.
+/// The backend, with the egress proxy its sandboxes reach the allowed
+/// destinations through (none when nothing is allowed).
 pub fn backend(
     kind: SandboxBackendKind,
     config: &SandboxConfig,
-) -> Result<(Arc<dyn Backend>, Option<EgressProxy>), String> {
-    let proxy = if config.egress.is_empty() {
-        None
-    } else {
-        let socket = match &config.egress_socket {
-            Some(socket) => socket.clone(),
-            None => {
-                std::fs::create_dir_all(&config.root)
-                    .map_err(|e| format!("cannot create {}: {e}", config.root.display()))?;
-                config
-                    .root
-                    .canonicalize()
-                    .map_err(|e| format!("{}: {e}", config.root.display()))?
-                    .join(".egress.sock")
-            }
-        };
-        let proxy = EgressProxy::start(&socket, Arc::new(config.egress.clone()))
-            .map_err(|e| format!("cannot start the egress proxy at {}: {e}", socket.display()))?;
-        Some(proxy)
-    };
-    let socket = proxy.as_ref().map(|p| p.path().to_path_buf());
-    let backend = build(kind, config, socket)?;
-    Ok((backend, proxy))
+) -> Result<Arc<dyn Backend>, String> {
+    let proxy = egress_proxy(config)?;
+    build(kind, config, proxy)
 }
 
-/// The backend alone; `egress_socket` is the proxy's socket, if any.
+/// The proxy, its gates made in the folder of `SANDBOX_EGRESS_SOCKET`
+/// (default `$SANDBOX_ROOT/.egress/`).
+fn egress_proxy(config: &SandboxConfig) -> Result<Option<Arc<EgressProxy>>, String> {
+    if config.egress.is_empty() {
+        return Ok(None);
+    }
+    let folder = match config.egress_socket.as_ref().and_then(|s| s.parent()) {
+        Some(folder) => folder.to_path_buf(),
+        None => {
+            std::fs::create_dir_all(&config.root)
+                .map_err(|e| format!("cannot create {}: {e}", config.root.display()))?;
+            config
+                .root
+                .canonicalize()
+                .map_err(|e| format!("{}: {e}", config.root.display()))?
+                .join(".egress")
+        }
+    };
+    let proxy = EgressProxy::new(&folder, Arc::new(config.egress.clone()))
+        .map_err(|e| format!("cannot make the egress folder {}: {e}", folder.display()))?;
+    Ok(Some(Arc::new(proxy)))
+}
+
+/// The backend alone; `egress` is the proxy, if any.
 pub fn build(
     kind: SandboxBackendKind,
     config: &SandboxConfig,
-    egress_socket: Option<std::path::PathBuf>,
+    egress: Option<Arc<EgressProxy>>,
 ) -> Result<Arc<dyn Backend>, String> {
     match kind {
         SandboxBackendKind::Namespace => {
@@ -56,7 +58,7 @@ pub fn build(
                 )?;
             namespace.host_uid = config.host_uid;
             namespace.host_gid = config.host_uid;
-            namespace.egress_socket = egress_socket;
+            namespace.egress = egress;
             Ok(Arc::new(NamespaceBackend::new(namespace)))
         }
         SandboxBackendKind::Docker => Ok(Arc::new(DockerBackend::new(DockerConfig {
@@ -64,9 +66,9 @@ pub fn build(
             runtime: config.runtime.clone(),
             socket: config.docker_host.clone(),
             scope: config.scope.clone(),
-            // A volume, when named, carries the socket: the host path of a
+            // A volume, when named, carries the gates: the host path of a
             // socket made inside a container means nothing to the engine.
-            egress_socket: egress_socket.filter(|_| config.egress_volume.is_none()),
+            egress,
             egress_volume: config.egress_volume.clone(),
         }))),
         SandboxBackendKind::Remote => {
@@ -79,6 +81,7 @@ pub fn build(
                 url: url.clone(),
                 token: token.clone(),
                 scope: config.scope.clone(),
+                egress,
             })?))
         }
     }
@@ -86,24 +89,24 @@ pub fn build(
 
 /// What `bulkhead sandboxd` serves: a backend per client scope, made on
 /// first use from `config` with the scope's label (docker) or folder
-/// (namespace), all sharing one egress proxy.
-pub fn sandboxd_factory(
-    config: &SandboxConfig,
-) -> Result<(BackendFactory, Option<EgressProxy>), String> {
+/// (namespace), all sharing one egress proxy (sandboxd's own, when it has
+/// `SANDBOX_EGRESS_ALLOW`; otherwise its docker sandboxes mount the gates
+/// their clients open in `SANDBOX_EGRESS_VOLUME`).
+pub fn sandboxd_factory(config: &SandboxConfig) -> Result<BackendFactory, String> {
     let kind = config.backend;
     if kind == SandboxBackendKind::Remote {
         return Err("sandboxd makes sandboxes itself: choose namespace or docker".into());
     }
     // Made once here so that a bad setting fails at start, not at the
     // first client's request.
-    let (_, proxy) = backend(kind, config)?;
-    let socket = proxy.as_ref().map(|p| p.path().to_path_buf());
+    let proxy = egress_proxy(config)?;
+    build(kind, config, proxy.clone())?;
     let config = config.clone();
     let factory: BackendFactory = Box::new(move |scope: &str| {
         let mut scoped = config.clone();
         scoped.scope = scope.to_string();
         scoped.root = config.root.join(scope);
-        build(kind, &scoped, socket.clone())
+        build(kind, &scoped, proxy.clone())
     });
-    Ok((factory, proxy))
+    Ok(factory)
 }

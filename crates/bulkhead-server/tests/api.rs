@@ -1457,6 +1457,7 @@ async fn egress_is_allowlisted(kind: DbKind, backend: &str) {
     );
     assert_eq!(record["status"], "completed");
     assert_eq!(record["backend"], backend);
+    assert_eq!(record["egress_refusals"], json!([]), "{record}");
 
     let (body, _) = call_tool(
         &app,
@@ -1487,8 +1488,11 @@ async fn egress_is_allowlisted(kind: DbKind, backend: &str) {
     );
     assert_eq!(record["status"], "refused");
 
-    // On the list, but pointing at the host's loopback: the proxy refuses.
-    let (body, _) = call_tool(
+    assert_eq!(record["egress_refusals"], Value::Null, "nothing ran");
+
+    // On the list, but pointing at the host's loopback: the proxy refuses,
+    // says why, and the refusal is on the call's record.
+    let (body, record) = call_tool(
         &app,
         None,
         "http_fetch",
@@ -1499,8 +1503,20 @@ async fn egress_is_allowlisted(kind: DbKind, backend: &str) {
         body["response"]
             .as_str()
             .unwrap()
-            .contains("forbidden address"),
+            .contains(&format!("localhost:{loopback_port} (")),
         "{body}"
+    );
+    let refusals = record["egress_refusals"].as_array().unwrap();
+    assert_eq!(refusals.len(), 1, "{record}");
+    assert_eq!(refusals[0]["host"], "localhost");
+    assert_eq!(refusals[0]["port"], loopback_port);
+    assert!(
+        ["127.0.0.1", "::1"].contains(&refusals[0]["address"].as_str().unwrap())
+            && refusals[0]["rule"]
+                .as_str()
+                .unwrap()
+                .starts_with("loopback"),
+        "{record}"
     );
     loopback.set_nonblocking(true).unwrap();
     assert!(
@@ -1690,7 +1706,7 @@ async fn spawn_sandboxd(
     }
     let config = bulkhead_server::config::SandboxdConfig::from_env(&Environment::from_map(vars))
         .expect("valid sandboxd configuration");
-    let (factory, proxy) = bulkhead_server::sandbox::sandboxd_factory(&config.sandbox).unwrap();
+    let factory = bulkhead_server::sandbox::sandboxd_factory(&config.sandbox).unwrap();
     let daemon = bulkhead_sandbox_remote::server::Daemon::new(
         &config.token,
         config.sandbox.limits.clone(),
@@ -1703,7 +1719,6 @@ async fn spawn_sandboxd(
     let port = listener.local_addr().unwrap().port();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        let _proxy = proxy;
         bulkhead_sandbox_remote::server::serve(listener, daemon, idle, async {
             let _ = stopped.await;
         })

@@ -554,7 +554,7 @@ impl Store {
                 "UPDATE tool_executions SET status = $1, finished_at = $2, exit_code = $3, signal = $4, \
                  killed_reason = $5, limits_hit = $6, stdout_bytes = $7, stderr_bytes = $8, \
                  stdout_truncated = $9, stderr_truncated = $10, stdout_sha256 = $11, \
-                 stderr_sha256 = $12, duration_ms = $13, error = $14 WHERE id = $15",
+                 stderr_sha256 = $12, duration_ms = $13, error = $14, egress_refusals = $15 WHERE id = $16",
             )
             .bind(end.status)
             .bind(end.finished_at)
@@ -570,6 +570,7 @@ impl Store {
             .bind(end.stderr_sha256.as_deref())
             .bind(end.duration_ms)
             .bind(end.error.as_deref())
+            .bind(end.egress_refusals.as_deref())
             .bind(id)
             .execute(pool)
             .await?;
@@ -587,7 +588,7 @@ impl Store {
                 "SELECT id, session_id, run_id, call_id, tool, arguments, backend, limits, status, \
                  started_at, finished_at, exit_code, signal, killed_reason, limits_hit, stdout_bytes, \
                  stderr_bytes, stdout_truncated, stderr_truncated, stdout_sha256, stderr_sha256, \
-                 duration_ms, error FROM tool_executions WHERE session_id = $1 ORDER BY started_at, id",
+                 duration_ms, error, egress_refusals FROM tool_executions WHERE session_id = $1 ORDER BY started_at, id",
             )
             .bind(session_id)
             .fetch_all(pool)

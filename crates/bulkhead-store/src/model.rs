@@ -181,6 +181,8 @@ pub struct ToolExecutionEnd {
     pub stderr_sha256: Option<String>,
     pub duration_ms: Option<i64>,
     pub error: Option<String>,
+    /// JSON array of the egress refusals the call's programs met.
+    pub egress_refusals: Option<String>,
 }
 
 #[derive(Debug, Clone, FromRow, Serialize)]
@@ -208,4 +210,5 @@ pub struct ToolExecution {
     pub stderr_sha256: Option<String>,
     pub duration_ms: Option<i64>,
     pub error: Option<String>,
+    pub egress_refusals: Option<String>,
 }

@@ -297,7 +297,7 @@ pub(crate) fn finish_tool_execution(
         "UPDATE tool_executions SET status = ?1, finished_at = ?2, exit_code = ?3, signal = ?4, \
          killed_reason = ?5, limits_hit = ?6, stdout_bytes = ?7, stderr_bytes = ?8, \
          stdout_truncated = ?9, stderr_truncated = ?10, stdout_sha256 = ?11, \
-         stderr_sha256 = ?12, duration_ms = ?13, error = ?14 WHERE id = ?15",
+         stderr_sha256 = ?12, duration_ms = ?13, error = ?14, egress_refusals = ?15 WHERE id = ?16",
     )?
     .execute(params![
         end.status,
@@ -314,6 +314,7 @@ pub(crate) fn finish_tool_execution(
         end.stderr_sha256,
         end.duration_ms,
         end.error,
+        end.egress_refusals,
         id
     ])?;
     Ok(())

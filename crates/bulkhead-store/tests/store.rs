@@ -74,7 +74,7 @@ async fn finish(store: &Store, session_id: &str, run_id: &str, now: i64) {
 async fn migrations_apply_once_and_are_idempotent(kind: DbKind) {
     let db = TestDb::new(kind).await;
     let store = open(&db).await;
-    assert_eq!(store.migrate().await.unwrap(), 3);
+    assert_eq!(store.migrate().await.unwrap(), 4);
     store.ping().await.unwrap();
     if kind == DbKind::Sqlite {
         assert!(

@@ -233,7 +233,7 @@ fn sandboxd() -> ExitCode {
     logging::init(&config.log_level, config.log_format, false);
     let result = runtime(true).block_on(async move {
         let shutdown = bulkhead_server::shutdown_signal().context("installing signal handlers")?;
-        let (factory, _egress_proxy) = bulkhead_server::sandbox::sandboxd_factory(&config.sandbox)
+        let factory = bulkhead_server::sandbox::sandboxd_factory(&config.sandbox)
             .map_err(|e| anyhow::anyhow!("sandbox: {e}"))?;
         let daemon = bulkhead_sandbox_remote::server::Daemon::new(
             &config.token,

@@ -44,15 +44,13 @@ pub async fn run(command: SandboxCommand, config: &Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // The egress proxy, when hosts are allowed, lives until the command ends.
-    let (backend, _egress): (Arc<dyn Backend>, _) =
-        match bulkhead_server::sandbox::backend(kind, &config.sandbox) {
-            Ok(built) => built,
-            Err(e) => {
-                eprintln!("bulkhead sandbox: {e}");
-                return ExitCode::from(125);
-            }
-        };
+    let backend: Arc<dyn Backend> = match bulkhead_server::sandbox::backend(kind, &config.sandbox) {
+        Ok(built) => built,
+        Err(e) => {
+            eprintln!("bulkhead sandbox: {e}");
+            return ExitCode::from(125);
+        }
+    };
     let id = format!("exec-{}", std::process::id());
     let limits = &config.sandbox.limits;
     let sandbox = match backend.create(&id, limits).await {

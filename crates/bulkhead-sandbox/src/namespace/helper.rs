@@ -259,6 +259,7 @@ fn run_with_root(
         stdout: stdout.finish(),
         stderr: stderr.finish(),
         duration_ms,
+        egress_refusals: Vec::new(),
     })
 }
 

@@ -26,6 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use helper::helper_main;
 
+use crate::egress::{EgressGate, EgressProxy};
 use crate::{Backend, ExecResult, Limits, Operation, Probe, Sandbox, SandboxError};
 
 /// The uid (and gid) sandboxed programs have inside their namespaces.
@@ -72,8 +73,9 @@ pub struct NamespaceConfig {
     /// (otherwise the server's own ids are used).
     pub host_uid: u32,
     pub host_gid: u32,
-    /// The egress proxy's socket, if sandboxes may reach any host.
-    pub egress_socket: Option<PathBuf>,
+    /// The egress proxy, if sandboxes may reach any host: each sandbox gets
+    /// a gate of its own.
+    pub egress: Option<Arc<EgressProxy>>,
 }
 
 impl NamespaceConfig {
@@ -89,7 +91,7 @@ impl NamespaceConfig {
             root,
             host_uid: 100_000,
             host_gid: 100_000,
-            egress_socket: None,
+            egress: None,
         })
     }
 }
@@ -140,6 +142,7 @@ impl Inner {
         &self,
         workspace: &Path,
         limits: &Limits,
+        egress_socket: Option<&Path>,
         operation: &Operation,
     ) -> Result<ExecResult, SandboxError> {
         operation.validate()?;
@@ -155,7 +158,7 @@ impl Inner {
                 std::process::id(),
                 self.counter.fetch_add(1, Ordering::Relaxed)
             ),
-            egress_socket: self.config.egress_socket.clone(),
+            egress_socket: egress_socket.map(Path::to_path_buf),
         };
         let mut child = tokio::process::Command::new(&self.config.helper)
             .args(&self.config.helper_args)
@@ -285,7 +288,9 @@ impl Backend for NamespaceBackend {
             let mut removed = 0;
             for entry in entries.flatten() {
                 let path = entry.path();
-                if entry.file_name() == ".state" {
+                // Sandbox ids never start with a dot: `.state` and the
+                // egress proxy's `.egress` are not sandboxes.
+                if entry.file_name().to_string_lossy().starts_with('.') {
                     continue;
                 }
                 let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
@@ -311,10 +316,20 @@ impl Backend for NamespaceBackend {
             if inner.privileged {
                 mount_workspace(&workspace, limits, inner.uid, inner.gid)?;
             }
+            let gate = match &inner.config.egress {
+                Some(proxy) => Some(proxy.open_local_gate().map_err(|e| {
+                    SandboxError::Unavailable(format!(
+                        "cannot open an egress socket in {}: {e}",
+                        proxy.folder().display()
+                    ))
+                })?),
+                None => None,
+            };
             Ok(Arc::new(NamespaceSandbox {
                 inner: Arc::clone(inner),
                 workspace,
                 limits: limits.clone(),
+                gate,
             }) as Arc<dyn Sandbox>)
         })
     }
@@ -353,6 +368,8 @@ struct NamespaceSandbox {
     inner: Arc<Inner>,
     workspace: PathBuf,
     limits: Limits,
+    /// Bound at [`crate::egress::SANDBOX_SOCKET`] in every operation.
+    gate: Option<EgressGate>,
 }
 
 impl Sandbox for NamespaceSandbox {
@@ -368,10 +385,16 @@ impl Sandbox for NamespaceSandbox {
         &'b self,
         operation: &'b Operation,
     ) -> BoxFuture<'b, Result<ExecResult, SandboxError>> {
-        Box::pin(
-            self.inner
-                .run_helper(&self.workspace, &self.limits, operation),
-        )
+        let gate = self.gate.as_ref();
+        Box::pin(crate::egress::attributed(
+            gate,
+            self.inner.run_helper(
+                &self.workspace,
+                &self.limits,
+                gate.map(EgressGate::path),
+                operation,
+            ),
+        ))
     }
 
     fn destroy(&self) -> BoxFuture<'_, Result<(), SandboxError>> {

@@ -212,6 +212,7 @@ pub async fn session_audit(
                 "stderr": {"bytes": x.stderr_bytes, "truncated": x.stderr_truncated, "sha256": x.stderr_sha256},
                 "duration_ms": x.duration_ms,
                 "error": x.error,
+                "egress_refusals": parse(x.egress_refusals),
             })
         })
         .collect();
