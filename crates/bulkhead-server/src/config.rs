@@ -123,11 +123,12 @@ pub struct SandboxConfig {
     pub scope: String,
     /// Hosts sandboxed programs may reach through the egress proxy.
     pub egress: bulkhead_sandbox::egress::EgressPolicy,
-    /// Where the egress proxy's socket is made (default
-    /// `$SANDBOX_ROOT/.egress.sock`).
-    pub egress_socket: Option<PathBuf>,
-    /// The docker backend's named volume holding the egress socket, mounted
-    /// into sandboxes instead of a host path (sandboxd in a container).
+    /// Where the egress proxy makes each sandbox's socket (default
+    /// `$SANDBOX_ROOT/.egress`).
+    pub egress_dir: Option<PathBuf>,
+    /// The docker backend's named volume holding the egress sockets, each
+    /// mounted into its sandbox from there instead of from a host path
+    /// (sandboxd in a container).
     pub egress_volume: Option<String>,
     /// The remote backend's sandboxd, and the token both sides hold.
     pub remote_url: Option<url::Url>,
@@ -458,25 +459,41 @@ fn read_sandbox(r: &mut Reader<'_>) -> Result<SandboxConfig, ConfigError> {
             ),
         },
         sandboxd_token: r.secret("SANDBOXD_TOKEN", "SANDBOXD_TOKEN_FILE")?,
-        egress_socket: r.raw("SANDBOX_EGRESS_SOCKET").map(PathBuf::from),
+        egress_dir: match (r.raw("SANDBOX_EGRESS_DIR"), r.raw("SANDBOX_EGRESS_SOCKET")) {
+            (Some(dir), _) => Some(PathBuf::from(dir)),
+            // The older spelling named one socket; its folder now holds one
+            // per sandbox.
+            (None, Some(socket)) => match Path::new(&socket).parent() {
+                Some(dir) if Path::new(&socket).file_name() == Some("egress.sock".as_ref()) => {
+                    Some(dir.to_path_buf())
+                }
+                _ => {
+                    return Err(invalid(
+                        "SANDBOX_EGRESS_SOCKET",
+                        "expected a path ending in /egress.sock; better, set SANDBOX_EGRESS_DIR to its folder",
+                    ));
+                }
+            },
+            (None, None) => None,
+        },
         egress_volume: r.raw("SANDBOX_EGRESS_VOLUME"),
     };
+    if sandbox
+        .egress_dir
+        .as_ref()
+        .is_some_and(|dir| !dir.is_absolute())
+    {
+        return Err(invalid(
+            "SANDBOX_EGRESS_DIR",
+            "expected an absolute path (a folder in the volume sandboxd mounts sockets from, with the remote backend)",
+        ));
+    }
     if let Some(volume) = &sandbox.egress_volume
         && !bulkhead_sandbox_remote::is_valid_name(volume)
     {
         return Err(invalid(
             "SANDBOX_EGRESS_VOLUME",
             "expected a volume name: 1 to 128 letters, digits, '-', '_' or '.'",
-        ));
-    }
-    if sandbox
-        .egress_socket
-        .as_ref()
-        .is_some_and(|path| path.file_name().is_none_or(|name| name != "egress.sock"))
-    {
-        return Err(invalid(
-            "SANDBOX_EGRESS_SOCKET",
-            "expected a path ending in /egress.sock (sandboxes see the folder as /run/bulkhead)",
         ));
     }
     if !bulkhead_sandbox_remote::is_valid_name(&sandbox.scope) {
@@ -688,10 +705,10 @@ impl Config {
                     "is required when SANDBOX_BACKEND=remote (the token sandboxd was started with)",
                 ));
             }
-            if !sandbox.egress.is_empty() && sandbox.egress_socket.is_none() {
+            if !sandbox.egress.is_empty() && sandbox.egress_dir.is_none() {
                 return Err(invalid(
-                    "SANDBOX_EGRESS_SOCKET",
-                    "is required with SANDBOX_BACKEND=remote and SANDBOX_EGRESS_ALLOW: a path in the volume sandboxd mounts into its sandboxes (SANDBOX_EGRESS_VOLUME on sandboxd)",
+                    "SANDBOX_EGRESS_DIR",
+                    "is required with SANDBOX_BACKEND=remote and SANDBOX_EGRESS_ALLOW: the folder where this server mounts the volume sandboxd mounts sandboxes' egress sockets from (SANDBOX_EGRESS_VOLUME on sandboxd)",
                 ));
             }
         }
@@ -912,12 +929,12 @@ impl Config {
             ),
             ("SANDBOXD_TOKEN", secret(&self.sandbox.sandboxd_token)),
             (
-                "SANDBOX_EGRESS_SOCKET",
+                "SANDBOX_EGRESS_DIR",
                 self.sandbox
-                    .egress_socket
+                    .egress_dir
                     .as_ref()
                     .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| "($SANDBOX_ROOT/.egress.sock)".into()),
+                    .unwrap_or_else(|| "($SANDBOX_ROOT/.egress)".into()),
             ),
             (
                 "SANDBOX_EGRESS_VOLUME",
@@ -1265,15 +1282,32 @@ mod tests {
             ("SANDBOX_EGRESS_ALLOW", "api.github.com"),
         ];
         let error = Config::from_env(&env(&remote)).unwrap_err();
-        assert_eq!(error.variable, "SANDBOX_EGRESS_SOCKET", "{error}");
+        assert_eq!(error.variable, "SANDBOX_EGRESS_DIR", "{error}");
+        let with_dir: Vec<_> = remote
+            .iter()
+            .copied()
+            .chain([("SANDBOX_EGRESS_DIR", "/run/bulkhead-egress")])
+            .collect();
+        let config = Config::from_env(&env(&with_dir)).unwrap();
+        assert_eq!(
+            config.sandbox.egress_dir.as_deref(),
+            Some(Path::new("/run/bulkhead-egress"))
+        );
+        // The older spelling names a socket in that folder.
         let with_socket: Vec<_> = remote
             .iter()
             .copied()
             .chain([("SANDBOX_EGRESS_SOCKET", "/run/bulkhead-egress/egress.sock")])
             .collect();
-        Config::from_env(&env(&with_socket)).unwrap();
+        let config = Config::from_env(&env(&with_socket)).unwrap();
+        assert_eq!(
+            config.sandbox.egress_dir.as_deref(),
+            Some(Path::new("/run/bulkhead-egress"))
+        );
         let error = Config::from_env(&env(&[("SANDBOX_EGRESS_SOCKET", "/tmp/proxy")])).unwrap_err();
         assert_eq!(error.variable, "SANDBOX_EGRESS_SOCKET");
+        let error = Config::from_env(&env(&[("SANDBOX_EGRESS_DIR", "egress")])).unwrap_err();
+        assert_eq!(error.variable, "SANDBOX_EGRESS_DIR");
         let error = Config::from_env(&env(&[("SANDBOX_EGRESS_VOLUME", "../x")])).unwrap_err();
         assert_eq!(error.variable, "SANDBOX_EGRESS_VOLUME");
 

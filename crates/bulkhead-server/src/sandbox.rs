@@ -21,14 +21,14 @@ pub fn backend(
     build(kind, config, proxy)
 }
 
-/// The proxy, its gates made in the folder of `SANDBOX_EGRESS_SOCKET`
-/// (default `$SANDBOX_ROOT/.egress/`).
+/// The proxy, its gates made in `SANDBOX_EGRESS_DIR` (default
+/// `$SANDBOX_ROOT/.egress`).
 fn egress_proxy(config: &SandboxConfig) -> Result<Option<Arc<EgressProxy>>, String> {
     if config.egress.is_empty() {
         return Ok(None);
     }
-    let folder = match config.egress_socket.as_ref().and_then(|s| s.parent()) {
-        Some(folder) => folder.to_path_buf(),
+    let folder = match &config.egress_dir {
+        Some(folder) => folder.clone(),
         None => {
             std::fs::create_dir_all(&config.root)
                 .map_err(|e| format!("cannot create {}: {e}", config.root.display()))?;
