@@ -124,9 +124,12 @@ fn remove_stale_gates(folder: &Path) {
 
 /// The name of the gate a server opens for a sandbox that sandboxd makes
 /// (the remote backend): both sides derive it from the scope and the
-/// sandbox id, so sandboxd can mount it without being told.
+/// sandbox id, so sandboxd can mount it without being told. A digest, so
+/// that long scopes and ids still fit a socket path (108 bytes).
 pub fn remote_gate_name(scope: &str, id: &str) -> String {
-    format!("{scope}.{id}.sock")
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{scope}\0{id}").as_bytes());
+    format!("sandbox-{}.sock", hex::encode(&digest[..12]))
 }
 
 /// One sandbox's socket to the proxy; closed and removed when dropped.
