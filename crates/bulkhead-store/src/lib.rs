@@ -836,6 +836,8 @@ mod tests {
             "INSERT INTO messages (session_id, run_id, role, content, created_at) VALUES ('s1', 'r1', 'user', 'hi', 1)",
             "INSERT INTO run_events VALUES ('r1', 1, 'run_started', '{}', 1)",
             "INSERT INTO run_events VALUES ('r1', 2, 'run_completed', '{}', 2)",
+            "INSERT INTO tool_executions (id, session_id, run_id, call_id, tool, arguments, backend, status, started_at) \
+             VALUES ('t1', 's1', 'r1', 'c1', 'shell', '{}', 'namespace', 'completed', 1)",
         ] {
             sqlx::query(statement).execute(&mut old).await.unwrap();
         }
@@ -844,8 +846,14 @@ mod tests {
         let store = Store::connect(&url, &StoreOptions::default())
             .await
             .unwrap();
-        assert_eq!(store.migrate().await.unwrap(), 3);
+        assert_eq!(store.migrate().await.unwrap(), 4);
         let run = store.run("r1").await.unwrap().unwrap();
+        // A call recorded before egress refusals were kept has none.
+        let calls = store.tool_executions("s1").await.unwrap();
+        assert_eq!(
+            (calls.len(), calls[0].egress_refusals.as_deref()),
+            (1, None)
+        );
         assert_eq!(
             (run.status.as_str(), run.output.as_deref()),
             ("completed", Some("hello"))
