@@ -4,7 +4,8 @@
 //! The container: `SANDBOX_IMAGE` running `sleep infinity` under Docker's
 //! init, as uid 1000, read-only root, a tmpfs /tmp, the workspace a
 //! size-capped tmpfs volume, `network none`, every capability dropped,
-//! `no-new-privileges`, memory (no swap), CPU and pids limits, and
+//! `no-new-privileges`, the seccomp profile of [`crate::seccomp_policy`],
+//! memory (no swap), CPU and pids limits, and
 //! `SANDBOX_RUNTIME` (e.g. `runsc`) when set. Operations are `docker exec`s
 //! in it; each runs as the leader of its own process group so that a
 //! timeout kills the whole group.
@@ -344,7 +345,12 @@ impl Backend for DockerBackend {
                 ),
                 network_mode: Some("none".into()),
                 cap_drop: Some(vec!["ALL".into()]),
-                security_opt: Some(vec!["no-new-privileges".into()]),
+                // The engine's own default varies with its version (20.10
+                // allows io_uring): the policy every backend shares instead.
+                security_opt: Some(vec![
+                    "no-new-privileges".into(),
+                    format!("seccomp={}", crate::seccomp_policy::docker_profile()),
+                ]),
                 init: Some(true),
                 runtime: self.inner.config.runtime.clone(),
                 ulimits: Some(vec![

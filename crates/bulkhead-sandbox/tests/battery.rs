@@ -12,6 +12,9 @@ use bulkhead_sandbox::docker::{DockerBackend, DockerConfig};
 use bulkhead_sandbox::namespace::{NamespaceBackend, NamespaceConfig};
 use bulkhead_sandbox::{Backend, ExecResult, KilledReason, Limits, Operation, Sandbox};
 
+#[path = "support/syscalls.rs"]
+mod syscalls;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Namespace,
@@ -177,6 +180,7 @@ on_both_backends!(
     killing_the_parent_or_init_changes_nothing,
     file_operations_stay_inside_the_workspace,
     unknown_commands_and_bad_requests_are_clear,
+    dangerous_syscalls_are_refused_by_the_one_policy,
 );
 
 async fn a_command_runs_as_an_unprivileged_user_with_nothing_extra(kind: Kind) {
@@ -583,6 +587,52 @@ async fn unknown_commands_and_bad_requests_are_clear(kind: Kind) {
     );
 }
 
+async fn dangerous_syscalls_are_refused_by_the_one_policy(kind: Kind) {
+    let f = fixture(kind).await;
+    let result = f.run(syscalls::operation()).await;
+    syscalls::assert_refused(&result);
+    f.assert_healthy().await;
+}
+
+/// The battery's arguments tell a refusal by the filter apart: in a
+/// container like the backend's (same image, user, no capabilities,
+/// no-new-privileges) but without a seccomp profile, the syscalls answer
+/// something else.
+#[tokio::test]
+async fn without_a_seccomp_profile_the_battery_reaches_the_syscalls() {
+    let Operation::Exec { argv, .. } = syscalls::operation() else {
+        unreachable!()
+    };
+    let output = std::process::Command::new("docker")
+        .args([
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--cap-drop",
+            "ALL",
+            "--user",
+            "1000:1000",
+        ])
+        .args([
+            "--security-opt",
+            "no-new-privileges",
+            "--security-opt",
+            "seccomp=unconfined",
+        ])
+        .arg(std::env::var("SANDBOX_IMAGE").unwrap_or_else(|_| "bulkhead-sandbox:0.1".into()))
+        .args(argv)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    syscalls::assert_unfiltered(&stdout);
+}
+
 #[tokio::test]
 async fn the_namespace_probe_reports_the_isolation_in_place() {
     let dir = tempfile::tempdir().unwrap();
@@ -630,12 +680,51 @@ async fn the_docker_probe_checks_the_engine_and_the_image() {
 }
 
 #[tokio::test]
+async fn docker_sandboxes_carry_the_policys_seccomp_profile() {
+    let backend = docker_backend(None);
+    let id = unique_id();
+    let sandbox = backend.create(&id, &limits()).await.unwrap();
+    let inspect = std::process::Command::new("docker")
+        .args(["inspect", "-f", "{{json .HostConfig.SecurityOpt}}"])
+        .arg(format!("bulkhead-sandbox-{id}"))
+        .output()
+        .unwrap();
+    let _ = sandbox.destroy().await;
+    let options: Vec<String> = serde_json::from_slice(&inspect.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&inspect.stderr)));
+    assert_eq!(options.len(), 2, "{options:?}");
+    assert_eq!(options[0], "no-new-privileges");
+    let profile = options[1]
+        .strip_prefix("seccomp=")
+        .unwrap_or_else(|| panic!("a seccomp profile: {}", options[1]));
+    assert_eq!(
+        profile,
+        bulkhead_sandbox::seccomp_policy::docker_profile(),
+        "the policy's profile, as generated"
+    );
+    // And what it says, read as the engine reads it.
+    let profile: serde_json::Value = serde_json::from_str(profile).unwrap();
+    assert_eq!(profile["defaultAction"], "SCMP_ACT_ERRNO");
+    let refusing = |name: &str| {
+        profile["syscalls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|rule| rule["names"].as_array().unwrap().iter().any(|n| n == name))
+            .all(|rule| rule["action"] == "SCMP_ACT_ERRNO")
+    };
+    for name in ["io_uring_setup", "bpf", "ptrace", "keyctl", "clone3"] {
+        assert!(refusing(name), "{name} is refused");
+    }
+}
+
+#[tokio::test]
 async fn docker_sandboxes_are_labelled_and_orphans_removed() {
     let backend = docker_backend(None);
     let id = unique_id();
     let sandbox = backend.create(&id, &limits()).await.unwrap();
     let inspect = std::process::Command::new("docker")
-        .args(["inspect", "-f", "{{index .Config.Labels \"dev.bulkhead.sandbox\"}} {{.HostConfig.ReadonlyRootfs}} {{.HostConfig.NetworkMode}} {{.HostConfig.CapDrop}} {{.HostConfig.SecurityOpt}} {{.HostConfig.Init}} {{.Config.User}}"])
+        .args(["inspect", "-f", "{{index .Config.Labels \"dev.bulkhead.sandbox\"}} {{.HostConfig.ReadonlyRootfs}} {{.HostConfig.NetworkMode}} {{.HostConfig.CapDrop}} {{.HostConfig.Init}} {{.Config.User}}"])
         .arg(format!("bulkhead-sandbox-{id}"))
         .output()
         .unwrap();
@@ -644,7 +733,7 @@ async fn docker_sandboxes_are_labelled_and_orphans_removed() {
     assert!(scope.starts_with('t'), "labelled with its scope: {text}");
     assert_eq!(
         text.trim().split_once(' ').unwrap().1,
-        "true none [ALL] [no-new-privileges] true 1000:1000",
+        "true none [ALL] true 1000:1000",
         "{text}"
     );
     drop(sandbox);
