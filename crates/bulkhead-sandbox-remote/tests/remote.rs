@@ -1,16 +1,22 @@
 //! sandboxd and the remote backend over real HTTP on loopback, with the
-//! namespace backend doing the isolation behind sandboxd.
+//! namespace backend doing the isolation behind sandboxd (and the Docker
+//! backend, against the engine `scripts/test` starts, for the syscall
+//! battery).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bulkhead_sandbox::docker::{DockerBackend, DockerConfig};
 use bulkhead_sandbox::namespace::{NamespaceBackend, NamespaceConfig};
 use bulkhead_sandbox::{Backend, KilledReason, Limits, Operation, SandboxError};
 use bulkhead_sandbox_remote::client::{RemoteBackend, RemoteConfig};
 use bulkhead_sandbox_remote::server::{BackendFactory, Daemon, serve};
 use secrecy::SecretString;
 use tokio::sync::oneshot;
+
+#[path = "../../bulkhead-sandbox/tests/support/syscalls.rs"]
+mod syscalls;
 
 const TOKEN: &str = "a-test-token-long-enough-for-sandboxd";
 
@@ -47,6 +53,43 @@ impl Sandboxd {
                 egress: None,
             })) as Arc<dyn Backend>)
         });
+        Sandboxd::serve(dir, ceiling, port, idle, factory).await
+    }
+
+    /// sandboxd making Docker sandboxes, as `bulkhead sandboxd` does with
+    /// `SANDBOX_BACKEND=docker`.
+    async fn start_docker() -> Sandboxd {
+        let dir = tempfile::tempdir().unwrap();
+        let run = format!("t{}", std::process::id());
+        let factory: BackendFactory = Box::new(move |scope: &str| {
+            Ok(Arc::new(DockerBackend::new(DockerConfig {
+                image: std::env::var("SANDBOX_IMAGE")
+                    .unwrap_or_else(|_| "bulkhead-sandbox:0.1".into()),
+                runtime: None,
+                socket: None,
+                scope: format!("{run}-{scope}"),
+                egress_socket: None,
+                egress_volume: None,
+            })) as Arc<dyn Backend>)
+        });
+        Sandboxd::serve(
+            dir,
+            Limits::default(),
+            0,
+            Duration::from_secs(3600),
+            factory,
+        )
+        .await
+    }
+
+    async fn serve(
+        dir: tempfile::TempDir,
+        ceiling: Limits,
+        port: u16,
+        idle: Duration,
+        factory: BackendFactory,
+    ) -> Sandboxd {
+        let root = dir.path().to_path_buf();
         let daemon = Daemon::new(&SecretString::from(TOKEN), ceiling, factory);
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
@@ -342,5 +385,32 @@ async fn sandboxes_left_idle_are_destroyed_by_sandboxd() {
     // Then left alone for longer: destroyed; the next call gets a fresh one.
     tokio::time::sleep(Duration::from_millis(2600)).await;
     assert!(!sandbox.run(&read).await.unwrap().success());
+    sandboxd.stop().await;
+}
+
+#[tokio::test]
+async fn the_syscall_battery_holds_through_sandboxd_on_namespace() {
+    let sandboxd = Sandboxd::start(Limits::default()).await;
+    let sandbox = sandboxd
+        .client("syscalls", TOKEN)
+        .create("s", &Limits::default())
+        .await
+        .unwrap();
+    syscalls::assert_refused(&sandbox.run(&syscalls::operation()).await.unwrap());
+    sandboxd.stop().await;
+}
+
+#[tokio::test]
+async fn the_syscall_battery_holds_through_sandboxd_on_docker() {
+    let sandboxd = Sandboxd::start_docker().await;
+    let backend = sandboxd.client("syscalls", TOKEN);
+    let probe = backend.probe().await.unwrap();
+    assert!(
+        probe.details.iter().any(|d| d == "backend docker"),
+        "{:?}",
+        probe.details
+    );
+    let sandbox = backend.create("s", &Limits::default()).await.unwrap();
+    syscalls::assert_refused(&sandbox.run(&syscalls::operation()).await.unwrap());
     sandboxd.stop().await;
 }

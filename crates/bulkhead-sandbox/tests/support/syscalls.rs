@@ -4,6 +4,9 @@
 //! (or fail with another errno) if it were allowed; the numbers it uses are
 //! the policy's, passed on its command line.
 
+// Each test crate that includes this uses part of it.
+#![allow(dead_code)]
+
 use bulkhead_sandbox::seccomp_policy::{CLONE, NAMESPACE_FLAGS, NOT_IMPLEMENTED, REFUSED};
 use bulkhead_sandbox::{ExecResult, Operation};
 
