@@ -307,6 +307,18 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_lists_what_is_refused() {
+        let readme = include_str!("../../../README.md");
+        let missing: Vec<&str> = REFUSED
+            .iter()
+            .chain(NOT_IMPLEMENTED)
+            .map(|call| call.name)
+            .filter(|name| !readme.contains(&format!("`{name}`")))
+            .collect();
+        assert!(missing.is_empty(), "README's sandbox section: {missing:?}");
+    }
+
+    #[test]
     fn names_and_numbers_agree() {
         let names: Vec<&str> = REFUSED.iter().map(|c| c.name).collect();
         let mut unique = names.clone();
