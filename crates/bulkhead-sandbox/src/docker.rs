@@ -259,6 +259,11 @@ impl Backend for DockerBackend {
                         "runtime {}",
                         self.inner.config.runtime.as_deref().unwrap_or("default")
                     ),
+                    format!(
+                        "seccomp {} less the {} syscalls of the policy",
+                        crate::seccomp_policy::MOBY_DEFAULT_SOURCE,
+                        crate::seccomp_policy::REFUSED.len()
+                    ),
                 ],
             })
         })

@@ -669,6 +669,13 @@ async fn the_docker_probe_checks_the_engine_and_the_image() {
         probe.details.iter().any(|d| d.starts_with("engine ")),
         "{probe:?}"
     );
+    assert!(
+        probe
+            .details
+            .iter()
+            .any(|d| d.starts_with("seccomp moby/profiles")),
+        "the profile it applies: {probe:?}"
+    );
     let error = docker_backend(Some("bulkhead-no-such-image:0"))
         .probe()
         .await
