@@ -68,7 +68,7 @@ impl Sandboxd {
                 runtime: None,
                 socket: None,
                 scope: format!("{run}-{scope}"),
-                egress_socket: None,
+                egress: None,
                 egress_volume: None,
             })) as Arc<dyn Backend>)
         });

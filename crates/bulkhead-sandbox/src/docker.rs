@@ -640,16 +640,22 @@ impl DockerSandbox {
         match &first {
             Ok(result)
                 if result.exit_code == Some(126)
-                    && result.stderr.total_bytes == 0
-                    && result.stdout.total_bytes < 512 =>
+                    && result.stdout.total_bytes + result.stderr.total_bytes < 1024 =>
             {
-                let text = &result.stdout.text;
+                // The runtime's words may come on either stream.
+                let text = format!("{}\n{}", result.stdout.text, result.stderr.text);
+                // "error executing setns process": the runtime could not
+                // enter the container's namespaces, whose init is gone.
                 let engine_says_stopped = text.contains("cannot exec in a stopped")
                     || (text.contains("OCI runtime")
-                        && (text.contains("stopped") || text.contains("not running")));
+                        && (text.contains("stopped")
+                            || text.contains("not running")
+                            || text.contains("setns")));
                 if engine_says_stopped {
                     self.restart_now().await?;
-                } else if self.stopped_or_stopping(Duration::from_secs(1)).await {
+                } else if result.stderr.total_bytes == 0
+                    && self.stopped_or_stopping(Duration::from_secs(1)).await
+                {
                     self.restart().await?;
                 } else {
                     return first;
