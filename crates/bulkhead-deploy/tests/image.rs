@@ -185,7 +185,6 @@ fn the_dockerfiles_pass_hadolint() {
             "deploy/sandbox/Dockerfile",
             "deploy/local-base/rust.Dockerfile",
             "deploy/local-base/postgres.Dockerfile",
-            "deploy/local-base/redis.Dockerfile",
         ])
         .current_dir(repository())
         .output()

@@ -181,7 +181,7 @@ async fn the_readme_deploy_commands_bring_the_stacks_up_from_a_fresh_clone() {
     }
     let _cleanup = Cleanup(&newcomer, vec![bulkhead_image.clone(), sandbox_image.clone()]);
 
-    let commands = readme_commands("### Compose: Bulkhead, PostgreSQL, Redis and sandboxd");
+    let commands = readme_commands("### Compose: Bulkhead, PostgreSQL and sandboxd");
     assert_eq!(commands.len(), 3, "{commands:?}");
     let (setup, up, ready) = (&commands[0], &commands[1], &commands[2]);
     assert_eq!(setup, "deploy/compose/setup");
@@ -216,7 +216,7 @@ async fn the_readme_deploy_commands_bring_the_stacks_up_from_a_fresh_clone() {
     let main = ["compose.yaml"];
     newcomer.wait_healthy(
         &main,
-        &["bulkhead", "sandboxd", "postgres", "redis"],
+        &["bulkhead", "sandboxd", "postgres"],
         Duration::from_secs(120),
     );
     // The README's model is OpenAI's, which this machine cannot reach: the
