@@ -1,48 +1,94 @@
-//! deploy/kubernetes/: every file the kustomization lists parses, and the
-//! manifests hold the properties we promise: probes on the right endpoints,
-//! a pod that meets the Pod Security "restricted" profile with a read-only
-//! root, a grace above the shutdown grace, default-deny networking with the
-//! allows the agent needs, a disruption budget and an autoscaler.
+//! deploy/kubernetes/: the kustomizations render with a real kustomize (the
+//! one `scripts/ensure-tools` installs) and the manifests hold the
+//! properties we promise: probes on the right endpoints, a pod that meets
+//! the Pod Security "restricted" profile with a read-only root, a grace
+//! above the shutdown grace, default-deny networking with the allows the
+//! agent needs, a disruption budget and an autoscaler that owns the replica
+//! count, a Secret made only from real files.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::process::Command;
 
 use bulkhead_deploy::repository;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-/// Every document of every resource the kustomization in `dir` lists,
-/// keyed by `Kind/name`.
-fn kustomize(dir: &Path) -> (Value, HashMap<String, Value>) {
-    let read = |path: &Path| {
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-    };
-    let kustomization: Value = serde_norway::from_str(&read(&dir.join("kustomization.yaml")))
-        .expect("kustomization.yaml parses");
-    let mut objects = HashMap::new();
-    for resource in kustomization["resources"].as_array().unwrap() {
-        let path = dir.join(resource.as_str().unwrap());
-        let text = read(&path);
-        for document in serde_norway::Deserializer::from_str(&text) {
-            let object =
-                Value::deserialize(document).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            if object.is_null() {
-                continue;
-            }
-            assert!(
-                object["apiVersion"].is_string(),
-                "{}: no apiVersion",
-                path.display()
-            );
-            let key = format!(
-                "{}/{}",
-                object["kind"].as_str().unwrap(),
-                object["metadata"]["name"].as_str().unwrap()
-            );
-            assert!(objects.insert(key.clone(), object).is_none(), "{key} twice");
+/// The secret files a user puts beside the kustomization, with values that
+/// look like real ones.
+const SECRET_FILES: &[(&str, &str)] = &[
+    ("openai_api_key", "sk-proj-3f9c1e7a5b2d4c6e8f0a1b3c5d7e9f1a"),
+    ("database_password", "9d2b7c4e1f6a8b3c5d0e2f4a6b8c1d3e"),
+    ("sandboxd_token", "c1f5a9e3b7d2c6f0a4e8b2d6f1a5c9e3"),
+];
+
+/// `kustomize build` of a copy of `dir` (relative to the repository) with
+/// the secret files in place: every rendered document, keyed by
+/// `Kind/name`, and the rendered text.
+fn render(dir: &str) -> (HashMap<String, Value>, String) {
+    let copy = tempfile::tempdir().unwrap();
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(repository().join("deploy/kubernetes"))
+        .arg(copy.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let root = copy.path().join("kubernetes");
+    for folder in ["secrets", "sandboxd/secrets"] {
+        std::fs::create_dir_all(root.join(folder)).unwrap();
+        for (name, value) in SECRET_FILES {
+            std::fs::write(root.join(folder).join(name), value).unwrap();
         }
     }
-    (kustomization, objects)
+    let target = root.join(
+        dir.trim_start_matches("deploy/kubernetes")
+            .trim_start_matches('/'),
+    );
+    let output = Command::new("kustomize")
+        .arg("build")
+        .arg(&target)
+        .output()
+        .expect("kustomize runs (scripts/test puts scripts/ensure-tools' bin folder on PATH)");
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "kustomize build {dir}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut objects = HashMap::new();
+    for document in serde_norway::Deserializer::from_str(&text) {
+        let object = Value::deserialize(document).unwrap();
+        if object.is_null() {
+            continue;
+        }
+        let key = format!(
+            "{}/{}",
+            object["kind"].as_str().unwrap(),
+            object["metadata"]["name"].as_str().unwrap()
+        );
+        assert!(objects.insert(key.clone(), object).is_none(), "{key} twice");
+    }
+    (objects, text)
+}
+
+/// The one object of `kind` whose name starts with `prefix` (generated
+/// names carry a hash).
+fn generated<'a>(
+    objects: &'a HashMap<String, Value>,
+    kind: &str,
+    prefix: &str,
+) -> (&'a str, &'a Value) {
+    let found: Vec<_> = objects
+        .iter()
+        .filter(|(key, _)| key.starts_with(&format!("{kind}/{prefix}-")))
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "one {kind} {prefix}-<hash>: {:?}",
+        objects.keys()
+    );
+    (found[0].1["metadata"]["name"].as_str().unwrap(), found[0].1)
 }
 
 fn env_of(objects: &HashMap<String, Value>) -> HashMap<String, String> {
@@ -63,14 +109,11 @@ fn env_of(objects: &HashMap<String, Value>) -> HashMap<String, String> {
 
 #[test]
 fn the_manifests_parse_and_hold_their_promises() {
-    let dir = repository().join("deploy/kubernetes");
-    let (kustomization, objects) = kustomize(&dir);
-    assert_eq!(kustomization["namespace"], "bulkhead");
+    let (objects, _) = render("deploy/kubernetes");
     for kind in [
         "Namespace/bulkhead",
         "ServiceAccount/bulkhead",
         "ConfigMap/bulkhead",
-        "Secret/bulkhead",
         "Deployment/bulkhead",
         "Service/bulkhead",
         "NetworkPolicy/default-deny",
@@ -85,6 +128,11 @@ fn the_manifests_parse_and_hold_their_promises() {
     );
 
     let deployment = &objects["Deployment/bulkhead"];
+    assert_eq!(deployment["metadata"]["namespace"], "bulkhead");
+    assert!(
+        deployment["spec"]["replicas"].is_null(),
+        "the autoscaler owns the replica count"
+    );
     let pod = &deployment["spec"]["template"]["spec"];
     let labels = &deployment["spec"]["template"]["metadata"]["labels"];
     assert_eq!(deployment["spec"]["selector"]["matchLabels"], *labels);
@@ -152,10 +200,9 @@ fn the_manifests_parse_and_hold_their_promises() {
         .iter()
         .find(|v| v["name"] == mounts["/run/secrets"])
         .unwrap();
-    assert_eq!(secrets["secret"]["secretName"], "bulkhead");
-    let secret_keys = objects["Secret/bulkhead"]["stringData"]
-        .as_object()
-        .unwrap();
+    let (secret_name, secret) = generated(&objects, "Secret", "bulkhead");
+    assert_eq!(secrets["secret"]["secretName"], secret_name);
+    let secret_keys = secret["data"].as_object().unwrap();
     for key in ["openai_api_key", "database_password", "sandboxd_token"] {
         assert!(secret_keys.contains_key(key), "{key}");
     }
@@ -214,7 +261,7 @@ fn the_manifests_parse_and_hold_their_promises() {
         .flat_map(|rule| rule["ports"].as_array().unwrap().iter())
         .map(|p| p["port"].as_u64().unwrap())
         .collect();
-    for port in [53, 5432, 6379, 7070, 443] {
+    for port in [53, 5432, 7070, 443] {
         assert!(ports.contains(&port), "egress to port {port}: {ports:?}");
     }
     let https = egress["egress"]
@@ -252,13 +299,17 @@ fn the_manifests_parse_and_hold_their_promises() {
 /// the same validation `bulkhead serve` does at start.
 #[test]
 fn the_config_map_and_secret_make_a_valid_configuration() {
-    let (_, objects) = kustomize(&repository().join("deploy/kubernetes"));
+    let (objects, _) = render("deploy/kubernetes");
     let secrets = tempfile::tempdir().unwrap();
-    for (name, value) in objects["Secret/bulkhead"]["stringData"]
+    use base64::Engine;
+    for (name, value) in generated(&objects, "Secret", "bulkhead").1["data"]
         .as_object()
         .unwrap()
     {
-        std::fs::write(secrets.path().join(name), value.as_str().unwrap()).unwrap();
+        let value = base64::engine::general_purpose::STANDARD
+            .decode(value.as_str().unwrap())
+            .unwrap();
+        std::fs::write(secrets.path().join(name), value).unwrap();
     }
     let mut env = env_of(&objects);
     env.insert("SECRETS_DIR".into(), secrets.path().display().to_string());
@@ -275,17 +326,66 @@ fn the_config_map_and_secret_make_a_valid_configuration() {
     );
 }
 
+/// Without the secret files there is nothing to apply: no placeholder
+/// Secret can overwrite a real one.
+#[test]
+fn without_the_secret_files_the_kustomizations_do_not_render() {
+    for dir in ["deploy/kubernetes", "deploy/kubernetes/sandboxd"] {
+        let copy = tempfile::tempdir().unwrap();
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(repository().join("deploy/kubernetes"))
+            .arg(copy.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let _ = std::fs::remove_dir_all(copy.path().join("kubernetes/secrets"));
+        let _ = std::fs::remove_dir_all(copy.path().join("kubernetes/sandboxd/secrets"));
+        let target = copy.path().join("kubernetes").join(
+            dir.trim_start_matches("deploy/kubernetes")
+                .trim_start_matches('/'),
+        );
+        let output = Command::new("kustomize")
+            .arg("build")
+            .arg(&target)
+            .output()
+            .expect("kustomize runs");
+        assert!(!output.status.success(), "{dir} rendered without secrets");
+        let error = String::from_utf8_lossy(&output.stderr);
+        assert!(error.contains("secrets/"), "{dir}: {error}");
+    }
+}
+
 #[test]
 fn the_optional_sandboxd_manifests_parse_and_admit_only_bulkhead() {
-    let (_, objects) = kustomize(&repository().join("deploy/kubernetes/sandboxd"));
+    let (objects, _) = render("deploy/kubernetes/sandboxd");
     let policy = &objects["NetworkPolicy/sandboxd"]["spec"];
     assert_eq!(
         policy["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
         "bulkhead"
     );
     let pod = &objects["Deployment/sandboxd"]["spec"]["template"]["spec"];
+    // Placed only where an engine socket exists, with a pod-level context.
+    assert_eq!(
+        pod["nodeSelector"]["bulkhead.dev/docker-engine"], "true",
+        "{pod}"
+    );
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
     let security = &pod["containers"][0]["securityContext"];
     assert_eq!(security["capabilities"]["drop"], json!(["ALL"]));
     assert_eq!(security["readOnlyRootFilesystem"], true);
     assert_eq!(security["allowPrivilegeEscalation"], false);
+    let (secret_name, _) = generated(&objects, "Secret", "sandboxd");
+    assert_eq!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "secrets")
+            .unwrap()["secret"]["secretName"],
+        secret_name
+    );
 }

@@ -172,14 +172,18 @@ async fn the_readme_deploy_commands_bring_the_stacks_up_from_a_fresh_clone() {
     struct Cleanup<'a>(&'a Newcomer, Vec<String>);
     impl Drop for Cleanup<'_> {
         fn drop(&mut self) {
-            self.0.down(&["compose.yaml", "deploy/compose/mock-model.yaml"]);
+            self.0
+                .down(&["compose.yaml", "deploy/compose/mock-model.yaml"]);
             self.0.down(&["deploy/compose/multi-agent.yaml"]);
             for tag in &self.1 {
                 let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
             }
         }
     }
-    let _cleanup = Cleanup(&newcomer, vec![bulkhead_image.clone(), sandbox_image.clone()]);
+    let _cleanup = Cleanup(
+        &newcomer,
+        vec![bulkhead_image.clone(), sandbox_image.clone()],
+    );
 
     let commands = readme_commands("### Compose: Bulkhead, PostgreSQL and sandboxd");
     assert_eq!(commands.len(), 3, "{commands:?}");
@@ -195,19 +199,36 @@ async fn the_readme_deploy_commands_bring_the_stacks_up_from_a_fresh_clone() {
         "secrets/openai_api_key",
         ".env",
     ] {
-        assert!(said.contains(&format!("made ./{made}")) || said.contains(&format!("made {made}")), "{said}");
+        assert!(
+            said.contains(&format!("made ./{made}")) || said.contains(&format!("made {made}")),
+            "{said}"
+        );
     }
-    let before: Vec<_> = ["secrets/database_password", "secrets/sandboxd_token", ".env"]
-        .iter()
-        .map(|name| file(copy.path(), name))
-        .collect();
+    let before: Vec<_> = [
+        "secrets/database_password",
+        "secrets/sandboxd_token",
+        ".env",
+    ]
+    .iter()
+    .map(|name| file(copy.path(), name))
+    .collect();
     assert_eq!(before[0].0.len(), 48, "24 random bytes as hex");
-    std::fs::write(copy.path().join(".env"), format!("{}\n# mine\n", before[2].0)).unwrap();
+    std::fs::write(
+        copy.path().join(".env"),
+        format!("{}\n# mine\n", before[2].0),
+    )
+    .unwrap();
     let said = newcomer.run(setup);
     assert!(!said.contains("made"), "nothing made twice: {said}");
-    assert_eq!(file(copy.path(), "secrets/database_password").0, before[0].0);
+    assert_eq!(
+        file(copy.path(), "secrets/database_password").0,
+        before[0].0
+    );
     assert_eq!(file(copy.path(), "secrets/sandboxd_token").0, before[1].0);
-    assert!(file(copy.path(), ".env").0.ends_with("# mine\n"), "the user's .env is kept");
+    assert!(
+        file(copy.path(), ".env").0.ends_with("# mine\n"),
+        "the user's .env is kept"
+    );
 
     // `up --build` with no image of ours present: it builds, pulls nothing
     // of ours, and the stack comes up healthy.
@@ -237,7 +258,10 @@ async fn the_readme_deploy_commands_bring_the_stacks_up_from_a_fresh_clone() {
         if status == 200 {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "{status} {body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{status} {body}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let answer: serde_json::Value = reqwest::Client::new()
@@ -250,7 +274,10 @@ async fn the_readme_deploy_commands_bring_the_stacks_up_from_a_fresh_clone() {
         .await
         .unwrap();
     assert!(
-        answer["response"].as_str().unwrap_or_default().contains("1000"),
+        answer["response"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("1000"),
         "a tool call ran in a sandbox of the image the stack built: {answer}"
     );
     newcomer.down(&both);
