@@ -4,7 +4,9 @@
 # in /usr/local/rustup. The toolchain is this machine's own, copied in; the
 # CA certificates are this machine's too, so that builds reach crates.io
 # through whatever TLS proxy the machine trusts.
-FROM debian:12.12-slim
+FROM debian:12.15-slim
+# checkov:skip=CKV_DOCKER_2: a build-stage base image, never run as a service
+# checkov:skip=CKV_DOCKER_3: a build-stage base image: the build runs as root, as the official rust image does
 # Unpinned like the official image it stands in for: glibc's development
 # files follow Debian's security updates, and old versions leave the archive.
 # hadolint ignore=DL3008

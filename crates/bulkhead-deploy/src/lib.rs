@@ -41,6 +41,55 @@ pub fn build_image() {
     assert!(status.success(), "the Dockerfile builds");
 }
 
+/// Secret files as a user puts them beside the kustomizations (values that
+/// look like real ones).
+pub const KUBERNETES_SECRET_FILES: &[(&str, &str)] = &[
+    ("openai_api_key", "sk-proj-3f9c1e7a5b2d4c6e8f0a1b3c5d7e9f1a"),
+    ("database_password", "9d2b7c4e1f6a8b3c5d0e2f4a6b8c1d3e"),
+    ("sandboxd_token", "c1f5a9e3b7d2c6f0a4e8b2d6f1a5c9e3"),
+];
+
+/// A copy of `deploy/kubernetes/` in a temporary folder, with the secret
+/// files in place when `with_secrets`; returns the folder holding the
+/// copy's `kubernetes/`.
+pub fn kubernetes_copy(with_secrets: bool) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(repository().join("deploy/kubernetes"))
+        .arg(dir.path())
+        .status()
+        .expect("cp runs");
+    assert!(status.success(), "copying deploy/kubernetes");
+    if with_secrets {
+        for folder in ["secrets", "sandboxd/secrets"] {
+            let folder = dir.path().join("kubernetes").join(folder);
+            std::fs::create_dir_all(&folder).unwrap();
+            for (name, value) in KUBERNETES_SECRET_FILES {
+                std::fs::write(folder.join(name), value).unwrap();
+            }
+        }
+    }
+    dir
+}
+
+/// `kustomize build` of `sub` (`""` or `"sandboxd"`) in a copy with the
+/// secret files: the rendered YAML.
+pub fn kustomize_build(sub: &str) -> String {
+    let copy = kubernetes_copy(true);
+    let output = Command::new("kustomize")
+        .arg("build")
+        .arg(copy.path().join("kubernetes").join(sub))
+        .output()
+        .expect("kustomize runs (scripts/test puts scripts/ensure-tools' bin folder on PATH)");
+    assert!(
+        output.status.success(),
+        "kustomize build {sub}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
 /// The sandbox image `scripts/ensure-images` built.
 pub fn sandbox_image() -> String {
     std::env::var("SANDBOX_IMAGE").unwrap_or_else(|_| "bulkhead-sandbox:0.1".into())

@@ -9,52 +9,14 @@
 use std::collections::HashMap;
 use std::process::Command;
 
-use bulkhead_deploy::repository;
+use bulkhead_deploy::{kubernetes_copy, kustomize_build};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-/// The secret files a user puts beside the kustomization, with values that
-/// look like real ones.
-const SECRET_FILES: &[(&str, &str)] = &[
-    ("openai_api_key", "sk-proj-3f9c1e7a5b2d4c6e8f0a1b3c5d7e9f1a"),
-    ("database_password", "9d2b7c4e1f6a8b3c5d0e2f4a6b8c1d3e"),
-    ("sandboxd_token", "c1f5a9e3b7d2c6f0a4e8b2d6f1a5c9e3"),
-];
-
-/// `kustomize build` of a copy of `dir` (relative to the repository) with
-/// the secret files in place: every rendered document, keyed by
-/// `Kind/name`, and the rendered text.
-fn render(dir: &str) -> (HashMap<String, Value>, String) {
-    let copy = tempfile::tempdir().unwrap();
-    let status = Command::new("cp")
-        .arg("-r")
-        .arg(repository().join("deploy/kubernetes"))
-        .arg(copy.path())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let root = copy.path().join("kubernetes");
-    for folder in ["secrets", "sandboxd/secrets"] {
-        std::fs::create_dir_all(root.join(folder)).unwrap();
-        for (name, value) in SECRET_FILES {
-            std::fs::write(root.join(folder).join(name), value).unwrap();
-        }
-    }
-    let target = root.join(
-        dir.trim_start_matches("deploy/kubernetes")
-            .trim_start_matches('/'),
-    );
-    let output = Command::new("kustomize")
-        .arg("build")
-        .arg(&target)
-        .output()
-        .expect("kustomize runs (scripts/test puts scripts/ensure-tools' bin folder on PATH)");
-    let text = String::from_utf8_lossy(&output.stdout).to_string();
-    assert!(
-        output.status.success(),
-        "kustomize build {dir}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+/// The rendered kustomization `sub` of deploy/kubernetes (`""` or
+/// `"sandboxd"`): every document, keyed by `Kind/name`.
+fn render(sub: &str) -> HashMap<String, Value> {
+    let text = kustomize_build(sub);
     let mut objects = HashMap::new();
     for document in serde_norway::Deserializer::from_str(&text) {
         let object = Value::deserialize(document).unwrap();
@@ -68,7 +30,7 @@ fn render(dir: &str) -> (HashMap<String, Value>, String) {
         );
         assert!(objects.insert(key.clone(), object).is_none(), "{key} twice");
     }
-    (objects, text)
+    objects
 }
 
 /// The one object of `kind` whose name starts with `prefix` (generated
@@ -109,7 +71,7 @@ fn env_of(objects: &HashMap<String, Value>) -> HashMap<String, String> {
 
 #[test]
 fn the_manifests_parse_and_hold_their_promises() {
-    let (objects, _) = render("deploy/kubernetes");
+    let objects = render("");
     for kind in [
         "Namespace/bulkhead",
         "ServiceAccount/bulkhead",
@@ -299,7 +261,7 @@ fn the_manifests_parse_and_hold_their_promises() {
 /// the same validation `bulkhead serve` does at start.
 #[test]
 fn the_config_map_and_secret_make_a_valid_configuration() {
-    let (objects, _) = render("deploy/kubernetes");
+    let objects = render("");
     let secrets = tempfile::tempdir().unwrap();
     use base64::Engine;
     for (name, value) in generated(&objects, "Secret", "bulkhead").1["data"]
@@ -330,35 +292,22 @@ fn the_config_map_and_secret_make_a_valid_configuration() {
 /// Secret can overwrite a real one.
 #[test]
 fn without_the_secret_files_the_kustomizations_do_not_render() {
-    for dir in ["deploy/kubernetes", "deploy/kubernetes/sandboxd"] {
-        let copy = tempfile::tempdir().unwrap();
-        let status = Command::new("cp")
-            .arg("-r")
-            .arg(repository().join("deploy/kubernetes"))
-            .arg(copy.path())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let _ = std::fs::remove_dir_all(copy.path().join("kubernetes/secrets"));
-        let _ = std::fs::remove_dir_all(copy.path().join("kubernetes/sandboxd/secrets"));
-        let target = copy.path().join("kubernetes").join(
-            dir.trim_start_matches("deploy/kubernetes")
-                .trim_start_matches('/'),
-        );
+    for sub in ["", "sandboxd"] {
+        let copy = kubernetes_copy(false);
         let output = Command::new("kustomize")
             .arg("build")
-            .arg(&target)
+            .arg(copy.path().join("kubernetes").join(sub))
             .output()
             .expect("kustomize runs");
-        assert!(!output.status.success(), "{dir} rendered without secrets");
+        assert!(!output.status.success(), "{sub:?} rendered without secrets");
         let error = String::from_utf8_lossy(&output.stderr);
-        assert!(error.contains("secrets/"), "{dir}: {error}");
+        assert!(error.contains("secrets/"), "{sub:?}: {error}");
     }
 }
 
 #[test]
 fn the_optional_sandboxd_manifests_parse_and_admit_only_bulkhead() {
-    let (objects, _) = render("deploy/kubernetes/sandboxd");
+    let objects = render("sandboxd");
     let policy = &objects["NetworkPolicy/sandboxd"]["spec"];
     assert_eq!(
         policy["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
