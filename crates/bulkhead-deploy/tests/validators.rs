@@ -188,17 +188,8 @@ fn every_ignored_advisory_is_for_a_crate_never_compiled() {
             .to_string_lossy()
             .to_string();
         let mut tree = tool("cargo");
-        tree.args([
-            "tree",
-            "--workspace",
-            "-e",
-            "all",
-            "--target",
-            "all",
-            "--offline",
-            "-i",
-        ])
-        .arg(&krate);
+        tree.args(["tree", "--workspace", "-e", "all", "--target", "all", "-i"])
+            .arg(&krate);
         let output = run(tree, "cargo tree");
         assert!(
             output.stdout.is_empty(),
