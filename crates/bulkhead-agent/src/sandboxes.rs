@@ -2,40 +2,18 @@
 //! and destroyed when the session is deleted, after it has been idle for a
 //! while, or when the server stops.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bulkhead_sandbox::pool::SandboxPool;
 use bulkhead_sandbox::{Backend, Limits, Sandbox, SandboxError};
 use tokio::sync::{Mutex, OnceCell};
-
-/// A session's sandbox, made once on first use; concurrent first uses wait
-/// for the same creation instead of racing to make two.
-struct Slot {
-    sandbox: OnceCell<Arc<dyn Sandbox>>,
-    last_used: std::sync::Mutex<Instant>,
-}
-
-impl Slot {
-    fn touch(&self) {
-        if let Ok(mut last_used) = self.last_used.lock() {
-            *last_used = Instant::now();
-        }
-    }
-
-    fn idle_for(&self) -> Duration {
-        self.last_used
-            .lock()
-            .map(|t| t.elapsed())
-            .unwrap_or_default()
-    }
-}
 
 pub struct SandboxManager {
     backend: Arc<dyn Backend>,
     limits: Limits,
     idle: Duration,
-    sessions: Mutex<HashMap<String, Arc<Slot>>>,
+    sessions: SandboxPool<String>,
     /// What the probe found, once it succeeded: isolation that worked once
     /// is not probed again.
     available: OnceCell<Vec<String>>,
@@ -62,7 +40,7 @@ impl SandboxManager {
             backend,
             limits,
             idle,
-            sessions: Mutex::new(HashMap::new()),
+            sessions: SandboxPool::new(),
             available: OnceCell::new(),
             last_failure: Mutex::new(None),
         }
@@ -125,81 +103,26 @@ impl SandboxManager {
         self.availability()
             .await
             .map_err(SandboxError::Unavailable)?;
-        let slot = Arc::clone(
-            self.sessions
-                .lock()
-                .await
-                .entry(session_id.to_string())
-                .or_insert_with(|| {
-                    Arc::new(Slot {
-                        sandbox: OnceCell::new(),
-                        last_used: std::sync::Mutex::new(Instant::now()),
-                    })
-                }),
-        );
-        // Made outside the map's lock: a container takes a while to start
-        // and other sessions must not wait for it.
-        let sandbox = slot
-            .sandbox
-            .get_or_try_init(|| self.backend.create(session_id, &self.limits))
-            .await?;
-        slot.touch();
-        Ok(Arc::clone(sandbox))
+        self.sessions
+            .get_or_create(session_id.to_string(), || {
+                self.backend.create(session_id, &self.limits)
+            })
+            .await
     }
 
     /// Destroys the session's sandbox and its workspace, if it has one.
     pub async fn release(&self, session_id: &str) {
-        let slot = self.sessions.lock().await.remove(session_id);
-        if let Some(sandbox) = slot.as_ref().and_then(|s| s.sandbox.get())
-            && let Err(e) = sandbox.destroy().await
-        {
-            tracing::warn!(session_id, error = %e, "could not destroy a sandbox");
-        }
+        self.sessions.release(&session_id.to_string()).await;
     }
 
     /// Destroys sandboxes unused for longer than the idle time.
     pub async fn reap_idle(&self) {
-        let idle: Vec<(String, Arc<Slot>)> = {
-            let mut sessions = self.sessions.lock().await;
-            let expired: Vec<String> = sessions
-                .iter()
-                .filter(|(_, slot)| {
-                    slot.idle_for() >= self.idle
-                        // Not in use: only the slot holds the sandbox.
-                        && slot.sandbox.get().is_none_or(|s| Arc::strong_count(s) == 1)
-                        && Arc::strong_count(slot) == 1
-                })
-                .map(|(id, _)| id.clone())
-                .collect();
-            expired
-                .into_iter()
-                .filter_map(|id| sessions.remove(&id).map(|slot| (id, slot)))
-                .collect()
-        };
-        for (session_id, slot) in idle {
-            if let Some(sandbox) = slot.sandbox.get() {
-                tracing::info!(session_id = %session_id, "destroying an idle sandbox");
-                if let Err(e) = sandbox.destroy().await {
-                    tracing::warn!(session_id = %session_id, error = %e, "could not destroy a sandbox");
-                }
-            }
-        }
+        self.sessions.reap_idle(self.idle).await;
     }
 
     /// Destroys every sandbox (at shutdown).
     pub async fn destroy_all(&self) {
-        let all: Vec<Arc<Slot>> = self
-            .sessions
-            .lock()
-            .await
-            .drain()
-            .map(|(_, slot)| slot)
-            .collect();
-        for slot in all {
-            if let Some(sandbox) = slot.sandbox.get() {
-                let _ = sandbox.destroy().await;
-            }
-        }
+        self.sessions.destroy_all().await;
     }
 
     /// How often `reap_idle` should run.

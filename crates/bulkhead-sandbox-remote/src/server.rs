@@ -11,12 +11,13 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
+use bulkhead_sandbox::pool::SandboxPool;
 use bulkhead_sandbox::{Backend, ExecResult, Limits, Probe, Sandbox, SandboxError};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::sync::{Mutex, OnceCell};
+use tokio::sync::Mutex;
 
 use crate::{ErrorBody, ErrorObject, RunRequest};
 
@@ -32,7 +33,7 @@ pub struct Daemon {
     ceiling: Limits,
     factory: BackendFactory,
     backends: Mutex<HashMap<String, Arc<dyn Backend>>>,
-    sandboxes: Mutex<HashMap<(String, String), Arc<Slot>>>,
+    sandboxes: SandboxPool<(String, String)>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -40,36 +41,6 @@ impl std::fmt::Debug for Daemon {
         f.debug_struct("Daemon")
             .field("ceiling", &self.ceiling)
             .finish_non_exhaustive()
-    }
-}
-
-/// A sandbox, made once even when several requests ask for it at once.
-struct Slot {
-    sandbox: OnceCell<Arc<dyn Sandbox>>,
-    last_used: std::sync::Mutex<std::time::Instant>,
-}
-
-impl Default for Slot {
-    fn default() -> Slot {
-        Slot {
-            sandbox: OnceCell::new(),
-            last_used: std::sync::Mutex::new(std::time::Instant::now()),
-        }
-    }
-}
-
-impl Slot {
-    fn touch(&self) {
-        if let Ok(mut last_used) = self.last_used.lock() {
-            *last_used = std::time::Instant::now();
-        }
-    }
-
-    fn idle_for(&self) -> std::time::Duration {
-        self.last_used
-            .lock()
-            .map(|t| t.elapsed())
-            .unwrap_or_default()
     }
 }
 
@@ -81,7 +52,7 @@ impl Daemon {
             ceiling,
             factory,
             backends: Mutex::new(HashMap::new()),
-            sandboxes: Mutex::new(HashMap::new()),
+            sandboxes: SandboxPool::new(),
         })
     }
 
@@ -115,13 +86,10 @@ impl Daemon {
     ) -> Result<Arc<dyn Sandbox>, ApiError> {
         let backend = self.backend(scope).await?;
         validate_name("sandbox id", id)?;
-        let key = (scope.to_string(), id.to_string());
-        let slot = Arc::clone(self.sandboxes.lock().await.entry(key).or_default());
-        slot.touch();
         let limits = cap(limits, &self.ceiling);
-        let sandbox = slot
-            .sandbox
-            .get_or_try_init(|| async {
+        let made = self
+            .sandboxes
+            .get_or_create((scope.to_string(), id.to_string()), || async {
                 let made = backend.create(id, &limits).await;
                 match &made {
                     Ok(_) => tracing::info!(scope, id, ?limits, "sandbox made"),
@@ -129,62 +97,20 @@ impl Daemon {
                 }
                 made
             })
-            .await;
-        match sandbox {
-            Ok(sandbox) => Ok(Arc::clone(sandbox)),
-            Err(e) => {
-                self.sandboxes
-                    .lock()
-                    .await
-                    .remove(&(scope.to_string(), id.to_string()));
-                Err(e.into())
-            }
-        }
+            .await?;
+        Ok(made)
     }
 
     /// Destroys the sandboxes no request has used for `idle`: a server that
     /// went away for good does not leave its sandboxes running forever. A
     /// server that comes back gets a fresh sandbox on its next call.
     pub async fn reap_idle(&self, idle: std::time::Duration) {
-        let expired: Vec<((String, String), Arc<Slot>)> = {
-            let mut sandboxes = self.sandboxes.lock().await;
-            let keys: Vec<(String, String)> = sandboxes
-                .iter()
-                .filter(|(_, slot)| {
-                    slot.idle_for() >= idle
-                        // Not in use: an operation in flight holds the
-                        // sandbox (and a creation the slot) as well.
-                        && Arc::strong_count(slot) == 1
-                        && slot.sandbox.get().is_none_or(|s| Arc::strong_count(s) == 1)
-                })
-                .map(|(key, _)| key.clone())
-                .collect();
-            keys.into_iter()
-                .filter_map(|key| sandboxes.remove(&key).map(|slot| (key, slot)))
-                .collect()
-        };
-        for ((scope, id), slot) in expired {
-            if let Some(sandbox) = slot.sandbox.get() {
-                tracing::info!(scope, id, "destroying an idle sandbox");
-                let _ = sandbox.destroy().await;
-            }
-        }
+        self.sandboxes.reap_idle(idle).await;
     }
 
     /// Destroys every sandbox sandboxd holds (at shutdown).
     pub async fn destroy_all(&self) {
-        let all: Vec<Arc<Slot>> = self
-            .sandboxes
-            .lock()
-            .await
-            .drain()
-            .map(|(_, slot)| slot)
-            .collect();
-        for slot in all {
-            if let Some(sandbox) = slot.sandbox.get() {
-                let _ = sandbox.destroy().await;
-            }
-        }
+        self.sandboxes.destroy_all().await;
     }
 
     fn token_matches(&self, presented: &str) -> bool {
@@ -360,12 +286,7 @@ async fn destroy(
 ) -> Result<StatusCode, ApiError> {
     validate_name("scope", &scope)?;
     validate_name("sandbox id", &id)?;
-    let slot = daemon
-        .sandboxes
-        .lock()
-        .await
-        .remove(&(scope.clone(), id.clone()));
-    if let Some(sandbox) = slot.as_ref().and_then(|slot| slot.sandbox.get()) {
+    if let Some(sandbox) = daemon.sandboxes.take(&(scope.clone(), id.clone())).await {
         sandbox.destroy().await?;
         tracing::info!(scope, id, "sandbox destroyed");
     }
@@ -379,9 +300,8 @@ async fn remove_orphans(
     let backend = daemon.backend(&scope).await?;
     daemon
         .sandboxes
-        .lock()
-        .await
-        .retain(|(slot_scope, _), _| *slot_scope != scope);
+        .forget(|(slot_scope, _)| *slot_scope == scope)
+        .await;
     let removed = backend.remove_orphans().await?;
     Ok(Json(json!({"removed": removed})))
 }

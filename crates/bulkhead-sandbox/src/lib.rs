@@ -25,6 +25,7 @@ pub mod egress;
 pub mod namespace;
 mod output;
 mod paths;
+pub mod pool;
 pub mod seccomp_policy;
 
 use std::sync::Arc;
