@@ -230,6 +230,9 @@ async fn the_compose_stack_runs_keeps_its_data_and_survives_a_database_outage() 
         not_ready["checks"]["database"]["status"], "fail",
         "{not_ready}"
     );
+    // The database is what this replica cannot serve without: the
+    // orchestrator's probe fails too.
+    assert_eq!(get(&client, &format!("{base}/ready/replica")).await.0, 503);
     assert_eq!(get(&client, &format!("{base}/health")).await.0, 200);
     compose.run(&["start", "postgres"]);
     wait_for_status(

@@ -108,7 +108,7 @@ fn the_manifests_parse_and_hold_their_promises() {
     for (probe, path) in [
         ("startupProbe", "/health"),
         ("livenessProbe", "/health"),
-        ("readinessProbe", "/ready"),
+        ("readinessProbe", "/ready/replica"),
     ] {
         assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
         assert_eq!(container[probe]["httpGet"]["port"], "http", "{probe}");

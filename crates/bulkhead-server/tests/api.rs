@@ -660,6 +660,12 @@ async fn an_unreachable_model_answers_502_and_fails_readiness(kind: DbKind) {
         StatusCode::OK,
         "liveness does not depend on the model"
     );
+    // The orchestrator's probe: a model outage is every replica's, so this
+    // replica stays in the Service, and says what is down.
+    let (status, replica) = app.get("/ready/replica").await;
+    assert_eq!(status, StatusCode::OK, "{replica}");
+    assert_eq!(replica["status"], "ready");
+    assert_eq!(replica["checks"]["model"]["status"], "fail", "{replica}");
 }
 
 async fn max_steps_bounds_the_loop(kind: DbKind) {
@@ -1789,6 +1795,9 @@ async fn tools_run_through_a_remote_sandboxd(kind: DbKind) {
         !ready.to_string().contains(SANDBOXD_TOKEN),
         "the token never leaves: {ready}"
     );
+    let (status, replica) = app.get("/ready/replica").await;
+    assert_eq!(status, StatusCode::OK, "sandboxd is shared: {replica}");
+    assert_eq!(replica["checks"]["sandbox"]["status"], "fail");
     assert_eq!(app.get("/health").await.0, StatusCode::OK);
 
     // Back again: the server recovers without a restart.

@@ -13,11 +13,32 @@ pub async fn health() -> Json<Value> {
 }
 
 /// Readiness: one entry per dependency; 503 when any fails or the server
-/// is shutting down.
+/// is shutting down (the tutorials' contract).
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    readiness(&state, Gate::Everything).await
+}
+
+/// Readiness for an orchestrator's probe: 503 only for what makes this
+/// replica unable to serve (the database, shutting down). The model
+/// endpoint, the sandbox service and Redis are reported, not gating: every
+/// replica shares them, so their outage would take every replica out of the
+/// Service at once and stall a rollout, and each request already answers
+/// their failure clearly.
+pub async fn ready_replica(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    readiness(&state, Gate::ThisReplica).await
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    Everything,
+    ThisReplica,
+}
+
+async fn readiness(state: &AppState, gate: Gate) -> (StatusCode, Json<Value>) {
     let mut checks = Map::new();
     let mut ready = true;
-    let mut check = |name: &str, result: Result<Value, String>| {
+    // `shared`: a dependency every replica shares (gating only for `/ready`).
+    let mut check = |name: &str, shared: bool, result: Result<Value, String>| {
         let entry = match result {
             Ok(Value::Object(mut details)) => {
                 details.insert("status".into(), "ok".into());
@@ -25,7 +46,9 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             }
             Ok(_) => json!({"status": "ok"}),
             Err(message) => {
-                ready = false;
+                if !shared || gate == Gate::Everything {
+                    ready = false;
+                }
                 json!({"status": "fail", "message": message})
             }
         };
@@ -41,10 +64,10 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         }
         Err(_) => Err("the database did not answer within 2s".to_string()),
     };
-    check("database", database);
+    check("database", false, database);
 
     if let Some(redis) = state.probe_redis().await {
-        check("redis", redis.map(|()| json!({})));
+        check("redis", true, redis.map(|()| json!({})));
     }
 
     let model = if state.engine.model().is_mock() {
@@ -55,18 +78,18 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
             .await
             .map(|()| json!({"kind": "remote"}))
     };
-    check("model", model);
+    check("model", true, model);
 
     if let Some(sandboxes) = state.engine.sandboxes() {
         let sandbox = sandboxes
             .readiness()
             .await
             .map(|_| json!({"backend": sandboxes.backend_name()}));
-        check("sandbox", sandbox);
+        check("sandbox", true, sandbox);
     }
 
     if !state.engine.is_accepting() {
-        check("server", Err("shutting down".into()));
+        check("server", false, Err("shutting down".into()));
     }
     let (status, word) = if ready {
         (StatusCode::OK, "ready")

@@ -23,6 +23,7 @@ pub fn router(state: AppState) -> Router {
         .route("/agent", post(agent::post_agent))
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
+        .route("/ready/replica", get(health::ready_replica))
         .route(
             "/sessions/{session_id}",
             get(sessions::get_session).delete(sessions::delete_session),
