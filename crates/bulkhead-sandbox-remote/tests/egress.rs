@@ -39,25 +39,6 @@ impl Drop for Volume {
     }
 }
 
-/// A non-loopback IPv4 address of this machine, for a listener the proxy
-/// may reach once the allowlist names it.
-fn outside_address() -> std::net::Ipv4Addr {
-    let output = std::process::Command::new("ip")
-        .args(["-4", "-o", "addr", "show", "scope", "global"])
-        .output()
-        .expect("ip (iproute2) lists the addresses");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .find_map(|line| {
-            let cidr = line
-                .split_whitespace()
-                .skip_while(|w| *w != "inet")
-                .nth(1)?;
-            cidr.split('/').next()?.parse().ok()
-        })
-        .expect("this machine has a non-loopback IPv4 address")
-}
-
 async fn fetch(sandbox: &Arc<dyn Sandbox>, url: &str) -> ExecResult {
     sandbox
         .run(&Operation::Exec {
@@ -89,7 +70,7 @@ async fn each_sandbox_sandboxd_makes_gets_its_own_gate_and_its_refusals_are_on_r
     // the engine's host does.
     let folder = docker(&["volume", "inspect", "-f", "{{.Mountpoint}}", &volume.0]);
 
-    let outside = outside_address();
+    let outside = bulkhead_testing::outside_address();
     let listener = tokio::net::TcpListener::bind((outside, 0)).await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {

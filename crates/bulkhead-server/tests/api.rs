@@ -1402,25 +1402,6 @@ async fn without_isolation_tools_are_refused_and_not_ready(kind: DbKind) {
     );
 }
 
-/// A non-loopback IPv4 address of this machine, for a listener the egress
-/// proxy may reach (it refuses loopback).
-fn outside_address() -> std::net::Ipv4Addr {
-    let output = std::process::Command::new("ip")
-        .args(["-4", "-o", "addr", "show", "scope", "global"])
-        .output()
-        .expect("ip (iproute2) lists the addresses");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .find_map(|line| {
-            let cidr = line
-                .split_whitespace()
-                .skip_while(|w| *w != "inet")
-                .nth(1)?;
-            cidr.split('/').next()?.parse().ok()
-        })
-        .expect("this machine has a non-loopback IPv4 address")
-}
-
 async fn http_fetch_reaches_allowed_hosts_only(kind: DbKind) {
     egress_is_allowlisted(kind, "namespace").await
 }
@@ -1430,7 +1411,7 @@ async fn http_fetch_reaches_allowed_hosts_only_from_docker(kind: DbKind) {
 }
 
 async fn egress_is_allowlisted(kind: DbKind, backend: &str) {
-    let ip = outside_address();
+    let ip = bulkhead_testing::outside_address();
     let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
     let outside = listener.local_addr().unwrap();
     tokio::spawn(async move {

@@ -148,3 +148,23 @@ pub fn sandbox_helper() -> std::path::PathBuf {
     );
     helper
 }
+
+/// A non-loopback IPv4 address of this machine, for a listener that the
+/// egress proxy may reach once the allowlist names it (it refuses
+/// loopback whatever the list says).
+pub fn outside_address() -> std::net::Ipv4Addr {
+    let output = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .expect("ip (iproute2) lists the addresses");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| {
+            let cidr = line
+                .split_whitespace()
+                .skip_while(|w| *w != "inet")
+                .nth(1)?;
+            cidr.split('/').next()?.parse().ok()
+        })
+        .expect("this machine has a non-loopback IPv4 address")
+}
