@@ -27,6 +27,37 @@ fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>, errno: i32) -> Result<BpfProg
     .map_err(|e| format!("cannot build the seccomp filter: {e}"))
 }
 
+/// x32 syscalls carry the x86_64 architecture value with bit 30 set in
+/// their number, so the filters above, which match exact numbers, would let
+/// `io_uring_setup | 0x40000000` through on a kernel with x32 enabled. This
+/// answers every x32 syscall ENOSYS, as a kernel without x32 does.
+#[cfg(target_arch = "x86_64")]
+fn x32_refused() -> BpfProgram {
+    use seccompiler::sock_filter;
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    let statement = |code: u32, k: u32| sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    vec![
+        // seccomp_data.nr, at offset 0.
+        statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
+        sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: X32_SYSCALL_BIT,
+        },
+        statement(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+        ),
+        statement(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW),
+    ]
+}
+
 /// Installs the filters on the calling thread (no_new_privs must be set).
 pub(crate) fn install() -> Result<(), String> {
     let mut denied: BTreeMap<i64, Vec<SeccompRule>> = REFUSED
@@ -58,6 +89,8 @@ pub(crate) fn install() -> Result<(), String> {
     let programs = [
         compile(denied, libc::EPERM)?,
         compile(clone3, libc::ENOSYS)?,
+        #[cfg(target_arch = "x86_64")]
+        x32_refused(),
     ];
     for program in &programs {
         seccompiler::apply_filter(program)
