@@ -48,6 +48,9 @@ impl App {
         // The database and the sandbox backend are set up side by side: the
         // first `/ready` waits for both, so start-up takes the longer of the
         // two rather than their sum.
+        for warning in &config.warnings {
+            tracing::warn!(variable = %warning.variable, "{}", warning.message);
+        }
         let role = config.role;
         let database = async {
             let store = connect_store(&config).await?;
@@ -86,7 +89,13 @@ impl App {
         };
         let (store, sandboxes) = tokio::try_join!(database, sandboxes)?;
         let model = match &config.model.endpoint {
-            Some(endpoint) => Model::Remote(
+            Some(endpoint) => Model::Remote({
+                tracing::info!(
+                    endpoint = %crate::config::redact_url_password(endpoint),
+                    model = %config.model.name,
+                    api_key = if config.model.api_key.is_some() { "set" } else { "not set" },
+                    "model endpoint"
+                );
                 OpenAiClient::new(ModelSettings {
                     endpoint: endpoint.clone(),
                     model: config.model.name.clone(),
@@ -98,14 +107,15 @@ impl App {
                     retry_base: Duration::from_millis(250),
                     retry_cap: Duration::from_secs(8),
                 })
-                .context("could not set up the model client")?,
-            ),
+                .context("could not set up the model client")?
+            }),
             None => {
                 debug_assert_eq!(config.mode, AgentMode::Development);
                 tracing::warn!(
                     "NO MODEL CONFIGURED: AGENT_MODE=development and MODEL_ENDPOINT is unset, so the built-in \
                      MOCK MODEL answers (it echoes). Set MODEL_ENDPOINT for a real model."
                 );
+                tracing::info!(endpoint = "built-in", model = "mock", "model endpoint");
                 Model::Mock(MockModel::new(config.model.mock_latency))
             }
         };

@@ -33,6 +33,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the agent API (POST /agent, /health, /ready, sessions, runs).
+    ///
+    /// Configured by the environment: `--help` lists every setting.
     Serve,
     /// Serve the mock model: an OpenAI-compatible API that echoes.
     MockModel {
@@ -48,6 +50,8 @@ enum Command {
     },
     /// Serve sandboxes to agent servers over HTTP (the `remote` backend):
     /// the only process that needs the engine socket or sandbox privileges.
+    ///
+    /// Configured by the environment: `--help` lists every setting.
     Sandboxd,
     /// Exit 0 if the server on 127.0.0.1:$PORT answers /health, 1 if not.
     Healthcheck {
@@ -88,8 +92,19 @@ enum Command {
     },
 }
 
+/// The command line, with `serve --help` and `sandboxd --help` listing
+/// every setting from the settings table.
+fn parse_cli() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let settings = bulkhead_server::config::settings::help;
+    let command = Cli::command()
+        .mut_subcommand("serve", |c| c.after_long_help(settings(false, 100)))
+        .mut_subcommand("sandboxd", |c| c.after_long_help(settings(true, 100)));
+    Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     match cli.command {
         Command::Serve => serve(),
         Command::MockModel {
@@ -231,6 +246,9 @@ fn sandboxd() -> ExitCode {
         }
     };
     logging::init(&config.log_level, config.log_format, false);
+    for warning in &config.warnings {
+        tracing::warn!(variable = %warning.variable, "{}", warning.message);
+    }
     let result = runtime(true).block_on(async move {
         let shutdown = bulkhead_server::shutdown_signal().context("installing signal handlers")?;
         let factory = bulkhead_server::sandbox::sandboxd_factory(&config.sandbox)
@@ -295,22 +313,34 @@ fn print_config(json: bool) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    for warning in &config.warnings {
+        eprintln!("bulkhead: warning: {}", warning.message);
+    }
     let rows = config.describe();
     if json {
         let object: serde_json::Map<String, serde_json::Value> = rows
             .into_iter()
-            .map(|(name, value, source)| {
+            .map(|row| {
                 (
-                    name.to_string(),
-                    serde_json::json!({"value": value, "source": source}),
+                    row.setting.name.to_string(),
+                    serde_json::json!({"value": row.value, "source": row.source.to_string()}),
                 )
             })
             .collect();
         println!("{}", serde_json::Value::Object(object));
     } else {
-        let width = rows.iter().map(|(name, ..)| name.len()).max().unwrap_or(0);
-        for (name, value, source) in rows {
-            println!("{name:<width$}  {value}  ({source})");
+        let width = rows
+            .iter()
+            .map(|row| row.setting.name.len())
+            .max()
+            .unwrap_or(0);
+        for row in rows {
+            println!(
+                "{:<width$}  {}  ({})",
+                row.setting.name,
+                row.text(),
+                row.source
+            );
         }
     }
     ExitCode::SUCCESS

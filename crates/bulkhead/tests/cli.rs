@@ -200,7 +200,7 @@ fn config_prints_the_effective_values_with_secrets_redacted() {
         .output()
         .unwrap();
     let json: Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(json["PORT"]["value"], "8000");
+    assert_eq!(json["PORT"]["value"], 8000);
     assert_eq!(json["AGENT_MODE"]["value"], "development");
 }
 
