@@ -308,7 +308,31 @@ impl OpenAiClient {
                 message: "the model endpoint is failing".into(),
             });
         }
+        // Every OpenAI-compatible API serves `/models` under its base: a 404
+        // there means the base is not the API's (a `/chat/completions` URL,
+        // a missing `/v1`), and every call would 404 too.
+        if status == StatusCode::NOT_FOUND {
+            return Err(ModelError::Status {
+                status: status.as_u16(),
+                message: format!(
+                    "the model endpoint answered 404 at {}: check that MODEL_ENDPOINT ends at the API base (e.g. https://api.openai.com/v1)",
+                    without_userinfo(&self.models_url)
+                ),
+            });
+        }
         Ok(())
+    }
+}
+
+/// The URL without any `user:password@`.
+fn without_userinfo(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) => {
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        Err(_) => "the configured URL".into(),
     }
 }
 

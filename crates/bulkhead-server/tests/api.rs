@@ -635,6 +635,25 @@ async fn upstream_timeouts_answer_504(kind: DbKind) {
     assert_eq!(run["status"], "failed");
 }
 
+/// The endpoint a person writes without its `/v1`: the server answers, but
+/// not at `<base>/models`. Ready must not call that model `ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_endpoint_whose_models_answers_404_is_not_ready() {
+    let endpoint = spawn_mock_model(Duration::ZERO).await;
+    let without_v1 = endpoint.trim_end_matches("/v1").to_string();
+    let app = spawn_app(DbKind::Sqlite, &[("MODEL_ENDPOINT", &without_v1)]).await;
+    let (status, ready) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
+    assert_eq!(ready["checks"]["model"]["status"], "fail", "{ready}");
+    let message = ready["checks"]["model"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("404 at {without_v1}/models"))
+            && message.contains("MODEL_ENDPOINT")
+            && message.contains("/v1"),
+        "{message}"
+    );
+}
+
 async fn an_unreachable_model_answers_502_and_fails_readiness(kind: DbKind) {
     // A port that was free a moment ago: nothing listens there.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
