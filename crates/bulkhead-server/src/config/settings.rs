@@ -148,7 +148,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "MODEL_ENDPOINT",
         default: Default::None,
-        meaning: "OpenAI-compatible base URL (`https://api.openai.com/v1`, vLLM, Ollama, llama.cpp, LiteLLM…). Unset in development: the built-in mock model",
+        meaning: "OpenAI-compatible base URL (`https://api.openai.com/v1`, vLLM, Ollama, llama.cpp, LiteLLM…). A URL copied with a call's path (`…/v1/chat/completions`) is cut back to its base, with a warning. Unset in development: the built-in mock model",
         secret: false,
         scope: Scope::Server,
     },
