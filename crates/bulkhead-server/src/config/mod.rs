@@ -258,7 +258,11 @@ impl Config {
                 "expected a sqlite:// or postgres:// URL",
             ));
         }
-        let database_url = match r.secret("DATABASE_PASSWORD", "DATABASE_PASSWORD_FILE")? {
+        let database_password = r.secret("DATABASE_PASSWORD", "DATABASE_PASSWORD_FILE")?;
+        if mode == AgentMode::Production {
+            reader::refuse_placeholder("DATABASE_PASSWORD", database_password.as_ref())?;
+        }
+        let database_url = match database_password {
             None => database_url,
             Some(password) => with_password(&database_url, &password)?,
         };
@@ -300,6 +304,9 @@ impl Config {
             )?),
             endpoint,
         };
+        if mode == AgentMode::Production {
+            reader::refuse_placeholder("OPENAI_API_KEY", model.api_key.as_ref())?;
+        }
         if model.api_key.is_none()
             && let Some(host) = model
                 .endpoint
@@ -326,6 +333,9 @@ impl Config {
         )?;
 
         let sandbox = sandbox::read_sandbox(&mut r)?;
+        if mode == AgentMode::Production {
+            reader::refuse_placeholder("SANDBOXD_TOKEN", sandbox.sandboxd_token.as_ref())?;
+        }
         if sandbox.backend == SandboxBackendKind::Remote {
             if sandbox.remote_url.is_none() {
                 return Err(invalid(

@@ -332,6 +332,50 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Words that mark a value as an example to be replaced, not a secret:
+/// what example files, tutorials and manifests put where a secret goes.
+const PLACEHOLDER_MARKS: &[&str] = &[
+    "replace-me",
+    "replace_me",
+    "replaceme",
+    "change-me",
+    "change_me",
+    "changeme",
+    "placeholder",
+    "your-key",
+    "your_key",
+    "your-token",
+    "your_token",
+    "your-password",
+    "your_password",
+    "xxxxxxxx",
+    "<",
+    ">",
+];
+
+/// Refuses a secret that is an obvious placeholder (`REPLACE-ME…`), with
+/// one line naming the variable and where to put the real one; the value
+/// itself is never repeated.
+pub(crate) fn refuse_placeholder(
+    name: &'static str,
+    value: Option<&SecretString>,
+) -> Result<(), ConfigError> {
+    let Some(value) = value else {
+        return Ok(());
+    };
+    let lower = secrecy::ExposeSecret::expose_secret(value).to_ascii_lowercase();
+    if PLACEHOLDER_MARKS.iter().any(|mark| lower.contains(mark)) {
+        return Err(invalid(
+            name,
+            format!(
+                "looks like an example's placeholder (REPLACE-ME, change-me, <…>), not a secret: put the real value in /run/secrets/{} (or {name}_FILE)",
+                name.to_ascii_lowercase()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The table's literal default of a setting that has one.
 pub(crate) fn literal_default(name: &str) -> &'static str {
     match settings::find(name).map(|s| s.default) {

@@ -211,6 +211,9 @@ impl SandboxdConfig {
                 "is required: sandboxd serves only clients that present it (or set SANDBOXD_TOKEN_FILE)",
             )
         })?;
+        // The token is all that guards sandboxd: an example value never
+        // does, whatever the mode.
+        super::reader::refuse_placeholder("SANDBOXD_TOKEN", Some(&token))?;
         if token.expose_secret().len() < MIN_SANDBOXD_TOKEN_LEN {
             return Err(invalid(
                 "SANDBOXD_TOKEN",

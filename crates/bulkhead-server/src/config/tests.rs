@@ -486,3 +486,51 @@ fn a_keyed_provider_without_a_key_is_a_warning_not_an_error() {
     let config = load(&[("MODEL_ENDPOINT", "http://localhost:11434/v1")]).unwrap();
     assert!(config.warnings.is_empty(), "{:?}", config.warnings);
 }
+
+#[test]
+fn production_refuses_placeholder_secrets_and_sandboxd_always_does() {
+    let production = [
+        ("AGENT_MODE", "production"),
+        ("MODEL_ENDPOINT", "https://api.openai.com/v1"),
+        ("DATABASE_URL", "postgres://bulkhead@db:5432/bulkhead"),
+    ];
+    for (name, value) in [
+        ("OPENAI_API_KEY", "sk-REPLACE-ME"),
+        ("DATABASE_PASSWORD", "changeme123"),
+        ("SANDBOXD_TOKEN", "REPLACE-ME-WITH-AT-LEAST-24-CHARACTERS"),
+        ("OPENAI_API_KEY", "<your-openai-key>"),
+    ] {
+        let pairs: Vec<_> = production.iter().copied().chain([(name, value)]).collect();
+        let error = load(&pairs).unwrap_err();
+        assert_eq!(error.variable, name, "{error}");
+        assert!(error.message.contains("placeholder"), "{error}");
+        assert!(
+            !error.to_string().contains(value),
+            "the value is never repeated: {error}"
+        );
+        // Development takes it: a laptop's .env may hold anything.
+        let pairs: Vec<_> = pairs
+            .into_iter()
+            .filter(|(k, _)| *k != "AGENT_MODE")
+            .collect();
+        load(&pairs).unwrap();
+    }
+    // Real-looking secrets pass.
+    let pairs: Vec<_> = production
+        .iter()
+        .copied()
+        .chain([("OPENAI_API_KEY", "sk-proj-3f9c1e7a5b2d4c6e8f0a1b3c")])
+        .collect();
+    load(&pairs).unwrap();
+
+    let error = SandboxdConfig::from_env(&Environment::from_map(
+        [(
+            "SANDBOXD_TOKEN".to_string(),
+            "REPLACE-ME-WITH-AT-LEAST-24-CHARACTERS".to_string(),
+        )]
+        .into(),
+    ))
+    .unwrap_err();
+    assert_eq!(error.variable, "SANDBOXD_TOKEN");
+    assert!(error.message.contains("placeholder"), "{error}");
+}
