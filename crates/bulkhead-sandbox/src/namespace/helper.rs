@@ -66,6 +66,66 @@ pub(crate) struct ChildFds {
     pub mapped: RawFd,
 }
 
+/// A host path a sandbox mounts, taken hold of by the helper with the
+/// server's own credentials. Inside its user namespace the sandbox's root
+/// is an unprivileged host uid, which may not pass through a private folder
+/// above the path (a root server started in a `mktemp -d` folder, mode
+/// 0700, or in a home folder of mode 0750): a detached copy of the mount,
+/// made here, needs no path walk there, and the user's folders keep their
+/// permissions.
+pub(crate) enum MountSource {
+    /// `open_tree(OPEN_TREE_CLONE)`: attached inside with `move_mount`.
+    Tree(OwnedFd),
+    /// Not root: the sandbox's root is the server's own uid, which can walk
+    /// any path the server can; bound by its absolute path.
+    Path(std::path::PathBuf),
+}
+
+impl MountSource {
+    fn take(path: &std::path::Path) -> Result<MountSource, String> {
+        let shown = |e: std::io::Error| format!("cannot open {}: {e}", path.display());
+        if !nix::unistd::geteuid().is_root() {
+            return path.canonicalize().map(MountSource::Path).map_err(shown);
+        }
+        let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| format!("{}: a path with a NUL byte", path.display()))?;
+        // SAFETY: a plain syscall with a valid C string; the descriptor it
+        // returns is owned from here on.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(shown(std::io::Error::last_os_error()));
+        }
+        // SAFETY: a descriptor just returned to this process.
+        Ok(MountSource::Tree(unsafe {
+            OwnedFd::from_raw_fd(fd as RawFd)
+        }))
+    }
+
+    pub(crate) fn fd(&self) -> Option<RawFd> {
+        match self {
+            MountSource::Tree(fd) => Some(fd.as_raw_fd()),
+            MountSource::Path(_) => None,
+        }
+    }
+}
+
+/// What the child mounts from the host.
+pub(crate) struct Mounts {
+    /// The new root's mount point, relative to the state folder, which the
+    /// child makes its working directory before leaving the host's user
+    /// namespace (see [`MountSource`]).
+    pub root: std::path::PathBuf,
+    pub workspace: MountSource,
+    pub egress: Option<MountSource>,
+}
+
 fn run(request: &HelperRequest) -> Result<ExecResult, String> {
     let cgroup = Cgroup::create(&request.run_id, &request.limits)
         .map_err(|e| format!("cannot set up resource limits: {e}"))?;
@@ -75,9 +135,19 @@ fn run(request: &HelperRequest) -> Result<ExecResult, String> {
 }
 
 fn run_in(request: &HelperRequest, cgroup: &Cgroup) -> Result<ExecResult, String> {
-    let root = request.state_dir.join(format!("root-{}", request.run_id));
+    let name = format!("root-{}", request.run_id);
+    let root = request.state_dir.join(&name);
+    let mounts = Mounts {
+        root: name.into(),
+        workspace: MountSource::take(&request.workspace)?,
+        egress: request
+            .egress_socket
+            .as_deref()
+            .map(MountSource::take)
+            .transpose()?,
+    };
     std::fs::create_dir_all(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
-    let result = run_with_root(request, cgroup, &root);
+    let result = run_with_root(request, cgroup, &mounts);
     let _ = std::fs::remove_dir(&root);
     result
 }
@@ -85,7 +155,7 @@ fn run_in(request: &HelperRequest, cgroup: &Cgroup) -> Result<ExecResult, String
 fn run_with_root(
     request: &HelperRequest,
     cgroup: &Cgroup,
-    root: &std::path::Path,
+    mounts: &Mounts,
 ) -> Result<ExecResult, String> {
     let (stdout_r, stdout_w) = pipe()?;
     let (stderr_r, stderr_w) = pipe()?;
@@ -112,7 +182,7 @@ fn run_with_root(
                 unshared: unshared_w.as_raw_fd(),
                 mapped: mapped_r.as_raw_fd(),
             };
-            inside::child_main(request, root, &fds)
+            inside::child_main(request, mounts, &fds)
         }
         ForkResult::Parent { child } => child,
     };

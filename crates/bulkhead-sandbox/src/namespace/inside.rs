@@ -23,7 +23,7 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
 use serde::{Deserialize, Serialize};
 
-use super::helper::{ChildFds, owned};
+use super::helper::{ChildFds, MountSource, Mounts, owned};
 use super::{HelperRequest, SANDBOX_UID, seccomp};
 use crate::Operation;
 use crate::paths::{WORKSPACE, workspace_path};
@@ -76,13 +76,18 @@ fn die_with_parent() -> Result<(), String> {
 }
 
 /// The helper's direct child: unshares, waits to be mapped, forks init.
-pub(crate) fn child_main(request: &HelperRequest, root: &Path, fds: &ChildFds) -> ! {
+pub(crate) fn child_main(request: &HelperRequest, mounts: &Mounts, fds: &ChildFds) -> ! {
     let helper = nix::unistd::getppid();
     let result = (|| -> Result<Pid, String> {
         die_with_parent()?;
         if nix::unistd::getppid() != helper {
             return Err("the helper went away".into());
         }
+        // The new root is named relative to the state folder, entered now,
+        // while the path to it may lead through folders the sandbox's uid
+        // cannot pass.
+        nix::unistd::chdir(&request.state_dir)
+            .map_err(|e| format!("cannot enter {}: {e}", request.state_dir.display()))?;
         unshare(
             CloneFlags::CLONE_NEWUSER
                 | CloneFlags::CLONE_NEWNS
@@ -113,7 +118,7 @@ pub(crate) fn child_main(request: &HelperRequest, root: &Path, fds: &ChildFds) -
         // SAFETY: this process is single-threaded (forked from the
         // single-threaded helper).
         match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
-            ForkResult::Child => init_main(request, root, fds),
+            ForkResult::Child => init_main(request, mounts, fds),
             ForkResult::Parent { child } => Ok(child),
         }
     })();
@@ -137,7 +142,7 @@ pub(crate) fn child_main(request: &HelperRequest, root: &Path, fds: &ChildFds) -
 /// PID 1 of the sandbox: builds the filesystem, starts the program, reaps
 /// every process, reports the program's status, and exits (which ends
 /// every process left in the namespace).
-fn init_main(request: &HelperRequest, root: &Path, fds: &ChildFds) -> ! {
+fn init_main(request: &HelperRequest, mounts: &Mounts, fds: &ChildFds) -> ! {
     let status_fd = fds.status;
     // Not dumpable: the program (same host uid) may not read or write
     // init's memory through /proc.
@@ -145,9 +150,17 @@ fn init_main(request: &HelperRequest, root: &Path, fds: &ChildFds) -> ! {
         .and_then(|()| {
             nix::sys::prctl::set_dumpable(false).map_err(|e| format!("prctl(DUMPABLE): {e}"))
         })
-        .and_then(|()| setup_filesystem(request, root));
+        .and_then(|()| setup_filesystem(request, mounts));
     if let Err(reason) = setup {
         fail(status_fd, reason);
+    }
+    // Attached: the program must not hold a handle on host mounts.
+    for fd in [&mounts.workspace]
+        .into_iter()
+        .chain(&mounts.egress)
+        .filter_map(MountSource::fd)
+    {
+        let _ = nix::unistd::close(fd);
     }
     let _ = nix::unistd::sethostname("sandbox");
     // SAFETY: single-threaded process.
@@ -219,6 +232,11 @@ fn bind(source: &Path, target: &Path, read_only: bool) -> Result<(), String> {
         None::<&str>,
     )
     .map_err(|e| mount_err(&source.display().to_string(), target, e))?;
+    remount(source, target, read_only)
+}
+
+/// Makes a fresh bind mount nosuid, nodev and, if asked, read-only.
+fn remount(source: &Path, target: &Path, read_only: bool) -> Result<(), String> {
     let mut flags = MsFlags::MS_BIND
         | MsFlags::MS_REMOUNT
         | MsFlags::MS_NOSUID
@@ -250,7 +268,40 @@ fn write_file(path: &Path, content: &str) -> Result<(), String> {
     std::fs::write(path, content).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-fn setup_filesystem(request: &HelperRequest, root: &Path) -> Result<(), String> {
+/// `bind` for what the helper took hold of on the host (see
+/// [`MountSource`]).
+fn attach(source: &MountSource, target: &Path, read_only: bool) -> Result<(), String> {
+    let fd = match source {
+        MountSource::Path(path) => return bind(path, target, read_only),
+        MountSource::Tree(fd) => fd.as_raw_fd(),
+    };
+    let shown = || "a host mount".to_string();
+    let c_target = CString::new(target.as_os_str().as_encoded_bytes())
+        .map_err(|_| format!("{}: a path with a NUL byte", target.display()))?;
+    // SAFETY: a plain syscall with valid C strings and a descriptor this
+    // process holds.
+    let moved = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            fd,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            c_target.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if moved < 0 {
+        return Err(mount_err(&shown(), target, nix::Error::last()));
+    }
+    remount(
+        &PathBuf::from(format!("/proc/self/fd/{fd}")),
+        target,
+        read_only,
+    )
+}
+
+fn setup_filesystem(request: &HelperRequest, mounts: &Mounts) -> Result<(), String> {
+    let root = mounts.root.as_path();
     mount(
         None::<&str>,
         "/",
@@ -349,12 +400,12 @@ fn setup_filesystem(request: &HelperRequest, root: &Path) -> Result<(), String> 
     )
     .map_err(|e| mount_err("proc", &proc, e))?;
 
-    if let Some(socket) = &request.egress_socket {
+    if let Some(socket) = &mounts.egress {
         let run = root.join("run/bulkhead");
         mkdir(&run)?;
         let inside = root.join(crate::egress::SANDBOX_SOCKET.trim_start_matches('/'));
         write_file(&inside, "")?;
-        bind(socket, &inside, true)?;
+        attach(socket, &inside, true)?;
     }
 
     let tmp = root.join("tmp");
@@ -367,7 +418,7 @@ fn setup_filesystem(request: &HelperRequest, root: &Path) -> Result<(), String> 
 
     let workspace = root.join(WORKSPACE.trim_start_matches('/'));
     mkdir(&workspace)?;
-    bind(&request.workspace, &workspace, false)?;
+    attach(&mounts.workspace, &workspace, false)?;
 
     nix::unistd::chdir(root).map_err(|e| format!("chdir: {e}"))?;
     nix::unistd::pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;

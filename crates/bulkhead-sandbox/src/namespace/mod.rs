@@ -312,6 +312,12 @@ impl Backend for NamespaceBackend {
             let inner = &self.inner;
             let workspace = inner.config.root.join(id);
             std::fs::create_dir_all(inner.state_dir())?;
+            // The sandbox's uid looks up its root folder in here (see
+            // `helper::open_path`): searchable, whatever the umask.
+            std::fs::set_permissions(
+                inner.state_dir(),
+                std::os::unix::fs::PermissionsExt::from_mode(0o711),
+            )?;
             std::fs::create_dir_all(&workspace)?;
             if inner.privileged {
                 mount_workspace(&workspace, limits, inner.uid, inner.gid)?;
