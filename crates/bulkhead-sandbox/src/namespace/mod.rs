@@ -160,7 +160,8 @@ impl Inner {
             ),
             egress_socket: egress_socket.map(Path::to_path_buf),
         };
-        let mut child = tokio::process::Command::new(&self.config.helper)
+        let mut command = tokio::process::Command::new(&self.config.helper);
+        command
             .args(&self.config.helper_args)
             .env_clear()
             .stdin(Stdio::piped())
@@ -168,14 +169,38 @@ impl Inner {
             .stderr(Stdio::piped())
             // If the caller gives up (shutdown), the helper dies, and with
             // it the whole sandbox (parent-death signals down the chain).
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                SandboxError::Unavailable(format!(
-                    "cannot start the sandbox helper {}: {e}",
-                    self.config.helper.display()
-                ))
-            })?;
+            .kill_on_drop(true);
+        let server = std::process::id() as libc::pid_t;
+        // SAFETY: setsid, prctl and getppid are async-signal-safe syscalls
+        // touching no memory of the parent.
+        unsafe {
+            command.pre_exec(move || {
+                // A session of its own: Ctrl-C in the server's terminal
+                // signals the whole foreground process group, and the
+                // server drains on SIGINT; a helper in that group would be
+                // killed mid-call instead, its call refused and its cgroup
+                // left behind.
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Out of the group, the helper would outlive a server that
+                // dies without dropping it (a CLI killed by Ctrl-C): it
+                // dies with the thread that started it.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != server {
+                    return Err(std::io::Error::other("the server went away"));
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|e| {
+            SandboxError::Unavailable(format!(
+                "cannot start the sandbox helper {}: {e}",
+                self.config.helper.display()
+            ))
+        })?;
         let body = serde_json::to_vec(&request)
             .map_err(|e| SandboxError::Invalid(format!("cannot encode the request: {e}")))?;
         let mut stdin = child.stdin.take().expect("piped stdin");
