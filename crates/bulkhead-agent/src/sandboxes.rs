@@ -82,7 +82,11 @@ impl SandboxManager {
                 if last_failure.is_none() {
                     tracing::error!(backend = self.backend.name(), error = %e, "sandbox unavailable: tool calls will be refused");
                 }
-                let message = e.to_string();
+                // The reason alone: a refused call wraps it again.
+                let message = match e {
+                    SandboxError::Unavailable(reason) => reason,
+                    other => other.to_string(),
+                };
                 *last_failure = Some((Instant::now(), message.clone()));
                 Err(message)
             }

@@ -49,6 +49,7 @@ impl Sandboxd {
                 helper_args: Vec::new(),
                 root: factory_root.join(scope),
                 host_uid: 100_000,
+                cgroup: bulkhead_sandbox::namespace::DEFAULT_CGROUP.into(),
                 host_gid: 100_000,
                 egress: None,
             })) as Arc<dyn Backend>)

@@ -80,6 +80,7 @@ async fn main() {
         helper_args: vec!["__sandbox-helper".into()],
         root: dir.path().to_path_buf(),
         host_uid: 100_000,
+        cgroup: bulkhead_sandbox::namespace::DEFAULT_CGROUP.into(),
         host_gid: 100_000,
         egress: None,
     });

@@ -45,6 +45,7 @@ fn namespace_backend(root: PathBuf, helper: PathBuf) -> NamespaceBackend {
         helper_args: Vec::new(),
         root,
         host_uid: 100_000,
+        cgroup: bulkhead_sandbox::namespace::DEFAULT_CGROUP.into(),
         host_gid: 100_000,
         egress: None,
     })

@@ -206,6 +206,7 @@ async fn sandbox(
             helper_args: Vec::new(),
             root,
             host_uid: 100_000,
+            cgroup: bulkhead_sandbox::namespace::DEFAULT_CGROUP.into(),
             host_gid: 100_000,
             egress: Some(proxy),
         })),

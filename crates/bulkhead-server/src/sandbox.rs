@@ -58,6 +58,7 @@ pub fn build(
                 )?;
             namespace.host_uid = config.host_uid;
             namespace.host_gid = config.host_uid;
+            namespace.cgroup = config.cgroup.clone();
             namespace.egress = egress;
             Ok(Arc::new(NamespaceBackend::new(namespace)))
         }

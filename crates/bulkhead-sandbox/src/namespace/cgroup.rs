@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use crate::Limits;
 
 const ROOT: &str = "/sys/fs/cgroup";
-const GROUP: &str = "bulkhead";
 
 #[derive(Debug)]
 pub(crate) enum Cgroup {
@@ -61,14 +60,40 @@ fn counter(path: &Path, key: &str) -> u64 {
 }
 
 impl Cgroup {
-    /// Creates the operation's cgroup with its limits set.
-    pub(crate) fn create(name: &str, limits: &Limits) -> io::Result<Cgroup> {
+    /// Creates the operation's cgroup, `name` in `group`, with its limits
+    /// set. Root makes `group` if needed; anyone else can only use a group
+    /// made and delegated to them, so it is not made for them (the error
+    /// names the group rather than a parent they were never meant to
+    /// write).
+    pub(crate) fn create(group: &str, name: &str, limits: &Limits) -> io::Result<Cgroup> {
+        let group = group.trim_matches('/');
+        let root = nix::unistd::geteuid().is_root();
+        let make_group = |path: &Path| {
+            let made = if root {
+                fs::create_dir_all(path)
+            } else if path.is_dir() {
+                Ok(())
+            } else {
+                Err(io::Error::from(io::ErrorKind::NotFound))
+            };
+            made.map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("{}: {}", path.display(), io::Error::from(e.kind())),
+                )
+            })
+        };
+        let make = |path: &Path| {
+            fs::create_dir(path).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
+            })
+        };
         let memory = limits.memory_bytes.to_string();
         let quota = ((limits.cpus * 100_000.0).round() as u64).max(1_000);
         match version() {
             Some(1) => {
                 let dir =
-                    |controller: &str| Path::new(ROOT).join(controller).join(GROUP).join(name);
+                    |controller: &str| Path::new(ROOT).join(controller).join(group).join(name);
                 let cgroup = Cgroup::V1 {
                     memory: dir("memory"),
                     pids: dir("pids"),
@@ -83,12 +108,8 @@ impl Cgroup {
                     unreachable!()
                 };
                 for path in [m, p, c] {
-                    fs::create_dir_all(path).map_err(|e| {
-                        io::Error::new(
-                            e.kind(),
-                            format!("cannot create cgroup {}: {e}", path.display()),
-                        )
-                    })?;
+                    make_group(path.parent().expect("a parent"))?;
+                    make(path)?;
                 }
                 // Swappiness first: it cannot change once tasks are in.
                 let _ = write(&m.join("memory.swappiness"), "0");
@@ -103,16 +124,19 @@ impl Cgroup {
                 Ok(cgroup)
             }
             Some(2) => {
-                let parent = Path::new(ROOT).join(GROUP);
-                fs::create_dir_all(&parent)?;
-                // Controllers must be enabled for the children of `parent`.
-                let _ = write(
-                    &Path::new(ROOT).join("cgroup.subtree_control"),
-                    "+memory +pids +cpu",
-                );
+                let parent = Path::new(ROOT).join(group);
+                make_group(&parent)?;
+                // Controllers must be enabled for the children of `parent`
+                // (a delegated group's owner may do it for its own).
+                if root {
+                    let _ = write(
+                        &Path::new(ROOT).join("cgroup.subtree_control"),
+                        "+memory +pids +cpu",
+                    );
+                }
                 write(&parent.join("cgroup.subtree_control"), "+memory +pids +cpu")?;
                 let path = parent.join(name);
-                fs::create_dir_all(&path)?;
+                make(&path)?;
                 write(&path.join("memory.max"), &memory)?;
                 let _ = write(&path.join("memory.swap.max"), "0");
                 write(&path.join("pids.max"), &limits.pids.to_string())?;

@@ -127,8 +127,8 @@ pub(crate) struct Mounts {
 }
 
 fn run(request: &HelperRequest) -> Result<ExecResult, String> {
-    let cgroup = Cgroup::create(&request.run_id, &request.limits)
-        .map_err(|e| format!("cannot set up resource limits: {e}"))?;
+    let cgroup = Cgroup::create(&request.cgroup, &request.run_id, &request.limits)
+        .map_err(|e| no_cgroup(&request.cgroup, &e))?;
     let result = run_in(request, &cgroup);
     cgroup.remove();
     result
@@ -356,6 +356,25 @@ fn wait_byte(fd: &OwnedFd, within: Duration) -> Result<(), String> {
         Ok(1) => Ok(()),
         Ok(_) => Err("it exited during setup".into()),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Why no call can run, and what to do, in one line: the limits are never
+/// dropped instead.
+fn no_cgroup(group: &str, error: &std::io::Error) -> String {
+    let uid = nix::unistd::geteuid();
+    if uid.is_root() {
+        format!(
+            "the namespace sandbox cannot create its cgroup ({error}): give the server a \
+             writable cgroup hierarchy (in a container: cgroup delegation, or --privileged), \
+             or set SANDBOX_BACKEND=docker"
+        )
+    } else {
+        format!(
+            "the namespace sandbox cannot create its cgroup as uid {uid}, not root ({error}): \
+             run bulkhead as root, or have root delegate a cgroup to uid {uid} and name it \
+             in SANDBOX_CGROUP (now {group:?}; see the README), or set SANDBOX_BACKEND=docker"
+        )
     }
 }
 

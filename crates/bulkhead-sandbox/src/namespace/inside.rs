@@ -96,7 +96,16 @@ pub(crate) fn child_main(request: &HelperRequest, mounts: &Mounts, fds: &ChildFd
                 | CloneFlags::CLONE_NEWIPC
                 | CloneFlags::CLONE_NEWUTS,
         )
-        .map_err(|e| format!("cannot create namespaces (unshare): {e}"))?;
+        .map_err(|e| {
+            let remedy = if nix::unistd::geteuid().is_root() {
+                ""
+            } else {
+                ": this kernel does not let unprivileged users create user namespaces \
+                 (kernel.unprivileged_userns_clone, kernel.apparmor_restrict_unprivileged_userns); \
+                 run bulkhead as root, or set SANDBOX_BACKEND=docker"
+            };
+            format!("cannot create namespaces (unshare): {e}{remedy}")
+        })?;
         let unshared = owned(fds.unshared);
         nix::unistd::write(&unshared, b"u").map_err(|e| e.to_string())?;
         drop(unshared);

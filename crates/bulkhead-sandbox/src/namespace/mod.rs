@@ -32,6 +32,19 @@ use crate::{Backend, ExecResult, Limits, Operation, Probe, Sandbox, SandboxError
 /// The uid (and gid) sandboxed programs have inside their namespaces.
 pub const SANDBOX_UID: u32 = 1000;
 
+/// The cgroup per-call cgroups are made in, under the hierarchy's root
+/// (v2) or each controller's (v1).
+pub const DEFAULT_CGROUP: &str = "bulkhead";
+
+/// A relative cgroup path that stays under the hierarchy's root.
+pub fn valid_cgroup(path: &str) -> bool {
+    !path.is_empty()
+        && path
+            .trim_matches('/')
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
+}
+
 /// What the server hands the helper for one operation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct HelperRequest {
@@ -46,10 +59,17 @@ pub(crate) struct HelperRequest {
     pub host_gid: u32,
     /// Unique per operation; names its cgroup.
     pub run_id: String,
+    /// The cgroup the operation's cgroup is made in.
+    #[serde(default = "default_cgroup")]
+    pub cgroup: String,
     /// The egress proxy's socket, shown inside as
     /// [`crate::egress::SANDBOX_SOCKET`].
     #[serde(default)]
     pub egress_socket: Option<PathBuf>,
+}
+
+fn default_cgroup() -> String {
+    DEFAULT_CGROUP.into()
 }
 
 /// The helper's answer.
@@ -73,6 +93,9 @@ pub struct NamespaceConfig {
     /// (otherwise the server's own ids are used).
     pub host_uid: u32,
     pub host_gid: u32,
+    /// The cgroup per-call cgroups are made in ([`DEFAULT_CGROUP`]). Root
+    /// makes it; any other user needs it made and delegated to them.
+    pub cgroup: String,
     /// The egress proxy, if sandboxes may reach any host: each sandbox gets
     /// a gate of its own.
     pub egress: Option<Arc<EgressProxy>>,
@@ -91,6 +114,7 @@ impl NamespaceConfig {
             root,
             host_uid: 100_000,
             host_gid: 100_000,
+            cgroup: DEFAULT_CGROUP.into(),
             egress: None,
         })
     }
@@ -159,6 +183,7 @@ impl Inner {
                 self.counter.fetch_add(1, Ordering::Relaxed)
             ),
             egress_socket: egress_socket.map(Path::to_path_buf),
+            cgroup: self.config.cgroup.clone(),
         };
         let mut command = tokio::process::Command::new(&self.config.helper);
         command

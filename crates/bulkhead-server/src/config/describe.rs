@@ -133,6 +133,7 @@ impl Config {
             "SANDBOX_IDLE_SECONDS" => seconds(sandbox.idle),
             "SANDBOX_ROOT" => json!(sandbox.root.display().to_string()),
             "SANDBOX_HOST_UID" => json!(sandbox.host_uid),
+            "SANDBOX_CGROUP" => json!(sandbox.cgroup),
             "SANDBOX_HELPER" => optional(sandbox.helper.as_ref().map(|p| p.display())),
             "SANDBOX_IMAGE" => json!(sandbox.image),
             "SANDBOX_RUNTIME" => optional(sandbox.runtime.as_ref()),

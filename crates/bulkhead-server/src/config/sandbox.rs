@@ -35,6 +35,8 @@ pub struct SandboxConfig {
     pub root: PathBuf,
     /// Host uid and gid sandboxed programs run as when the server is root.
     pub host_uid: u32,
+    /// The cgroup the namespace backend makes its per-call cgroups in.
+    pub cgroup: String,
     /// A session's sandbox unused this long is destroyed.
     pub idle: Duration,
     /// The namespace backend's helper executable (default: this binary).
@@ -110,6 +112,11 @@ pub(super) fn read_sandbox(r: &mut Reader<'_>) -> Result<SandboxConfig, ConfigEr
             "SANDBOX_HOST_UID",
             "a uid from 1 to 4294967294",
             |u: &u32| *u >= 1 && *u < u32::MAX,
+        )?,
+        cgroup: r.parse(
+            "SANDBOX_CGROUP",
+            "a cgroup path such as bulkhead or user.slice/bulkhead (no \"..\")",
+            |c: &String| bulkhead_sandbox::namespace::valid_cgroup(c),
         )?,
         idle: r.seconds("SANDBOX_IDLE_SECONDS", 7.0 * 86_400.0)?,
         helper: r.raw("SANDBOX_HELPER").map(PathBuf::from),

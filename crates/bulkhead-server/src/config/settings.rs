@@ -419,6 +419,13 @@ pub const SETTINGS: &[Setting] = &[
         scope: Scope::Both,
     },
     Setting {
+        name: "SANDBOX_CGROUP",
+        default: Default::Literal("bulkhead"),
+        meaning: "the cgroup (under `/sys/fs/cgroup`, or each controller's folder on v1) each call's cgroup is made in; root makes it, another user needs it delegated (see \"Running without root\")",
+        secret: false,
+        scope: Scope::Both,
+    },
+    Setting {
         name: "SANDBOX_HELPER",
         default: Default::Note("this executable"),
         meaning: "the namespace backend's helper (`bulkhead __sandbox-helper`)",
