@@ -271,6 +271,7 @@ async fn a_non_root_user_with_a_delegated_cgroup_runs_tools_under_its_limits() {
     }
     let group = format!("bulkhead-test-{USER}-{}", std::process::id());
     let dirs = cgroup_dirs(&group);
+    let _removed = Removed(dirs.clone());
     // What root does once for the user (the README's recipe).
     for dir in &dirs {
         std::fs::create_dir_all(dir).unwrap();
@@ -317,9 +318,26 @@ async fn a_non_root_user_with_a_delegated_cgroup_runs_tools_under_its_limits() {
 
     kill(Pid::from_raw(server.pid()), Signal::SIGTERM).unwrap();
     assert_eq!(server.wait_exit(Duration::from_secs(15)).code(), Some(0));
-    for dir in dirs.iter().rev() {
-        let _ = std::fs::remove_dir(dir.join("server"));
-        std::fs::remove_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    for dir in &dirs {
+        let left: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_dir() && e.file_name() != "server")
+            .map(|e| e.path())
+            .collect();
+        assert!(left.is_empty(), "cgroups left behind: {left:?}");
+    }
+}
+
+/// Removes the delegated cgroups, pass or fail.
+struct Removed(Vec<PathBuf>);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let _ = std::fs::remove_dir(dir.join("server"));
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
