@@ -1,128 +1,17 @@
 //! The `bulkhead` binary as users run it: real processes, real signals,
 //! real databases, logs read from stdout.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::io::Write;
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bulkhead_testing::{DbKind, TestDb, on_both_databases, spawn_mock_model};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde_json::{Value, json};
-
-/// The binary with an empty environment, in a scratch folder.
-fn bulkhead(dir: &std::path::Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_bulkhead"));
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("SECRETS_DIR", dir.join("no-secrets"))
-        .current_dir(dir);
-    command
-}
-
-struct Process {
-    child: Child,
-    stdout: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Process {
-    fn spawn(mut command: Command) -> Process {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let collect = |stream: Box<dyn std::io::Read + Send>| {
-            let lines = Arc::new(Mutex::new(Vec::new()));
-            let sink = Arc::clone(&lines);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    sink.lock().unwrap().push(line);
-                }
-            });
-            lines
-        };
-        let stdout = collect(Box::new(child.stdout.take().unwrap()));
-        let stderr = collect(Box::new(child.stderr.take().unwrap()));
-        Process {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    /// Waits for a stdout line matching `find` and returns what it extracts.
-    fn wait_for<T>(&mut self, what: &str, find: impl Fn(&str) -> Option<T>) -> T {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(found) = self.stdout.lock().unwrap().iter().find_map(|l| find(l)) {
-                return found;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "exited ({status}) before {what}: {:?} {:?}",
-                    self.stdout, self.stderr
-                );
-            }
-            assert!(Instant::now() < deadline, "no {what}: {:?}", self.stdout);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the reader threads drain the pipes.
-                std::thread::sleep(Duration::from_millis(100));
-                return status;
-            }
-            assert!(Instant::now() < deadline, "still running after {within:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn all_output(&self) -> String {
-        let mut all = self.stdout.lock().unwrap().join("\n");
-        all.push('\n');
-        all.push_str(&self.stderr.lock().unwrap().join("\n"));
-        all
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `bulkhead serve` on a free port with JSON logs; returns it with its URL.
-fn serve(dir: &std::path::Path, env: &[(&str, &str)]) -> (Process, String) {
-    let mut command = bulkhead(dir);
-    command
-        .arg("serve")
-        .env("HOST", "127.0.0.1")
-        .env("PORT", "0")
-        .env("LOG_FORMAT", "json");
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    let mut process = Process::spawn(command);
-    let address = process.wait_for("the listening line", |line| {
-        let event: Value = serde_json::from_str(line).ok()?;
-        (event["message"] == "listening").then(|| event["address"].as_str().unwrap().to_string())
-    });
-    (process, format!("http://{address}"))
-}
+use support::{Process, bulkhead, serve};
 
 #[test]
 fn every_subcommand_has_help() {
