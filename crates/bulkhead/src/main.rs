@@ -160,7 +160,8 @@ fn load_config() -> Result<Config, ExitCode> {
 
 fn fail(error: &anyhow::Error) -> ExitCode {
     tracing::error!(error = format!("{error:#}"), "fatal");
-    eprintln!("bulkhead: {error:#}");
+    // Not `eprintln!`: it panics when stderr is a pipe that has closed.
+    let _ = writeln!(std::io::stderr(), "bulkhead: {error:#}");
     ExitCode::FAILURE
 }
 
