@@ -392,13 +392,28 @@ impl Server {
 /// called, not when the future is first polled, so that a signal arriving
 /// during start-up is not lost to the default action.
 pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    let signal = termination_signal()?;
+    Ok(async move {
+        signal.await;
+    })
+}
+
+/// Resolves to the number of the first SIGTERM or SIGINT received after
+/// this call; each call listens on its own.
+pub fn termination_signal() -> std::io::Result<impl Future<Output = i32> + Send + 'static> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     Ok(async move {
         tokio::select! {
-            _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "signal received"),
-            _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+            _ = interrupt.recv() => {
+                tracing::info!(signal = "SIGINT", "signal received");
+                nix::sys::signal::Signal::SIGINT as i32
+            }
+            _ = terminate.recv() => {
+                tracing::info!(signal = "SIGTERM", "signal received");
+                nix::sys::signal::Signal::SIGTERM as i32
+            }
         }
     })
 }

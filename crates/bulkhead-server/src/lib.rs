@@ -8,5 +8,5 @@ mod extract;
 mod routes;
 pub mod sandbox;
 
-pub use app::{App, AppState, Server, shutdown_signal};
+pub use app::{App, AppState, Server, shutdown_signal, termination_signal};
 pub use config::{Config, ConfigError, Environment};

@@ -172,12 +172,23 @@ fn serve() -> ExitCode {
     };
     logging::init(&config.log_level, config.log_format, config.enable_tracing);
     let result = runtime(true).block_on(async move {
+        let signal = bulkhead_server::termination_signal().context("installing signal handlers")?;
         let shutdown = bulkhead_server::shutdown_signal().context("installing signal handlers")?;
-        let server = Server::bind(config).await?;
-        server.run(shutdown).await
+        // Start-up can wait a long time (a database that is not up yet);
+        // a signal then means "give up", not "serve and stop at once".
+        let server = tokio::select! {
+            server = Server::bind(config) => server?,
+            number = signal => return Ok(Some(number)),
+        };
+        server.run(shutdown).await.map(|()| None)
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(signal)) => {
+            tracing::info!(signal, "start-up interrupted; nothing was served");
+            // What a shell reports for a process its signal ended.
+            ExitCode::from(128 + signal as u8)
+        }
         Err(error) => fail(&error),
     }
 }
