@@ -34,6 +34,8 @@ pub struct App {
     model_probe: Mutex<Option<(Instant, Result<(), String>)>>,
     /// Checked by `/ready` when `REDIS_URL` is set.
     redis: Option<redis::Client>,
+    /// This server's claim on its SQLite file and local sandbox root.
+    _locks: Vec<crate::data_lock::DataLock>,
 }
 
 /// How long a model-endpoint probe result is reused by `/ready`, so that
@@ -45,6 +47,7 @@ impl App {
     /// Connects to the database (waiting for it up to
     /// `DATABASE_CONNECT_TIMEOUT_SECONDS`), migrates it and sets up the model.
     pub async fn build(config: Config) -> anyhow::Result<App> {
+        let locks = lock_data(&config)?;
         // The database and the sandbox backend are set up side by side: the
         // first `/ready` waits for both, so start-up takes the longer of the
         // two rather than their sum.
@@ -182,6 +185,7 @@ impl App {
             engine: Arc::new(engine),
             model_probe: Mutex::new(None),
             redis,
+            _locks: locks,
         })
     }
 
@@ -235,6 +239,26 @@ impl App {
     }
 }
 
+/// Claims what this server alone may use, before anything touches it
+/// (recovery of runs, orphan removal): the SQLite file, and the sandbox root
+/// of a local backend. PostgreSQL is not locked: replicas share it on
+/// purpose, and nothing they do at start assumes they are alone on it.
+fn lock_data(config: &Config) -> anyhow::Result<Vec<crate::data_lock::DataLock>> {
+    use crate::config::SandboxBackendKind;
+    let mut locks = Vec::new();
+    if let Some(file) = bulkhead_store::sqlite_file(config.database_url.expose_secret())? {
+        locks.push(crate::data_lock::lock_database(&file)?);
+    }
+    let local = matches!(
+        config.sandbox.backend,
+        SandboxBackendKind::Namespace | SandboxBackendKind::Docker
+    );
+    if config.role.uses_tools() && local {
+        locks.push(crate::data_lock::lock_sandbox_root(&config.sandbox.root)?);
+    }
+    Ok(locks)
+}
+
 /// The sandbox backend, cleared of what a previous process left, with its
 /// first probe and the idle reaper started.
 async fn start_sandboxes(config: &Config) -> anyhow::Result<Arc<SandboxManager>> {
@@ -275,18 +299,34 @@ fn url_password(url: &str) -> Option<String> {
     (!password.is_empty()).then(|| password.to_string())
 }
 
+/// Connects to the database. Only a network database is waited for: a
+/// server that is not up yet may come; a local file that cannot be opened
+/// will not change by itself, so that stops start-up at once.
 async fn connect_store(config: &Config) -> anyhow::Result<Store> {
+    use bulkhead_store::StoreError;
     let url = config.database_url.expose_secret();
     let options = StoreOptions {
         max_connections: config.database_max_connections,
         acquire_timeout: Duration::from_secs(5),
     };
+    let network = config.database_backend() == bulkhead_store::Backend::Postgres;
     let deadline = Instant::now() + config.database_connect_timeout;
     let mut wait = Duration::from_millis(200);
     loop {
         match Store::connect(url, &options).await {
             Ok(store) => return Ok(store),
-            Err(e) if Instant::now() + wait < deadline => {
+            Err(StoreError::NotWritable { path, source }) => {
+                let folder = path.parent().unwrap_or(&path);
+                return Err(crate::data_lock::refused(
+                    &path,
+                    folder,
+                    "DATABASE_URL",
+                    &source,
+                ));
+            }
+            Err(e @ (StoreError::Database(_) | StoreError::ConnectTimeout(_)))
+                if network && Instant::now() + wait < deadline =>
+            {
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "database not reachable yet");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(5));

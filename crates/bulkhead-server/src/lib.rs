@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod config;
+mod data_lock;
 pub mod error;
 mod extract;
 mod routes;

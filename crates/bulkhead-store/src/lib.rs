@@ -37,11 +37,20 @@ pub enum StoreError {
     UnsupportedUrl,
     #[error("invalid DATABASE_URL: {0}")]
     InvalidUrl(String),
-    #[error("could not create the database folder {path}: {source}")]
+    #[error("could not create {path}: {source}")]
     CreateDir {
         path: String,
         source: std::io::Error,
     },
+    /// The database file (or its folder) refuses this process: a cause
+    /// that waiting cannot heal, unlike a database server not answering.
+    #[error("cannot write {path}: {source}")]
+    NotWritable {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no answer from the database server within {}s", .0.as_secs_f64())]
+    ConnectTimeout(Duration),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("database error: {0}")]
@@ -218,6 +227,18 @@ impl Store {
                                 .into(),
                         )
                     })?;
+                // One connection first, on its own: a pool that cannot
+                // connect keeps trying until its acquire timeout and then
+                // says only "pool timed out", hiding "connection refused" or
+                // a refused password.
+                use sqlx::Connection as _;
+                let probe = tokio::time::timeout(
+                    options.acquire_timeout,
+                    sqlx::PgConnection::connect_with(&connect),
+                )
+                .await
+                .map_err(|_| StoreError::ConnectTimeout(options.acquire_timeout))??;
+                let _ = probe.close().await;
                 let pool = PgPoolOptions::new()
                     .max_connections(options.max_connections)
                     .acquire_timeout(options.acquire_timeout)
@@ -691,8 +712,23 @@ impl Store {
 const RUN_COLUMNS: &str = "id, session_id, status, input, output, tokens_used, steps, \
     error_code, error_message, created_at, finished_at";
 
-async fn connect_sqlite(url: &str, options: &StoreOptions) -> Result<Pools, StoreError> {
-    let mut connect = SqliteConnectOptions::from_str(url)
+/// The file an `sqlite:` URL keeps its database in; `None` for an
+/// in-memory database and for PostgreSQL. What a server locks so that one
+/// process at a time owns the file.
+pub fn sqlite_file(url: &str) -> Result<Option<std::path::PathBuf>, StoreError> {
+    if Backend::from_url(url)? != Backend::Sqlite {
+        return Ok(None);
+    }
+    let (_, file) = sqlite_options(url)?;
+    Ok(file)
+}
+
+/// The connection options of an `sqlite:` URL and its file (`None` when in
+/// memory).
+fn sqlite_options(
+    url: &str,
+) -> Result<(SqliteConnectOptions, Option<std::path::PathBuf>), StoreError> {
+    let connect = SqliteConnectOptions::from_str(url)
         .map_err(|e| StoreError::InvalidUrl(e.to_string()))?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
@@ -705,8 +741,47 @@ async fn connect_sqlite(url: &str, options: &StoreOptions) -> Result<Pools, Stor
     // sqlx names an in-memory database itself (`file:sqlx-in-memory-N`),
     // so the URL, not the parsed file name, says whether it is one.
     let in_memory = filename.is_empty() || url.contains(":memory:") || url.contains("mode=memory");
+    let file = (!in_memory).then(|| std::path::PathBuf::from(filename));
+    Ok((connect, file))
+}
+
+/// What a failure to create or open a path means: a refusal (permissions,
+/// a read-only filesystem) is `NotWritable`, which no retry heals.
+fn io_refusal(path: &std::path::Path, source: std::io::Error) -> StoreError {
+    use std::io::ErrorKind::{PermissionDenied, ReadOnlyFilesystem};
+    if matches!(source.kind(), PermissionDenied | ReadOnlyFilesystem) {
+        StoreError::NotWritable {
+            path: path.to_path_buf(),
+            source,
+        }
+    } else {
+        StoreError::CreateDir {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+async fn connect_sqlite(url: &str, options: &StoreOptions) -> Result<Pools, StoreError> {
+    let (mut connect, file) = sqlite_options(url)?;
     let mut memory = None;
-    let path = if in_memory {
+    let path = if let Some(path) = file {
+        if let Some(parent) = path.parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent).map_err(|e| io_refusal(parent, e))?;
+        }
+        // SQLite's own answer to a file it may not write is "unable to open
+        // database file", without the reason: ask the system first.
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| io_refusal(&path, e))?;
+        path
+    } else {
         // The writer and the readers are separate connections, and each
         // would see its own empty in-memory database: hold it in a file of
         // its own that goes when the store does.
@@ -727,17 +802,6 @@ async fn connect_sqlite(url: &str, options: &StoreOptions) -> Result<Pools, Stor
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
         memory = Some(Arc::new(dir));
-        path
-    } else {
-        let path = std::path::PathBuf::from(&filename);
-        if let Some(parent) = path.parent()
-            && !parent.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
-                path: parent.display().to_string(),
-                source,
-            })?;
-        }
         path
     };
     // The writer creates the file and switches it to WAL before any reader
