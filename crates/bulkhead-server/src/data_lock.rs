@@ -43,7 +43,11 @@ fn lock(data: &Path, path: &Path, variable: &str) -> anyhow::Result<DataLock> {
     let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let (data, path) = (absolute(data), absolute(path));
     let folder = path.parent().unwrap_or(Path::new("/")).to_path_buf();
-    std::fs::create_dir_all(&folder).map_err(|e| refused(&folder, &folder, variable, &e))?;
+    std::fs::create_dir_all(&folder).map_err(|e| {
+        // What needs fixing is the deepest folder that exists.
+        let existing = folder.ancestors().find(|a| a.is_dir()).unwrap_or(&folder);
+        refused(&folder, existing, variable, &e)
+    })?;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
