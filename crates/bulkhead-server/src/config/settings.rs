@@ -246,7 +246,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "DATABASE_CONNECT_TIMEOUT_SECONDS",
         default: Default::Literal("30"),
-        meaning: "how long start-up waits for the database to accept connections",
+        meaning: "how long start-up waits for PostgreSQL to accept connections (each failed attempt is logged with its cause). An SQLite path is not waited for: one the server cannot write stops start-up at once, naming the path, the uid and the fix",
         secret: false,
         scope: Scope::Server,
     },
