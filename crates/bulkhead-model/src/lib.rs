@@ -3,6 +3,7 @@
 //! development, tests and benchmarks.
 
 mod client;
+pub mod history;
 pub mod mock;
 pub mod types;
 

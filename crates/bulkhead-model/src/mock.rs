@@ -12,6 +12,10 @@
 //!
 //! Usage counts whitespace-separated words: the prompt's message contents,
 //! then the reply (a tool call counts its name and arguments).
+//!
+//! Before any of that it checks the history as OpenAI does
+//! ([`crate::history::validate`]) and refuses a malformed one with OpenAI's
+//! 400, so that every test meets what a strict endpoint would say.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -139,6 +143,12 @@ impl MockModel {
         messages: &[ChatMessage],
         deltas: Option<&mut DeltaSink<'_>>,
     ) -> Result<Completion, ModelError> {
+        if let Err(refusal) = crate::history::validate(messages) {
+            return Err(ModelError::Status {
+                status: StatusCode::BAD_REQUEST.as_u16(),
+                message: refusal.message,
+            });
+        }
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
@@ -249,6 +259,18 @@ async fn chat_completions(State(mock): State<Arc<MockModel>>, body: Bytes) -> Re
             "invalid_request_error",
             "messages must not be empty",
         );
+    }
+    if let Err(refusal) = crate::history::validate(&request.messages) {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": {
+                "message": refusal.message,
+                "type": "invalid_request_error",
+                "param": refusal.param,
+                "code": refusal.code,
+            }})),
+        )
+            .into_response();
     }
     if !mock.latency.is_zero() {
         tokio::time::sleep(mock.latency).await;

@@ -142,6 +142,72 @@ async fn tool_calls_come_back_streamed_or_not() {
     }
 }
 
+/// The history a strict endpoint refuses: the model's call of `id`, and
+/// then the user speaks again instead of a tool result.
+fn dangling_call(id: &str) -> Vec<ChatMessage> {
+    let call: bulkhead_model::ToolCall = serde_json::from_value(serde_json::json!({
+        "id": id, "type": "function", "function": {"name": "shell", "arguments": "{}"}
+    }))
+    .unwrap();
+    vec![
+        ChatMessage::text("user", "tool:shell"),
+        ChatMessage {
+            role: "assistant".into(),
+            content: None,
+            tool_calls: Some(vec![call]),
+            tool_call_id: None,
+        },
+        ChatMessage::text("user", "are you there?"),
+    ]
+}
+
+#[tokio::test]
+async fn the_mock_refuses_a_dangling_call_as_openai_does() {
+    let endpoint = spawn_mock_model(Duration::ZERO).await;
+    let response = reqwest::Client::new()
+        .post(format!("{endpoint}/chat/completions"))
+        .json(&serde_json::json!({"model": "any", "messages": dangling_call("call_x")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"error": {
+            "message": "An assistant message with 'tool_calls' must be followed by tool \
+                        messages responding to each 'tool_call_id'. The following \
+                        tool_call_ids did not have response messages: call_x",
+            "type": "invalid_request_error",
+            "param": "messages.[1].role",
+            "code": null,
+        }})
+    );
+
+    // Through the client: a 400 is the caller's fault, so it is not retried,
+    // and OpenAI's message reaches whoever reads the error.
+    let client = OpenAiClient::new(settings(&endpoint)).unwrap();
+    let error = client
+        .complete(&dangling_call("call_x"), &[], None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, ModelError::Status { status: 400, message } if message.contains("call_x")),
+        "{error:?}"
+    );
+
+    // The in-process mock refuses the same history the same way.
+    let error = bulkhead_model::MockModel::default()
+        .complete(&dangling_call("call_y"), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, ModelError::Status { status: 400, message }
+            if message.contains("did not have response messages: call_y")),
+        "{error:?}"
+    );
+}
+
 #[tokio::test]
 async fn retries_429_and_5xx_then_succeeds() {
     for status in [
