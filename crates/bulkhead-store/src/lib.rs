@@ -305,6 +305,17 @@ impl Store {
     pub async fn recover_abandoned_runs(&self, now: i64) -> Result<u64, StoreError> {
         write_with!(self, sqlite: (at = now) |c| sqlite_writes::recover_abandoned_runs(c, at), postgres: |pool| {
             let mut tx = pool.begin().await?;
+            // The audit records of calls whose process died: without this
+            // they would stay `running` for ever.
+            sqlx::query(
+                "UPDATE tool_executions SET status = 'interrupted', finished_at = $1, \
+                 error = 'the server stopped during the call' \
+                 WHERE status = 'running' \
+                 AND session_id IN (SELECT session_id FROM runs WHERE status = 'running')",
+            )
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
             let runs = sqlx::query(
                 "UPDATE runs SET status = 'interrupted', finished_at = $1, \
                  error_code = 'server_stopped', \
@@ -423,7 +434,18 @@ impl Store {
                 }
             };
             if !created {
-                // A run that lost its lock to staleness never finished.
+                // A run that lost its lock to staleness never finished, nor
+                // did the call it was making.
+                sqlx::query(
+                    "UPDATE tool_executions SET status = 'interrupted', finished_at = $1, \
+                     error = 'the run stopped reporting progress and its session was taken over' \
+                     WHERE session_id = $2 AND status = 'running'",
+                )
+                .bind(begin.now)
+                .bind(session_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
                 sqlx::query(
                     "UPDATE runs SET status = 'interrupted', finished_at = $1, \
                      error_code = 'lock_expired', \

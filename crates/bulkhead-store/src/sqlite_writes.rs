@@ -63,6 +63,8 @@ impl OwnedProgress {
 }
 
 pub(crate) fn recover_abandoned_runs(c: &Connection, now: i64) -> Result<u64, StoreError> {
+    c.prepare_cached(INTERRUPT_CALLS_OF_RUNNING_RUNS)?
+        .execute(params![now])?;
     let runs = c
         .prepare_cached(
             "UPDATE runs SET status = 'interrupted', finished_at = ?1, \
@@ -78,6 +80,17 @@ pub(crate) fn recover_abandoned_runs(c: &Connection, now: i64) -> Result<u64, St
     .execute([])?;
     Ok(runs as u64)
 }
+
+/// The audit records of calls whose process died: without this they would
+/// stay `running` for ever.
+const INTERRUPT_CALLS_OF_RUNNING_RUNS: &str = "UPDATE tool_executions SET status = 'interrupted', \
+     finished_at = ?1, error = 'the server stopped during the call' \
+     WHERE status = 'running' \
+     AND session_id IN (SELECT session_id FROM runs WHERE status = 'running')";
+const INTERRUPT_CALLS_OF_TAKEN_OVER_SESSION: &str = "UPDATE tool_executions SET status = 'interrupted', \
+     finished_at = ?1, \
+     error = 'the run stopped reporting progress and its session was taken over' \
+     WHERE session_id = ?2 AND status = 'running'";
 
 /// Opens a run; `Ok(Err(_))` is a refusal, made before anything is written.
 pub(crate) fn begin_run(
@@ -115,7 +128,10 @@ pub(crate) fn begin_run(
                 },
             }));
         }
-        // A run that lost its lock to staleness never finished.
+        // A run that lost its lock to staleness never finished, nor did the
+        // call it was making.
+        c.prepare_cached(INTERRUPT_CALLS_OF_TAKEN_OVER_SESSION)?
+            .execute(params![begin.now, session_id])?;
         c.prepare_cached(
             "UPDATE runs SET status = 'interrupted', finished_at = ?1, \
              error_code = 'lock_expired', \

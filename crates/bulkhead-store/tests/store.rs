@@ -1,8 +1,8 @@
 //! The store against real SQLite and real PostgreSQL.
 
 use bulkhead_store::{
-    BeginRun, BeginRunError, DeleteOutcome, FinishRun, NewEvent, NewMessage, RunProgress,
-    RunStatus, SessionRef, Store, StoreOptions,
+    BeginRun, BeginRunError, DeleteOutcome, FinishRun, NewEvent, NewMessage, NewToolExecution,
+    RunProgress, RunStatus, SessionRef, Store, StoreOptions, ToolExecutionEnd,
 };
 use bulkhead_testing::{DbKind, TestDb, on_both_databases};
 
@@ -37,6 +37,35 @@ fn begin<'a>(
         lock_stale_before: stale_before,
         first_event: started(now),
     }
+}
+
+/// Records the start of a tool call, as the engine does before running it.
+async fn call_started(store: &Store, id: &str, session_id: &str, run_id: &str, at: i64) {
+    store
+        .start_tool_execution(&NewToolExecution {
+            id,
+            session_id,
+            run_id,
+            call_id: &format!("call_{id}"),
+            tool: "shell",
+            arguments: "{}",
+            backend: "namespace",
+            limits: None,
+            started_at: at,
+        })
+        .await
+        .unwrap();
+}
+
+/// (status, error) of each audited call of a session.
+async fn audited(store: &Store, session_id: &str) -> Vec<(String, Option<String>)> {
+    store
+        .tool_executions(session_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|call| (call.status, call.error))
+        .collect()
 }
 
 async fn finish(store: &Store, session_id: &str, run_id: &str, now: i64) {
@@ -158,6 +187,8 @@ async fn an_abandoned_lock_is_taken_over(kind: DbKind) {
         .begin_run(&begin(SessionRef::New("s1"), "r1", 1_000, 0))
         .await
         .unwrap();
+    // The dead run died in the middle of a tool call.
+    call_started(&store, "t1", "s1", "r1", 1_100).await;
     // The lock was taken at 1000; a run at 5000 treating locks older than
     // 2000 as abandoned takes it over and closes the dead run.
     store
@@ -168,6 +199,14 @@ async fn an_abandoned_lock_is_taken_over(kind: DbKind) {
     assert_eq!(dead.status, "interrupted");
     assert_eq!(dead.error_code.as_deref(), Some("lock_expired"));
     assert_eq!(store.run("r2").await.unwrap().unwrap().status, "running");
+    assert_eq!(
+        audited(&store, "s1").await,
+        [(
+            "interrupted".to_string(),
+            Some("the run stopped reporting progress and its session was taken over".into())
+        )],
+        "the dead run's call is not left running for ever"
+    );
 }
 
 async fn deleting_a_session_removes_its_history(kind: DbKind) {
@@ -195,7 +234,37 @@ async fn runs_left_running_are_recovered(kind: DbKind) {
         .begin_run(&begin(SessionRef::New("s1"), "r1", 1_000, 0))
         .await
         .unwrap();
+    call_started(&store, "t1", "s1", "r1", 1_100).await;
+    // A call of a run that did finish stays as it was recorded.
+    store
+        .begin_run(&begin(SessionRef::New("s2"), "r2", 1_000, 0))
+        .await
+        .unwrap();
+    call_started(&store, "t2", "s2", "r2", 1_100).await;
+    store
+        .finish_tool_execution(
+            "t2",
+            &ToolExecutionEnd {
+                status: "completed",
+                finished_at: 1_200,
+                ..ToolExecutionEnd::default()
+            },
+        )
+        .await
+        .unwrap();
+    finish(&store, "s2", "r2", 1_300).await;
     assert_eq!(store.recover_abandoned_runs(2_000).await.unwrap(), 1);
+    assert_eq!(
+        audited(&store, "s1").await,
+        [(
+            "interrupted".to_string(),
+            Some("the server stopped during the call".into())
+        )]
+    );
+    assert_eq!(
+        audited(&store, "s2").await,
+        [("completed".to_string(), None)]
+    );
     assert_eq!(
         store.run("r1").await.unwrap().unwrap().status,
         "interrupted"
