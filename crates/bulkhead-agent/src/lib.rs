@@ -338,6 +338,7 @@ impl Engine {
                 state.emit("run_completed", data, now);
             }
             Err(failure) => {
+                state.answer_open_calls(failure, now);
                 let data = json!({
                     "run_id": state.run_id,
                     "session_id": state.session_id,
@@ -396,17 +397,30 @@ impl Engine {
         if let Some(prompt) = &self.settings.system_prompt {
             conversation.push(ChatMessage::text("system", prompt.clone()));
         }
-        conversation.extend(stored.into_iter().map(|m| {
-            ChatMessage {
-                role: m.role,
-                content: m.content,
-                tool_calls: m
-                    .tool_calls
-                    .as_deref()
-                    .and_then(|calls| serde_json::from_str(calls).ok()),
-                tool_call_id: m.tool_call_id,
-            }
-        }));
+        let (history, repaired) = bulkhead_model::history::repair(
+            stored
+                .into_iter()
+                .map(|m| ChatMessage {
+                    role: m.role,
+                    content: m.content,
+                    tool_calls: m
+                        .tool_calls
+                        .as_deref()
+                        .and_then(|calls| serde_json::from_str(calls).ok()),
+                    tool_call_id: m.tool_call_id,
+                })
+                .collect(),
+        );
+        if repaired > 0 {
+            // Recorded by a release that left interrupted calls unanswered;
+            // sent as it is, a strict endpoint would refuse this session
+            // for good.
+            tracing::warn!(
+                repaired,
+                "the stored conversation had tool calls without results; sent with those answered"
+            );
+        }
+        conversation.extend(history);
         if state.new_session {
             conversation.push(ChatMessage::text("user", state.input.clone()));
         }
@@ -609,9 +623,19 @@ impl Engine {
             tool_call_id: None,
         });
         conversation.push(assistant);
+        state.open_calls = calls
+            .iter()
+            .map(|call| OpenCall {
+                call: call.clone(),
+                audit_id: None,
+            })
+            .collect();
         for call in calls {
             let name = call.function.name.as_str();
             let audit_id = new_id();
+            if let Some(open) = state.open_calls.first_mut() {
+                open.audit_id = Some(audit_id.clone());
+            }
             state.emit(
                 "tool_call",
                 json!({"id": call.id, "name": name, "arguments": call.function.arguments, "audit_id": audit_id}),
@@ -646,6 +670,7 @@ impl Engine {
                 tool_calls: None,
                 tool_call_id: Some(call.id.clone()),
             });
+            state.open_calls.remove(0);
             conversation.push(ChatMessage {
                 role: "tool".into(),
                 content: Some(content),
@@ -887,6 +912,13 @@ fn internal(what: &str, error: &StoreError) -> Failure {
     }
 }
 
+/// A call the model made whose result is not recorded yet.
+struct OpenCall {
+    call: ToolCall,
+    /// Set once the call has been started (and so audited).
+    audit_id: Option<String>,
+}
+
 /// What a run accumulates between two writes to the store.
 struct RunState {
     run_id: String,
@@ -901,6 +933,8 @@ struct RunState {
     tokens_used: i64,
     pending_events: Vec<NewEvent>,
     pending_messages: Vec<NewMessage>,
+    /// The current step's calls still without a result, in order.
+    open_calls: Vec<OpenCall>,
     sender: Option<mpsc::UnboundedSender<EventRecord>>,
     receiver: Option<mpsc::UnboundedReceiver<EventRecord>>,
 }
@@ -924,6 +958,7 @@ impl RunState {
             tokens_used: 0,
             pending_events: Vec::new(),
             pending_messages: Vec::new(),
+            open_calls: Vec::new(),
             sender,
             receiver,
         }
@@ -956,6 +991,45 @@ impl RunState {
             kind,
             data,
             created_at: now,
+        }
+    }
+
+    /// Gives every call the run leaves unanswered a result saying so. The
+    /// whole history goes to the model with each later message, and strict
+    /// endpoints refuse one in which a call has no result: without this, one
+    /// interrupted call would make every later message of the session fail.
+    fn answer_open_calls(&mut self, failure: &Failure, now: i64) {
+        for OpenCall { call, audit_id } in std::mem::take(&mut self.open_calls) {
+            let content = match (&audit_id, &failure.kind) {
+                (Some(_), FailureKind::Interrupted) => {
+                    "error: interrupted before it finished: the server shut down during the call"
+                        .to_string()
+                }
+                (Some(_), _) => {
+                    format!("error: interrupted before it finished: {}", failure.message)
+                }
+                (None, _) => format!(
+                    "error: not run: the run ended before this call started ({})",
+                    failure.message
+                ),
+            };
+            self.emit(
+                "tool_result",
+                json!({
+                    "id": call.id,
+                    "name": call.function.name,
+                    "content": content,
+                    "is_error": true,
+                    "audit_id": audit_id,
+                }),
+                now,
+            );
+            self.pending_messages.push(NewMessage {
+                role: "tool",
+                content: Some(content),
+                tool_calls: None,
+                tool_call_id: Some(call.id),
+            });
         }
     }
 

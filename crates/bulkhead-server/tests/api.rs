@@ -1026,6 +1026,78 @@ async fn shutdown_interrupts_runs_past_the_grace(kind: DbKind) {
     store.close().await;
 }
 
+/// A conversation an older release left with a call and no result (it did
+/// so when shutdown cut a tool call short): the model is sent it mended, so
+/// the session works again instead of failing every message with the 400
+/// a strict endpoint (and the mock) answers.
+async fn a_stored_call_without_its_result_does_not_poison_the_session(kind: DbKind) {
+    use bulkhead_store::{
+        BeginRun, FinishRun, NewEvent, NewMessage, RunProgress, RunStatus, SessionRef,
+    };
+    let app = spawn_app(kind, &[]).await;
+    let (status, first) = app.post_agent(json!({"message": "hello"})).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let session = first["session_id"].as_str().unwrap();
+
+    let store = bulkhead_store::Store::connect(&app._db.url, &Default::default())
+        .await
+        .unwrap();
+    let (run, now) = (
+        "01900000-0000-7000-8000-000000000001",
+        bulkhead_agent::now_ms(),
+    );
+    store
+        .begin_run(&BeginRun {
+            session: SessionRef::Existing(session),
+            run_id: run,
+            input: "tool:shell {}",
+            now,
+            lock_stale_before: 0,
+            first_event: NewEvent {
+                seq: 1,
+                kind: "run_started",
+                data: "{}".into(),
+                created_at: now,
+            },
+        })
+        .await
+        .unwrap();
+    let calls =
+        r#"[{"id":"call_old","type":"function","function":{"name":"shell","arguments":"{}"}}]"#;
+    store
+        .finish_run(&FinishRun {
+            progress: RunProgress {
+                run_id: run,
+                session_id: session,
+                messages: &[NewMessage {
+                    role: "assistant",
+                    content: None,
+                    tool_calls: Some(calls.into()),
+                    tool_call_id: None,
+                }],
+                events: &[],
+                tokens_used: 0,
+                steps: 1,
+                now: now + 1,
+            },
+            status: RunStatus::Interrupted,
+            output: None,
+            error: Some((
+                "run_interrupted",
+                "the server shut down before the run finished",
+            )),
+        })
+        .await
+        .unwrap();
+    store.close().await;
+
+    let (status, next) = app
+        .post_agent(json!({"message": "still there?", "session_id": session}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{next}");
+    assert_eq!(next["response"], "echo: still there?");
+}
+
 async fn a_client_that_leaves_does_not_lose_its_run(kind: DbKind) {
     let app = spawn_app(kind, &[("MOCK_MODEL_LATENCY_MS", "300")]).await;
     let response = app
@@ -1577,6 +1649,7 @@ on_both_databases!(
     request_ids_are_returned,
     shutdown_drains_runs_in_flight,
     shutdown_interrupts_runs_past_the_grace,
+    a_stored_call_without_its_result_does_not_poison_the_session,
     a_client_that_leaves_does_not_lose_its_run,
     request_bodies_never_cause_a_server_error,
 );

@@ -435,18 +435,9 @@ impl Store {
             };
             if !created {
                 // A run that lost its lock to staleness never finished, nor
-                // did the call it was making.
-                sqlx::query(
-                    "UPDATE tool_executions SET status = 'interrupted', finished_at = $1, \
-                     error = 'the run stopped reporting progress and its session was taken over' \
-                     WHERE session_id = $2 AND status = 'running'",
-                )
-                .bind(begin.now)
-                .bind(session_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::from)?;
-                sqlx::query(
+                // did the call it was making (looked for only then: this is
+                // every run's path).
+                let taken_over = sqlx::query(
                     "UPDATE runs SET status = 'interrupted', finished_at = $1, \
                      error_code = 'lock_expired', \
                      error_message = 'the run stopped reporting progress and its session was taken over' \
@@ -456,7 +447,20 @@ impl Store {
                 .bind(session_id)
                 .execute(&mut *tx)
                 .await
-                .map_err(StoreError::from)?;
+                .map_err(StoreError::from)?
+                .rows_affected();
+                if taken_over > 0 {
+                    sqlx::query(
+                        "UPDATE tool_executions SET status = 'interrupted', finished_at = $1, \
+                         error = 'the run stopped reporting progress and its session was taken over' \
+                         WHERE session_id = $2 AND status = 'running'",
+                    )
+                    .bind(begin.now)
+                    .bind(session_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from)?;
+                }
             }
             sqlx::query(
                 "INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at) \

@@ -129,16 +129,20 @@ pub(crate) fn begin_run(
             }));
         }
         // A run that lost its lock to staleness never finished, nor did the
-        // call it was making.
-        c.prepare_cached(INTERRUPT_CALLS_OF_TAKEN_OVER_SESSION)?
+        // call it was making (looked for only then: this is every run's
+        // path).
+        let taken_over = c
+            .prepare_cached(
+                "UPDATE runs SET status = 'interrupted', finished_at = ?1, \
+                 error_code = 'lock_expired', \
+                 error_message = 'the run stopped reporting progress and its session was taken over' \
+                 WHERE session_id = ?2 AND status = 'running'",
+            )?
             .execute(params![begin.now, session_id])?;
-        c.prepare_cached(
-            "UPDATE runs SET status = 'interrupted', finished_at = ?1, \
-             error_code = 'lock_expired', \
-             error_message = 'the run stopped reporting progress and its session was taken over' \
-             WHERE session_id = ?2 AND status = 'running'",
-        )?
-        .execute(params![begin.now, session_id])?;
+        if taken_over > 0 {
+            c.prepare_cached(INTERRUPT_CALLS_OF_TAKEN_OVER_SESSION)?
+                .execute(params![begin.now, session_id])?;
+        }
     }
     c.prepare_cached(
         "INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at) \

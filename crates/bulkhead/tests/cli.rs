@@ -304,9 +304,190 @@ async fn sigterm_drains_the_run_in_flight(kind: DbKind) {
     store.close().await;
 }
 
+/// A streamed `/agent` request read as it arrives.
+struct Stream {
+    response: reqwest::Response,
+    text: String,
+}
+
+impl Stream {
+    async fn open(url: &str, body: Value) -> Stream {
+        let response = reqwest::Client::new()
+            .post(format!("{url}/agent"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        Stream {
+            response,
+            text: String::new(),
+        }
+    }
+
+    /// Reads until `what` has arrived; false if the stream ended first.
+    async fn read_until(&mut self, what: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.text.contains(what) {
+            let chunk = tokio::time::timeout_at(deadline.into(), self.response.chunk())
+                .await
+                .unwrap_or_else(|_| panic!("no {what} in {}", self.text));
+            match chunk {
+                Ok(Some(bytes)) => self.text.push_str(&String::from_utf8_lossy(&bytes)),
+                Ok(None) | Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// The `data` of the first event of `kind` read so far.
+    fn event(&self, kind: &str) -> Value {
+        let mut lines = self.text.lines();
+        while let Some(line) = lines.next() {
+            if line == format!("event: {kind}") {
+                let data = lines.find_map(|l| l.strip_prefix("data: ")).unwrap();
+                return serde_json::from_str(data).unwrap();
+            }
+        }
+        panic!("no {kind} event in {}", self.text)
+    }
+}
+
+const SLOW_TOOL_CALL: &str = r#"tool:shell {"command": "sleep 30"}"#;
+
+async fn get_json(url: String) -> Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
+/// SIGTERM while a tool call runs, past the grace: the run ends interrupted
+/// and the call gets a recorded result, so that the session, sent whole to a
+/// strict model (the mock refuses a call without its result, as OpenAI
+/// does) with every later message, still works after a restart.
+async fn a_tool_call_cut_off_by_shutdown_does_not_poison_its_session(kind: DbKind) {
+    let db = TestDb::new(kind).await;
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("SHUTDOWN_GRACE_SECONDS", "1"),
+    ];
+    let (mut server, url) = serve(db.dir.path(), &env);
+    let mut stream = Stream::open(&url, json!({"message": SLOW_TOOL_CALL, "stream": true})).await;
+    assert!(stream.read_until("event: tool_call").await);
+    let started = stream.event("run_started");
+    let (session, run) = (
+        started["session_id"].as_str().unwrap().to_string(),
+        started["run_id"].as_str().unwrap().to_string(),
+    );
+    server.signal(Signal::SIGTERM);
+    stream.read_until("event: run_failed").await;
+    assert_eq!(
+        stream.event("run_failed")["error"]["code"],
+        "run_interrupted",
+        "{}",
+        stream.text
+    );
+    let result = stream.event("tool_result");
+    assert_eq!(result["is_error"], true);
+    assert_eq!(
+        result["content"],
+        "error: interrupted before it finished: the server shut down during the call"
+    );
+    assert_eq!(
+        server.wait_exit(Duration::from_secs(15)).code(),
+        Some(0),
+        "{}",
+        server.all_output()
+    );
+
+    let (_server, url) = serve(db.dir.path(), &env);
+    assert_eq!(
+        get_json(format!("{url}/runs/{run}")).await["status"],
+        "interrupted"
+    );
+    let next = reqwest::Client::new()
+        .post(format!("{url}/agent"))
+        .json(&json!({"message": "are you there?", "session_id": session}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = (next.status(), next.json::<Value>().await.unwrap());
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["response"], "echo: are you there?");
+
+    let conversation = get_json(format!("{url}/sessions/{session}")).await;
+    let messages = conversation["messages"].as_array().unwrap();
+    let roles: Vec<&str> = messages
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        roles,
+        ["user", "assistant", "tool", "user", "assistant"],
+        "{conversation}"
+    );
+    let call_id = &messages[1]["tool_calls"][0]["id"];
+    assert_eq!(&messages[2]["tool_call_id"], call_id);
+    assert_eq!(messages[2]["content"], result["content"]);
+    let audit = get_json(format!("{url}/sessions/{session}/audit")).await;
+    assert_eq!(audit["tool_calls"][0]["status"], "interrupted", "{audit}");
+}
+
+/// The same cut made by a crash (SIGKILL): nothing of the step was
+/// committed, so the history has no call without its result, and the
+/// restart closes the run and the call's audit record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_call_cut_off_by_a_crash_does_not_poison_its_session() {
+    let db = TestDb::new(DbKind::Sqlite).await;
+    // The model over HTTP, as a real endpoint is reached.
+    let endpoint = spawn_mock_model(Duration::ZERO).await;
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("MODEL_ENDPOINT", endpoint.as_str()),
+    ];
+    let (mut server, url) = serve(db.dir.path(), &env);
+    let mut stream = Stream::open(&url, json!({"message": SLOW_TOOL_CALL, "stream": true})).await;
+    assert!(stream.read_until("event: tool_call").await);
+    let started = stream.event("run_started");
+    let (session, run) = (
+        started["session_id"].as_str().unwrap().to_string(),
+        started["run_id"].as_str().unwrap().to_string(),
+    );
+    // The call is on record (it is audited before it runs) when it is cut.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let audit = get_json(format!("{url}/sessions/{session}/audit")).await;
+        if audit["tool_calls"][0]["status"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the call never started: {audit}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.signal(Signal::SIGKILL);
+    server.wait_exit(Duration::from_secs(5));
+
+    let (_server, url) = serve(db.dir.path(), &env);
+    let recovered = get_json(format!("{url}/runs/{run}")).await;
+    assert_eq!(recovered["status"], "interrupted", "{recovered}");
+    let next = reqwest::Client::new()
+        .post(format!("{url}/agent"))
+        .json(&json!({"message": "are you there?", "session_id": session}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = (next.status(), next.json::<Value>().await.unwrap());
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["response"], "echo: are you there?");
+    let audit = get_json(format!("{url}/sessions/{session}/audit")).await;
+    assert_eq!(audit["tool_calls"][0]["status"], "interrupted", "{audit}");
+    assert_eq!(
+        audit["tool_calls"][0]["error"], "the server stopped during the call",
+        "{audit}"
+    );
+}
+
 on_both_databases!(
     migrate_prepares_the_database,
-    sigterm_drains_the_run_in_flight
+    sigterm_drains_the_run_in_flight,
+    a_tool_call_cut_off_by_shutdown_does_not_poison_its_session,
 );
 
 const CANARY: &str = "sk-canary-7f3a9c2e5b1d4086a2c4e6f8";
