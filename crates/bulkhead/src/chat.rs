@@ -1,16 +1,28 @@
 //! `bulkhead chat`: a terminal client for a running server. Reads a line,
 //! streams the reply as it comes, keeps the session across lines.
+//!
+//! Ctrl-C while a reply streams stops that reply and returns to the prompt;
+//! at the prompt it quits. The server has no way to cancel a run, so a
+//! stopped reply's run still finishes there (and is kept in the session):
+//! a line sent before it has finished waits for it rather than failing as
+//! `session_busy`.
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use eventsource_stream::Eventsource;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::signal::unix::{SignalKind, signal};
 
 const HELP: &str = "Type a message and press Enter. Commands: /new (new session), \
-                    /session (show the session id), /quit (or Ctrl-D).";
+                    /session (show the session id), /quit (or Ctrl-D). Ctrl-C stops a \
+                    reply; at the prompt it quits.";
+
+/// How long the server has to answer `/health` before chat gives up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn run(url: Option<String>, session: Option<String>) -> ExitCode {
     let base = url.unwrap_or_else(|| {
@@ -21,10 +33,25 @@ pub async fn run(url: Option<String>, session: Option<String>) -> ExitCode {
         )
     });
     let base = base.trim_end_matches('/').to_string();
-    let client = match reqwest::Client::builder().build() {
+    let client = match reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .build()
+    {
         Ok(client) => client,
         Err(e) => {
             eprintln!("bulkhead chat: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(problem) = check_server(&client, &base).await {
+        eprintln!("bulkhead chat: {problem}");
+        return ExitCode::FAILURE;
+    }
+    // From here SIGINT is ours: it stops a reply instead of the client.
+    let mut interrupts = match signal(SignalKind::interrupt()) {
+        Ok(interrupts) => interrupts,
+        Err(e) => {
+            eprintln!("bulkhead chat: cannot handle Ctrl-C: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -34,7 +61,17 @@ pub async fn run(url: Option<String>, session: Option<String>) -> ExitCode {
     loop {
         eprint!("you> ");
         let _ = std::io::stderr().flush();
-        let line = match lines.next_line().await {
+        // A Ctrl-C pressed as a reply ended was meant for the reply, not
+        // as a request to quit.
+        while interrupts.recv().now_or_never().is_some() {}
+        let read = tokio::select! {
+            read = lines.next_line() => read,
+            _ = interrupts.recv() => {
+                eprintln!();
+                break;
+            }
+        };
+        let line = match read {
             Ok(Some(line)) => line,
             Ok(None) => break,
             Err(e) => {
@@ -61,15 +98,20 @@ pub async fn run(url: Option<String>, session: Option<String>) -> ExitCode {
             }
             _ => {}
         }
-        match send(&client, &base, message, session.as_deref()).await {
-            Ok(Some(id)) => {
-                if session.as_deref() != Some(id.as_str()) {
-                    eprintln!("(session {id})");
-                }
-                session = Some(id);
+        let sent = tokio::select! {
+            sent = send(&client, &base, message, &mut session) => sent,
+            _ = interrupts.recv() => {
+                // Dropping the request closes its stream; the run goes on
+                // on the server, which keeps whatever it answers.
+                let mut stdout = std::io::stdout();
+                let _ = writeln!(stdout);
+                let _ = stdout.flush();
+                eprintln!("(reply stopped; the server still finishes the run and keeps it in the session)");
+                continue;
             }
-            Ok(None) => {}
-            Err(e) => eprintln!("error: {e}"),
+        };
+        if let Err(e) = sent {
+            eprintln!("error: {e}");
         }
     }
     if let Some(id) = session {
@@ -78,22 +120,62 @@ pub async fn run(url: Option<String>, session: Option<String>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Sends one message and prints the streamed answer. Returns the session id
-/// the server reported.
+/// Makes sure a Bulkhead server answers at `base` before saying so.
+async fn check_server(client: &reqwest::Client, base: &str) -> Result<(), String> {
+    let unreachable = |reason: String| {
+        format!(
+            "no Bulkhead server answers at {base} ({reason}); start one with `bulkhead serve`, \
+             or give its address with --url"
+        )
+    };
+    let response = client
+        .get(format!("{base}/health"))
+        .timeout(CONNECT_TIMEOUT)
+        .send()
+        .await
+        .map_err(|e| unreachable(describe(&e)))?;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    if !status.is_success() || body["status"] != "healthy" {
+        return Err(unreachable(format!(
+            "GET /health answered {status}, not a Bulkhead server's {{\"status\": \"healthy\"}}"
+        )));
+    }
+    Ok(())
+}
+
+/// A request error in a few words, without reqwest's nesting.
+fn describe(error: &reqwest::Error) -> String {
+    if error.is_timeout() {
+        return format!("no answer within {}s", CONNECT_TIMEOUT.as_secs());
+    }
+    let mut source: &dyn std::error::Error = error;
+    while let Some(inner) = source.source() {
+        source = inner;
+    }
+    source.to_string()
+}
+
+/// Sends one message and prints the streamed answer. The session id is
+/// taken (and shown) as soon as the run has started, so that a reply cut
+/// short still leaves the session known.
 async fn send(
     client: &reqwest::Client,
     base: &str,
     message: &str,
-    session: Option<&str>,
-) -> anyhow::Result<Option<String>> {
-    let response = client
-        .post(format!("{base}/agent"))
-        .header(reqwest::header::ACCEPT, "text/event-stream")
-        .json(&json!({"message": message, "session_id": session, "stream": true}))
-        .send()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach {base}: {}", e.without_url()))?;
-    if !response.status().is_success() {
+    session: &mut Option<String>,
+) -> anyhow::Result<()> {
+    let response = loop {
+        let response = client
+            .post(format!("{base}/agent"))
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .json(&json!({"message": message, "session_id": session, "stream": true}))
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach {base}: {}", describe(&e)))?;
+        if response.status().is_success() {
+            break response;
+        }
         let status = response.status();
         let body: Value = response.json().await.unwrap_or(Value::Null);
         let code = body
@@ -104,21 +186,37 @@ async fn send(
             .pointer("/error/message")
             .and_then(Value::as_str)
             .unwrap_or("no details");
-        if code == "streaming_disabled" {
-            return send_plain(client, base, message, session).await;
+        match (
+            code,
+            body.pointer("/error/active_run_id").and_then(Value::as_str),
+        ) {
+            ("streaming_disabled", _) => {
+                return send_plain(client, base, message, session).await;
+            }
+            // Most often the run of a reply stopped with Ctrl-C.
+            ("session_busy", Some(run)) => {
+                eprintln!(
+                    "(waiting for the session's previous run to finish; Ctrl-C to stop waiting)"
+                );
+                wait_for_run(client, base, run).await?;
+            }
+            _ => anyhow::bail!("{status}: {text}"),
         }
-        anyhow::bail!("{status}: {text}");
-    }
+    };
     let mut events = response.bytes_stream().eventsource();
     let mut stdout = std::io::stdout();
-    let mut session_id = None;
     let mut printed = false;
     while let Some(event) = events.next().await {
         let event = event.map_err(|e| anyhow::anyhow!("the stream broke: {e}"))?;
         let data: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
         match event.event.as_str() {
             "run_started" => {
-                session_id = data["session_id"].as_str().map(str::to_owned);
+                if let Some(id) = data["session_id"].as_str()
+                    && session.as_deref() != Some(id)
+                {
+                    eprintln!("(session {id})");
+                    *session = Some(id.to_owned());
+                }
             }
             "message_delta" => {
                 if !printed {
@@ -158,7 +256,23 @@ async fn send(
             _ => {}
         }
     }
-    Ok(session_id)
+    Ok(())
+}
+
+/// Waits until `run` is no longer running.
+async fn wait_for_run(client: &reqwest::Client, base: &str, run: &str) -> anyhow::Result<()> {
+    loop {
+        let response = client
+            .get(format!("{base}/runs/{run}"))
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach {base}: {}", describe(&e)))?;
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if body["status"] != "running" {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// For servers with streaming turned off.
@@ -166,14 +280,14 @@ async fn send_plain(
     client: &reqwest::Client,
     base: &str,
     message: &str,
-    session: Option<&str>,
-) -> anyhow::Result<Option<String>> {
+    session: &mut Option<String>,
+) -> anyhow::Result<()> {
     let response = client
         .post(format!("{base}/agent"))
         .json(&json!({"message": message, "session_id": session, "stream": false}))
         .send()
         .await
-        .map_err(|e| anyhow::anyhow!("cannot reach {base}: {}", e.without_url()))?;
+        .map_err(|e| anyhow::anyhow!("cannot reach {base}: {}", describe(&e)))?;
     let status = response.status();
     let body: Value = response.json().await.unwrap_or(Value::Null);
     if !status.is_success() {
@@ -184,5 +298,11 @@ async fn send_plain(
         anyhow::bail!("{status}: {text}");
     }
     println!("agent> {}", body["response"].as_str().unwrap_or_default());
-    Ok(body["session_id"].as_str().map(str::to_owned))
+    if let Some(id) = body["session_id"].as_str()
+        && session.as_deref() != Some(id)
+    {
+        eprintln!("(session {id})");
+        *session = Some(id.to_owned());
+    }
+    Ok(())
 }

@@ -123,7 +123,14 @@ fn main() -> ExitCode {
         } => runtime(false).block_on(healthcheck(port, url, Duration::from_millis(timeout_ms))),
         Command::Migrate => migrate(),
         Command::Config { json } => print_config(json),
-        Command::Chat { url, session } => runtime(false).block_on(chat::run(url, session)),
+        Command::Chat { url, session } => {
+            let runtime = runtime(false);
+            let code = runtime.block_on(chat::run(url, session));
+            // A read of stdin still pending (chat quit on Ctrl-C at the
+            // prompt) holds a blocking thread until a line comes: not waited for.
+            runtime.shutdown_background();
+            code
+        }
         Command::Sandbox { command } => {
             let config = match load_config() {
                 Ok(config) => config,
