@@ -253,6 +253,23 @@ async fn mock_model_serves_the_openai_api() {
         .unwrap();
     assert_eq!(response.status(), 429);
 
+    // A history OpenAI refuses, refused as OpenAI does.
+    let orphan = json!({"model": "any", "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+    ]});
+    let response = client
+        .post(format!("{base}/chat/completions"))
+        .json(&orphan)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let refusal: Value = response.json().await.unwrap();
+    assert_eq!(refusal["error"]["type"], "invalid_request_error");
+    assert_eq!(refusal["error"]["param"], "messages.[1].role");
+    assert_eq!(refusal["error"]["code"], Value::Null);
+
     process.signal(Signal::SIGTERM);
     assert!(process.wait_exit(Duration::from_secs(5)).success());
 }
