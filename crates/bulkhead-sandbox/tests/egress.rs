@@ -229,6 +229,24 @@ async fn sandbox(
         })
 }
 
+/// Destroys the sandbox (its container, for docker) when the test ends,
+/// passed or failed.
+struct Destroy(Arc<dyn Sandbox>);
+
+impl Drop for Destroy {
+    fn drop(&mut self) {
+        let sandbox = Arc::clone(&self.0);
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(sandbox.destroy())
+        })
+        .join();
+    }
+}
+
 async fn fetch(sandbox: &Arc<dyn Sandbox>, url: &str) -> ExecResult {
     sandbox
         .run(&Operation::Exec {
@@ -263,6 +281,7 @@ async fn a_private_host_is_reached_only_by_naming_its_address(kind: Kind) {
     let dir = tempfile::tempdir().unwrap();
     let proxy = Arc::new(EgressProxy::new(&dir.path().join("egress"), Arc::new(policy)).unwrap());
     let sandbox = sandbox(kind, &tag, proxy, dir.path().join("sandboxes")).await;
+    let _destroy = Destroy(Arc::clone(&sandbox));
 
     // A name under the allowed wildcard that resolves to a private
     // address: refused, with the rule, and on the operation's record.
@@ -326,7 +345,6 @@ async fn a_private_host_is_reached_only_by_naming_its_address(kind: Kind) {
         result.egress_refusals[0].rule,
         "not in SANDBOX_EGRESS_ALLOW"
     );
-    let _ = sandbox.destroy().await;
 }
 
 mod namespace_backend {
