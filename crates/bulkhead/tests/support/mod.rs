@@ -123,3 +123,8 @@ pub fn serve(dir: &std::path::Path, env: &[(&str, &str)]) -> (Process, String) {
     });
     (process, format!("http://{address}"))
 }
+
+/// GET a URL and parse its JSON answer.
+pub async fn get_json(url: String) -> Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
