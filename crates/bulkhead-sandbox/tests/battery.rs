@@ -758,3 +758,75 @@ async fn docker_sandboxes_are_labelled_and_orphans_removed() {
         .unwrap();
     assert!(!gone.status.success(), "the orphan was removed");
 }
+
+/// A server killed outright leaves its runs' cgroups, and whatever still
+/// runs in them; the next start removes them, and never a live server's.
+#[tokio::test]
+async fn the_cgroups_of_a_dead_server_are_removed_at_the_next_start() {
+    let version = if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        2
+    } else {
+        1
+    };
+    let group = format!("bulkhead-orphan-test-{}", std::process::id());
+    let parents: Vec<PathBuf> = if version == 1 {
+        ["memory", "pids", "cpu"]
+            .iter()
+            .map(|c| PathBuf::from("/sys/fs/cgroup").join(c).join(&group))
+            .collect()
+    } else {
+        vec![PathBuf::from("/sys/fs/cgroup").join(&group)]
+    };
+    // A pid no process has: the server that made the cgroup is gone.
+    let dead = (3_000_000..4_000_000)
+        .find(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .unwrap();
+    let (orphan, live) = (format!("{dead}-1"), format!("{}-7", std::process::id()));
+    for parent in &parents {
+        for name in [&orphan, &live] {
+            std::fs::create_dir_all(parent.join(name))
+                .unwrap_or_else(|e| panic!("{}: {e} (the battery runs as root)", parent.display()));
+        }
+    }
+    // A program that outlived its server, still in the orphan's cgroup.
+    let mut outlived = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .unwrap();
+    // In every controller, as the helper puts its runs.
+    for parent in &parents {
+        std::fs::write(
+            parent.join(&orphan).join("cgroup.procs"),
+            outlived.id().to_string(),
+        )
+        .unwrap();
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let backend = NamespaceBackend::new(NamespaceConfig {
+        helper: PathBuf::from(env!("CARGO_BIN_EXE_bulkhead-sandbox-helper")),
+        helper_args: Vec::new(),
+        root: dir.path().to_path_buf(),
+        host_uid: 100_000,
+        cgroup: group.clone(),
+        host_gid: 100_000,
+        egress: None,
+    });
+    backend.remove_orphans().await.unwrap();
+
+    let status = outlived.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "the program that outlived its server was killed"
+    );
+    for parent in &parents {
+        assert!(!parent.join(&orphan).exists(), "{}", parent.display());
+        assert!(
+            parent.join(&live).exists(),
+            "a live server's cgroup is kept"
+        );
+        let _ = std::fs::remove_dir(parent.join(&live));
+        let _ = std::fs::remove_dir(parent);
+    }
+}

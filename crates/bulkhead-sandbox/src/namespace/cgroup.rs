@@ -59,6 +59,56 @@ fn counter(path: &Path, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Removes the cgroups in `group` whose server is gone: named
+/// `<server pid>-<n>` (see the run ids of `run_helper`), with no process of
+/// that pid left. A program still in one outlived its server (a SIGKILL);
+/// it is killed first, as the server would have at its timeout. Returns how
+/// many were removed. Cgroups of live servers are never touched.
+pub(crate) fn remove_orphans(group: &str) -> usize {
+    let group = group.trim_matches('/');
+    let parents: Vec<PathBuf> = match version() {
+        Some(1) => ["memory", "pids", "cpu"]
+            .iter()
+            .map(|controller| Path::new(ROOT).join(controller).join(group))
+            .collect(),
+        Some(2) => vec![Path::new(ROOT).join(group)],
+        _ => return 0,
+    };
+    let mut removed = 0;
+    for parent in parents {
+        let Ok(entries) = fs::read_dir(&parent) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let Some(server) = name
+                .split_once('-')
+                .and_then(|(pid, n)| n.parse::<u64>().ok().and(pid.parse::<u32>().ok()))
+            else {
+                continue;
+            };
+            if Path::new("/proc").join(server.to_string()).exists() {
+                continue;
+            }
+            let path = entry.path();
+            let orphan = if version() == Some(1) {
+                Cgroup::V1 {
+                    memory: Path::new(ROOT).join("memory").join(group).join(&name),
+                    pids: Path::new(ROOT).join("pids").join(group).join(&name),
+                    cpu: Path::new(ROOT).join("cpu").join(group).join(&name),
+                }
+            } else {
+                Cgroup::V2 { path: path.clone() }
+            };
+            orphan.remove();
+            if !path.exists() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
 impl Cgroup {
     /// Creates the operation's cgroup, `name` in `group`, with its limits
     /// set. Root makes `group` if needed; anyone else can only use a group

@@ -329,6 +329,15 @@ impl Backend for NamespaceBackend {
 
     fn remove_orphans(&self) -> BoxFuture<'_, Result<usize, SandboxError>> {
         Box::pin(async move {
+            // Cgroups of runs whose server died (a SIGKILL), and anything
+            // still running in them.
+            let group = self.inner.config.cgroup.clone();
+            let cgroups = tokio::task::spawn_blocking(move || cgroup::remove_orphans(&group))
+                .await
+                .unwrap_or(0);
+            if cgroups > 0 {
+                tracing::warn!(cgroups, "removed the cgroups of runs whose server is gone");
+            }
             let root = &self.inner.config.root;
             let entries = match std::fs::read_dir(root) {
                 Ok(entries) => entries,
