@@ -1049,6 +1049,7 @@ async fn a_stored_call_without_its_result_does_not_poison_the_session(kind: DbKi
     store
         .begin_run(&BeginRun {
             session: SessionRef::Existing(session),
+            owner: None,
             run_id: run,
             input: "tool:shell {}",
             now,

@@ -31,6 +31,7 @@ fn begin<'a>(
 ) -> BeginRun<'a> {
     BeginRun {
         session,
+        owner: None,
         run_id,
         input: "hello",
         now,
