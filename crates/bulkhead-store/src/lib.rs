@@ -958,7 +958,7 @@ mod tests {
         let store = Store::connect(&url, &StoreOptions::default())
             .await
             .unwrap();
-        assert_eq!(store.migrate().await.unwrap(), 4);
+        assert_eq!(store.migrate().await.unwrap(), 5);
         let run = store.run("r1").await.unwrap().unwrap();
         // A call recorded before egress refusals were kept has none.
         let calls = store.tool_executions("s1").await.unwrap();
