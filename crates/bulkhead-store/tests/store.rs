@@ -1,8 +1,9 @@
 //! The store against real SQLite and real PostgreSQL.
 
 use bulkhead_store::{
-    ApiKey, BeginRun, BeginRunError, DeleteOutcome, RevokeOutcome, FinishRun, NewEvent, NewMessage, NewToolExecution,
-    RunProgress, RunStatus, SessionRef, Store, StoreOptions, ToolExecutionEnd,
+    ApiKey, BeginRun, BeginRunError, DeleteOutcome, FinishRun, NewEvent, NewMessage,
+    NewToolExecution, RevokeOutcome, RunProgress, RunStatus, SessionRef, Store, StoreOptions,
+    ToolExecutionEnd,
 };
 use bulkhead_testing::{DbKind, TestDb, on_both_databases};
 
@@ -130,10 +131,7 @@ async fn keys_are_kept_revoked_and_touched(kind: DbKind) {
         tokens_per_day: Some(1_000_000),
     };
     store.insert_api_key(&key).await.unwrap();
-    assert!(
-        store.insert_api_key(&key).await.is_err(),
-        "ids are unique"
-    );
+    assert!(store.insert_api_key(&key).await.is_err(), "ids are unique");
     assert_eq!(store.api_key(&key.id).await.unwrap().as_ref(), Some(&key));
     assert_eq!(store.api_keys().await.unwrap(), vec![key.clone()]);
     assert_eq!(store.api_key("ffffffffffffffff").await.unwrap(), None);
@@ -188,7 +186,10 @@ async fn a_session_is_reached_only_by_its_tenant(kind: DbKind) {
         "{foreign:?}"
     );
     assert!(store.run("r2").await.unwrap().is_none());
-    assert_eq!(store.session("s1").await.unwrap().unwrap().active_run_id, None);
+    assert_eq!(
+        store.session("s1").await.unwrap().unwrap().active_run_id,
+        None
+    );
     store
         .begin_run(&owned(SessionRef::Existing("s1"), "r3", Some("team-a")))
         .await

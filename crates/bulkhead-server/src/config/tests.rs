@@ -51,11 +51,19 @@ fn production_requires_keys_unless_told_otherwise() {
     explicit.push(("AUTH_MODE", "none"));
     let config = load(&explicit).unwrap();
     assert_eq!(config.auth_mode, AuthMode::None);
-    assert_eq!(config.host.to_string(), "127.0.0.1", "no HOST: loopback only");
+    assert_eq!(
+        config.host.to_string(),
+        "127.0.0.1",
+        "no HOST: loopback only"
+    );
 
     explicit.push(("HOST", "0.0.0.0"));
     let config = load(&explicit).unwrap();
-    assert_eq!(config.host.to_string(), "0.0.0.0", "an explicit HOST is obeyed");
+    assert_eq!(
+        config.host.to_string(),
+        "0.0.0.0",
+        "an explicit HOST is obeyed"
+    );
     assert!(!config.loopback_by_default);
 
     let config = load(&[("AUTH_MODE", "KEYS")]).unwrap();
@@ -72,14 +80,20 @@ fn the_admin_token_is_a_long_real_secret() {
     let error = load(&[("ADMIN_TOKEN", "short")]).unwrap_err();
     assert_eq!(error.variable, "ADMIN_TOKEN");
     assert!(error.message.contains("24"), "{error}");
-    assert!(!error.to_string().contains("short"), "the token is not echoed: {error}");
+    assert!(
+        !error.to_string().contains("short"),
+        "the token is not echoed: {error}"
+    );
     let error = load(&[("ADMIN_TOKEN", "REPLACE-ME-REPLACE-ME-REPLACE-ME")]).unwrap_err();
     assert_eq!(error.variable, "ADMIN_TOKEN");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("admin_token"), "a".repeat(40) + "\n").unwrap();
     let secrets = dir.path().to_str().unwrap().to_string();
-    let config = Config::from_env(&Environment::from_pairs([("SECRETS_DIR", secrets.as_str())]))
-        .unwrap();
+    let config = Config::from_env(&Environment::from_pairs([(
+        "SECRETS_DIR",
+        secrets.as_str(),
+    )]))
+    .unwrap();
     assert_eq!(
         config.admin_token.as_ref().map(|t| t.expose_secret().len()),
         Some(40),
