@@ -65,7 +65,14 @@ async fn the_compose_stack_runs_keeps_its_data_and_survives_a_database_outage() 
     // Production mode: every route but the probes needs a key, made in
     // the container as the README shows.
     let key = compose.run(&[
-        "exec", "-T", "bulkhead", "/bulkhead", "keys", "create", "--name", "compose-test",
+        "exec",
+        "-T",
+        "bulkhead",
+        "/bulkhead",
+        "keys",
+        "create",
+        "--name",
+        "compose-test",
     ]);
     assert!(key.starts_with("bk_"), "{key}");
     let mut headers = reqwest::header::HeaderMap::new();

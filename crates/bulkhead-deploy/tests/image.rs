@@ -124,7 +124,15 @@ async fn the_image_is_small_non_root_healthy_and_stops_cleanly() {
     let port = docker(&["port", &server, "8000"]);
     let address = port.lines().next().unwrap().to_string();
     // The image runs in production: a key, made in the container.
-    let key = docker(&["exec", &server, "/bulkhead", "keys", "create", "--name", "image-test"]);
+    let key = docker(&[
+        "exec",
+        &server,
+        "/bulkhead",
+        "keys",
+        "create",
+        "--name",
+        "image-test",
+    ]);
     assert!(key.starts_with("bk_"), "{key}");
     let refused = reqwest::Client::new()
         .post(format!("http://{address}/agent"))

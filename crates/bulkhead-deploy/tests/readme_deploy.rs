@@ -189,7 +189,10 @@ async fn the_readme_deploy_commands_bring_the_stacks_up_from_a_fresh_clone() {
     assert_eq!(commands.len(), 5, "{commands:?}");
     let (setup, up, ready) = (&commands[0], &commands[1], &commands[2]);
     let (make_key, ask) = (&commands[3], &commands[4]);
-    assert!(make_key.starts_with("KEY=$(docker-compose exec -T bulkhead"), "{make_key}");
+    assert!(
+        make_key.starts_with("KEY=$(docker-compose exec -T bulkhead"),
+        "{make_key}"
+    );
     assert_eq!(setup, "deploy/compose/setup");
     assert!(ready.starts_with("curl -s localhost:8000/ready"), "{ready}");
 

@@ -39,18 +39,30 @@ async fn a_key_made_by_the_cli_opens_the_api_until_revoked(kind: DbKind) {
     let (server, url) = serve(dir, &env);
 
     let anonymous = reqwest::Client::new()
-        .get(format!("{url}/sessions/00000000-0000-4000-8000-000000000000"))
+        .get(format!(
+            "{url}/sessions/00000000-0000-4000-8000-000000000000"
+        ))
         .send()
         .await
         .unwrap();
-    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED, "production requires keys");
+    assert_eq!(
+        anonymous.status(),
+        StatusCode::UNAUTHORIZED,
+        "production requires keys"
+    );
     let client = client_with_key(&key);
     let answer = client
-        .get(format!("{url}/sessions/00000000-0000-4000-8000-000000000000"))
+        .get(format!(
+            "{url}/sessions/00000000-0000-4000-8000-000000000000"
+        ))
         .send()
         .await
         .unwrap();
-    assert_eq!(answer.status(), StatusCode::NOT_FOUND, "the key is accepted");
+    assert_eq!(
+        answer.status(),
+        StatusCode::NOT_FOUND,
+        "the key is accepted"
+    );
     assert_eq!(answer.headers()["x-ratelimit-limit"], "600");
 
     let listed = keys_cli(dir, &env, &["list", "--json"]);
@@ -62,7 +74,10 @@ async fn a_key_made_by_the_cli_opens_the_api_until_revoked(kind: DbKind) {
     assert_eq!(listed["keys"][0]["limits"]["requests_per_minute"], 600);
     let table = keys_cli(dir, &env, &["list"]);
     let table = String::from_utf8(table.stdout).unwrap();
-    assert!(table.contains(id) && table.contains("600 requests/min"), "{table}");
+    assert!(
+        table.contains(id) && table.contains("600 requests/min"),
+        "{table}"
+    );
     for listing in [listed.to_string(), table] {
         assert!(!listing.contains(&key[20..]), "never the secret: {listing}");
     }
@@ -74,7 +89,9 @@ async fn a_key_made_by_the_cli_opens_the_api_until_revoked(kind: DbKind) {
     let deadline = Instant::now() + Duration::from_secs(4);
     loop {
         let answer = client
-            .get(format!("{url}/sessions/00000000-0000-4000-8000-000000000000"))
+            .get(format!(
+                "{url}/sessions/00000000-0000-4000-8000-000000000000"
+            ))
             .send()
             .await
             .unwrap();
@@ -88,7 +105,11 @@ async fn a_key_made_by_the_cli_opens_the_api_until_revoked(kind: DbKind) {
     assert_eq!(unknown.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("keys list"));
     let bad = keys_cli(dir, &env, &["create", "--name", "x", "--rpm", "0"]);
-    assert_eq!(bad.status.code(), Some(2), "a zero limit is refused by the CLI");
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "a zero limit is refused by the CLI"
+    );
     stop(server);
 }
 
@@ -112,8 +133,14 @@ async fn two_servers_share_a_keys_limits_through_redis() {
     // Each server claims its own sandbox root.
     let root = |name: &str| dir.join(name).display().to_string();
     let (root_a, root_b) = (root("sandboxes-a"), root("sandboxes-b"));
-    let (a, url_a) = serve(dir, &[&env[..], &[("SANDBOX_ROOT", root_a.as_str())]].concat());
-    let (b, url_b) = serve(dir, &[&env[..], &[("SANDBOX_ROOT", root_b.as_str())]].concat());
+    let (a, url_a) = serve(
+        dir,
+        &[&env[..], &[("SANDBOX_ROOT", root_a.as_str())]].concat(),
+    );
+    let (b, url_b) = serve(
+        dir,
+        &[&env[..], &[("SANDBOX_ROOT", root_b.as_str())]].concat(),
+    );
 
     let key = create_key(dir, &env, &["--name", "shared", "--rpm", "3"]);
     let client = client_with_key(&key);
@@ -131,10 +158,21 @@ async fn two_servers_share_a_keys_limits_through_redis() {
         StatusCode::TOO_MANY_REQUESTS,
         "the fourth request is over the limit, on whichever server"
     );
-    let retry: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!((1..=20).contains(&retry), "one request back in 20 s: {retry}");
+    let retry: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=20).contains(&retry),
+        "one request back in 20 s: {retry}"
+    );
 
-    let key = create_key(dir, &env, &["--name", "one run", "--max-concurrent-runs", "1"]);
+    let key = create_key(
+        dir,
+        &env,
+        &["--name", "one run", "--max-concurrent-runs", "1"],
+    );
     let client = client_with_key(&key);
     let slow = tokio::spawn({
         let (client, url) = (client.clone(), url_a.clone());
