@@ -182,12 +182,12 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
     }
     let door = &state.door;
     if is_admin(path) {
-        return match check_admin(door, request.headers()) {
-            Ok(()) => {
+        return match admin_refusal(door, request.headers()) {
+            None => {
                 request.extensions_mut().insert(Admin);
                 next.run(request).await
             }
-            Err(response) => response,
+            Some(refusal) => refusal,
         };
     }
     if door.mode == AuthMode::None {
@@ -242,13 +242,16 @@ fn presented_key(headers: &HeaderMap) -> Result<&str, Refused> {
     Err(Refused::Missing)
 }
 
-fn check_admin(door: &Door, headers: &HeaderMap) -> Result<(), Response> {
+/// Why `/admin/…` is refused, if it is.
+fn admin_refusal(door: &Door, headers: &HeaderMap) -> Option<Response> {
     let Some(expected) = &door.admin_token else {
-        return Err(ApiError::not_found(
-            "not_found",
-            "the admin API is off: start the server with ADMIN_TOKEN set to turn it on",
-        )
-        .into_response());
+        return Some(
+            ApiError::not_found(
+                "not_found",
+                "the admin API is off: start the server with ADMIN_TOKEN set to turn it on",
+            )
+            .into_response(),
+        );
     };
     let presented = headers
         .get(header::AUTHORIZATION)
@@ -261,7 +264,7 @@ fn check_admin(door: &Door, headers: &HeaderMap) -> Result<(), Response> {
         bool::from(digest.ct_eq(expected))
     });
     if matches {
-        return Ok(());
+        return None;
     }
     metrics::counter!("bulkhead_auth_failures_total", "reason" => "admin_token").increment(1);
     let mut response = ApiError::new(
@@ -274,7 +277,7 @@ fn check_admin(door: &Door, headers: &HeaderMap) -> Result<(), Response> {
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static("Bearer realm=\"bulkhead-admin\""),
     );
-    Err(response)
+    Some(response)
 }
 
 fn unauthorized(refused: Refused) -> Response {
