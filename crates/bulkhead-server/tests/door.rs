@@ -661,7 +661,30 @@ async fn limits_in_redis(kind: DbKind) {
     limits_are_reached_and_lift(kind, true).await
 }
 
+/// A Redis that does not answer lets requests through uncounted: the
+/// counters' outage is not the API's.
+async fn limits_fail_open_when_redis_is_gone(kind: DbKind) {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("redis://{}/0", closed.local_addr().unwrap());
+    drop(closed);
+    let app = spawn_app(kind, &[("REDIS_URL", &url)]).await;
+    let key = app
+        .key(NewKey {
+            name: "strict".into(),
+            requests_per_minute: Some(1),
+            max_concurrent_runs: Some(1),
+            tokens_per_day: Some(1),
+            ..NewKey::default()
+        })
+        .await;
+    for _ in 0..3 {
+        let answer = app.agent(&key, json!({"message": "hi"})).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    }
+}
+
 on_both_databases!(
+    limits_fail_open_when_redis_is_gone,
     a_foreign_id_is_an_unknown_id_on_every_route,
     every_protected_route_needs_a_valid_key,
     the_admin_api_makes_lists_and_revokes_keys,

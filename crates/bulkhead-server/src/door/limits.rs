@@ -283,8 +283,14 @@ const RUN_PLACE_TTL: Duration = Duration::from_secs(60);
 const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 const KEY_PREFIX: &str = "bulkhead:limits";
 
+/// After Redis fails, it is left alone this long: requests go through at
+/// once instead of each waiting out [`REDIS_TIMEOUT`].
+const REDIS_BACKOFF: Duration = Duration::from_secs(5);
+
 pub struct Shared {
     client: redis::Client,
+    /// Until when Redis is not asked, after a failure.
+    resting_until: Mutex<Option<std::time::Instant>>,
     connection: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
     request: redis::Script,
     admit: redis::Script,
@@ -295,6 +301,7 @@ impl Shared {
     fn new(client: redis::Client) -> Shared {
         Shared {
             client,
+            resting_until: Mutex::new(None),
             connection: tokio::sync::OnceCell::new(),
             request: redis::Script::new(REQUEST_SCRIPT),
             admit: redis::Script::new(ADMIT_SCRIPT),
@@ -320,26 +327,35 @@ impl Shared {
         what: &'static str,
         work: impl AsyncFnOnce(redis::aio::ConnectionManager) -> redis::RedisResult<T>,
     ) -> Option<T> {
+        let resting = |until: &Option<std::time::Instant>| {
+            until.is_some_and(|t| std::time::Instant::now() < t)
+        };
+        if resting(&self.resting_until.lock().unwrap_or_else(|e| e.into_inner())) {
+            metrics::counter!("bulkhead_limit_errors_total").increment(1);
+            return None;
+        }
         let attempt = async {
             let connection = self.connection().await?;
             work(connection).await
         };
-        match tokio::time::timeout(REDIS_TIMEOUT, attempt).await {
-            Ok(Ok(value)) => Some(value),
-            Ok(Err(e)) => {
-                tracing::warn!(kind = ?e.kind(), what, "limits: redis failed; letting the request through");
-                metrics::counter!("bulkhead_limit_errors_total").increment(1);
-                None
-            }
-            Err(_) => {
-                tracing::warn!(
-                    what,
-                    "limits: redis did not answer in time; letting the request through"
-                );
-                metrics::counter!("bulkhead_limit_errors_total").increment(1);
-                None
-            }
+        let failure = match tokio::time::timeout(REDIS_TIMEOUT, attempt).await {
+            Ok(Ok(value)) => return Some(value),
+            Ok(Err(e)) => format!("{:?}", e.kind()),
+            Err(_) => "no answer in time".to_string(),
+        };
+        metrics::counter!("bulkhead_limit_errors_total").increment(1);
+        let mut until = self.resting_until.lock().unwrap_or_else(|e| e.into_inner());
+        if !resting(&until) {
+            // Once per rest, not once per request.
+            tracing::warn!(
+                what,
+                failure,
+                retry_in_s = REDIS_BACKOFF.as_secs(),
+                "limits: redis failed; requests go through uncounted until it answers"
+            );
+            *until = Some(std::time::Instant::now() + REDIS_BACKOFF);
         }
+        None
     }
 
     async fn request(&self, id: &str, rpm: u64) -> Result<Option<Standing>, Over> {
