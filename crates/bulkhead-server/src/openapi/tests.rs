@@ -8,12 +8,14 @@ fn json() -> Value {
     serde_json::from_slice(document_json()).unwrap()
 }
 
-const OPEN: [&str; 5] = [
+/// What anyone may call, without a key (`/metrics` once it is served).
+const OPEN: [&str; 6] = [
     "/health",
     "/ready",
     "/ready/replica",
     "/openapi.json",
     "/docs",
+    "/metrics",
 ];
 const METHODS: [&str; 8] = [
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
@@ -49,8 +51,10 @@ fn the_document_is_openapi_3_1_with_both_key_schemes() {
     );
 }
 
+/// The routes of the tutorials' contract and ours are all there (new ones
+/// need no entry here: `routes::api` is the list).
 #[test]
-fn the_documented_routes_are_the_api() {
+fn the_document_has_the_api() {
     let routes: BTreeSet<String> = each_operation(&json())
         .into_iter()
         .map(|(path, method, _)| format!("{} {path}", method.to_uppercase()))
@@ -72,12 +76,14 @@ fn the_documented_routes_are_the_api() {
     .into_iter()
     .map(String::from)
     .collect();
-    assert_eq!(routes, expected);
+    let missing: Vec<_> = expected.difference(&routes).collect();
+    assert!(missing.is_empty(), "not in the document: {missing:?}");
 }
 
 /// Open operations say `security: []`; every other one inherits the keys
-/// and answers 401 and 429 besides its own statuses; every operation has
-/// an id, a tag, a summary and only described responses.
+/// (or names schemes of its own) and answers 401 and 429 besides its own
+/// statuses; every operation has an id, a tag, a summary and only
+/// described responses.
 #[test]
 fn every_operation_says_who_may_call_it_and_what_it_answers() {
     let document = json();
@@ -101,7 +107,20 @@ fn every_operation_says_who_may_call_it_and_what_it_answers() {
             assert_eq!(operation["security"], serde_json::json!([]), "{what}");
             assert!(!responses.contains_key("401"), "{what}");
         } else {
-            assert!(operation.get("security").is_none(), "{what}: {operation}");
+            if let Some(requirements) = operation.get("security") {
+                let requirements = requirements.as_array().unwrap();
+                assert!(!requirements.is_empty(), "{what}: not in OPEN, yet open");
+                for requirement in requirements {
+                    for scheme in requirement.as_object().unwrap().keys() {
+                        assert!(
+                            document["components"]["securitySchemes"]
+                                .get(scheme)
+                                .is_some(),
+                            "{what}: no security scheme {scheme}"
+                        );
+                    }
+                }
+            }
             assert_eq!(
                 responses["401"]["$ref"],
                 "#/components/responses/Unauthorized"
@@ -132,6 +151,26 @@ fn every_operation_says_who_may_call_it_and_what_it_answers() {
     ] {
         assert!(components["RateLimited"]["headers"].get(header).is_some());
     }
+}
+
+/// Ids in and out are UUIDs with a pattern a client (or fuzzer) can
+/// check, not only the `format` annotation.
+#[test]
+fn every_uuid_has_its_pattern() {
+    let document = json();
+    let parameters = document["paths"]["/sessions/{session_id}"]["get"]["parameters"]
+        .as_array()
+        .unwrap();
+    assert_eq!(parameters[0]["schema"]["format"], "uuid");
+    assert_eq!(parameters[0]["schema"]["pattern"], UUID_PATTERN);
+    let body = &document["components"]["schemas"]["AgentRequestBody"]["properties"];
+    assert_eq!(body["session_id"]["pattern"], UUID_PATTERN);
+    let text = document.to_string();
+    assert_eq!(
+        text.matches(r#""format":"uuid""#).count(),
+        text.matches(&serde_json::to_string(UUID_PATTERN).unwrap())
+            .count()
+    );
 }
 
 /// Every `$ref` points at something the document has.
