@@ -209,6 +209,29 @@ fn integer_header(description: &str) -> utoipa::openapi::Header {
         .build()
 }
 
+/// Whether the document lets anyone call this operation (`security: []`),
+/// `route` being the path as registered (axum's `MatchedPath`, e.g.
+/// `/sessions/{session_id}`). For the door, so that what is enforced is
+/// what the document says.
+pub fn is_open(method: &axum::http::Method, route: &str) -> bool {
+    static OPEN: OnceLock<std::collections::HashSet<(String, String)>> = OnceLock::new();
+    OPEN.get_or_init(|| {
+        let document = document();
+        let mut open = std::collections::HashSet::new();
+        if let Some(paths) = document["paths"].as_object() {
+            for (path, item) in paths {
+                for (method, operation) in item.as_object().into_iter().flatten() {
+                    if operation["security"].as_array().is_some_and(Vec::is_empty) {
+                        open.insert((method.to_uppercase(), path.clone()));
+                    }
+                }
+            }
+        }
+        open
+    })
+    .contains(&(method.as_str().to_string(), route.to_string()))
+}
+
 /// The document as served, made once.
 fn document_json() -> &'static Bytes {
     static JSON: OnceLock<Bytes> = OnceLock::new();

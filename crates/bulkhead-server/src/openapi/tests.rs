@@ -287,3 +287,14 @@ fn the_docs_page_is_self_contained() {
         page.len()
     );
 }
+
+#[test]
+fn the_door_can_ask_which_routes_are_open() {
+    use axum::http::Method;
+    assert!(is_open(&Method::GET, "/health"));
+    assert!(is_open(&Method::GET, "/docs"));
+    assert!(!is_open(&Method::POST, "/health"));
+    assert!(!is_open(&Method::POST, "/agent"));
+    assert!(!is_open(&Method::GET, "/sessions/{session_id}"));
+    assert!(!is_open(&Method::GET, "/no/such/route"));
+}
