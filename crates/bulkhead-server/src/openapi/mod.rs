@@ -6,6 +6,7 @@
 
 use std::sync::OnceLock;
 
+use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -19,6 +20,7 @@ use utoipa::openapi::{
 };
 use utoipa::{Modify, OpenApi, ToSchema};
 
+use crate::app::AppState;
 use crate::error::ErrorBody;
 
 /// The document's fixed part; `routes::api` adds the paths.
@@ -232,12 +234,41 @@ pub fn is_open(method: &axum::http::Method, route: &str) -> bool {
     .contains(&(method.as_str().to_string(), route.to_string()))
 }
 
-/// The document as served, made once.
-fn document_json() -> &'static Bytes {
-    static JSON: OnceLock<Bytes> = OnceLock::new();
-    JSON.get_or_init(|| {
-        Bytes::from(serde_json::to_vec(&document()).expect("the document serializes"))
-    })
+/// The document as served, made once for each setting of
+/// ENABLE_STREAMING: a server that refuses streams does not offer them.
+fn document_json(streaming: bool) -> &'static Bytes {
+    static WITH: OnceLock<Bytes> = OnceLock::new();
+    static WITHOUT: OnceLock<Bytes> = OnceLock::new();
+    let make = || {
+        let mut document = document();
+        if !streaming {
+            without_streaming(&mut document);
+        }
+        Bytes::from(serde_json::to_vec(&document).expect("the document serializes"))
+    };
+    if streaming {
+        WITH.get_or_init(make)
+    } else {
+        WITHOUT.get_or_init(make)
+    }
+}
+
+fn without_streaming(document: &mut serde_json::Value) {
+    if let Some(content) = document
+        .pointer_mut("/paths/~1agent/post/responses/200/content")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        content.remove("text/event-stream");
+    }
+    if let Some(stream) =
+        document.pointer_mut("/components/schemas/AgentRequestBody/properties/stream")
+    {
+        *stream = serde_json::json!({
+            "type": ["boolean", "null"],
+            "enum": [false, null],
+            "description": "Streaming is turned off on this server (ENABLE_STREAMING=false): `true` is answered with 400 `streaming_disabled`.",
+        });
+    }
 }
 
 /// This document
@@ -247,13 +278,13 @@ fn document_json() -> &'static Bytes {
     (status = 200, description = "The OpenAPI document", content_type = "application/json",
         body = inline(Object)),
 ))]
-pub async fn openapi_json() -> Response {
+pub async fn openapi_json(State(state): State<AppState>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        document_json().clone(),
+        document_json(state.config.enable_streaming).clone(),
     )
         .into_response()
 }

@@ -5,7 +5,7 @@ use serde_json::Value;
 use super::*;
 
 fn json() -> Value {
-    serde_json::from_slice(document_json()).unwrap()
+    serde_json::from_slice(document_json(true)).unwrap()
 }
 
 /// What anyone may call, without a key (`/metrics` once it is served).
@@ -297,4 +297,20 @@ fn the_door_can_ask_which_routes_are_open() {
     assert!(!is_open(&Method::POST, "/agent"));
     assert!(!is_open(&Method::GET, "/sessions/{session_id}"));
     assert!(!is_open(&Method::GET, "/no/such/route"));
+}
+
+/// ENABLE_STREAMING=false: the document offers no stream.
+#[test]
+fn a_server_without_streaming_documents_none() {
+    let document: Value = serde_json::from_slice(document_json(false)).unwrap();
+    let content = &document["paths"]["/agent"]["post"]["responses"]["200"]["content"];
+    assert!(content.get("application/json").is_some());
+    assert!(content.get("text/event-stream").is_none());
+    let stream = &document["components"]["schemas"]["AgentRequestBody"]["properties"]["stream"];
+    assert_eq!(stream["enum"], serde_json::json!([false, null]));
+    assert!(
+        json()["paths"]["/agent"]["post"]["responses"]["200"]["content"]
+            .get("text/event-stream")
+            .is_some()
+    );
 }
