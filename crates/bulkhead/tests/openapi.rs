@@ -266,7 +266,7 @@ class Element extends Node {
 }
 class Text extends Node { constructor(t) { super(); this.text = t; } get textContent() { return this.text; } }
 const ids = {};
-for (const id of ["main", "key", "scheme", "title", "summary"]) ids[id] = new Element("div");
+for (const id of ["auth", "main", "key", "scheme", "title", "summary"]) ids[id] = new Element("div");
 globalThis.Node = Node;
 globalThis.document = {
   createElement: (tag) => new Element(tag),

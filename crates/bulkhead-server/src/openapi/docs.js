@@ -13,6 +13,8 @@
   // The key lives in this tab only.
   keyInput.value = sessionStorage.getItem("bulkhead-key") || "";
   schemeInput.value = sessionStorage.getItem("bulkhead-scheme") || "bearer";
+  // Enter in the key field would submit the form (a navigation the policy refuses).
+  document.getElementById("auth").addEventListener("submit", (event) => event.preventDefault());
   keyInput.addEventListener("input", () => sessionStorage.setItem("bulkhead-key", keyInput.value));
   schemeInput.addEventListener("change", () => sessionStorage.setItem("bulkhead-scheme", schemeInput.value));
 
