@@ -6,7 +6,9 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use bulkhead_store::StoreError;
+use serde::Serialize;
 use serde_json::{Map, Value, json};
+use utoipa::ToSchema;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -63,6 +65,33 @@ impl ApiError {
         self.details.insert(key.to_string(), value.into());
         self
     }
+}
+
+/// The body of every error answer, as the OpenAPI document describes it.
+/// `IntoResponse` below writes the same shape from an [`ApiError`].
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorObject,
+}
+
+/// `code` is stable and meant for programs; `message` is for a person and
+/// may change. Some errors carry the ids they are about.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorObject {
+    #[schema(example = "session_not_found")]
+    pub code: String,
+    #[schema(example = "no session has this id")]
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = Uuid)]
+    pub session_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = Uuid)]
+    pub run_id: Option<String>,
+    /// The run that holds the session (`session_busy`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = Uuid)]
+    pub active_run_id: Option<String>,
 }
 
 impl From<StoreError> for ApiError {

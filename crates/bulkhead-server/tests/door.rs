@@ -283,7 +283,7 @@ async fn every_protected_route_needs_a_valid_key(kind: DbKind) {
     let revoke = app
         .send(
             reqwest::Client::new()
-                .delete(format!("{}/admin/keys/{revoked_id}", app.base))
+                .post(format!("{}/admin/keys/{revoked_id}/revoke", app.base))
                 .bearer_auth(ADMIN_TOKEN),
         )
         .await;
@@ -436,20 +436,26 @@ async fn the_admin_api_makes_lists_and_revokes_keys(kind: DbKind) {
     }
 
     let revoked = app
-        .send(admin(reqwest::Method::DELETE, &format!("/admin/keys/{id}")))
+        .send(admin(
+            reqwest::Method::POST,
+            &format!("/admin/keys/{id}/revoke"),
+        ))
         .await;
     assert_eq!(revoked.status, StatusCode::OK);
     assert!(revoked.body["revoked_at"].is_string());
     // At once on the server that revoked it.
     assert_unauthorized(&app.agent(&key, json!({"message": "hi"})).await, "revoked");
     let again = app
-        .send(admin(reqwest::Method::DELETE, &format!("/admin/keys/{id}")))
+        .send(admin(
+            reqwest::Method::POST,
+            &format!("/admin/keys/{id}/revoke"),
+        ))
         .await;
     assert_eq!(again.status, StatusCode::OK, "revoking twice is fine");
     let unknown = app
         .send(admin(
-            reqwest::Method::DELETE,
-            "/admin/keys/ffffffffffffffff",
+            reqwest::Method::POST,
+            "/admin/keys/ffffffffffffffff/revoke",
         ))
         .await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);

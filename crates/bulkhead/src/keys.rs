@@ -22,13 +22,13 @@ pub enum KeysCommand {
         #[arg(long)]
         name: String,
         /// Requests per minute (none: unlimited).
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000_000))]
         rpm: Option<u32>,
         /// Runs in flight at once (none: unlimited).
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000_000))]
         max_concurrent_runs: Option<u32>,
         /// Model tokens per UTC day, input and output (none: unlimited).
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=9_007_199_254_740_991))]
         tokens_per_day: Option<u64>,
         /// Share sessions with the other keys of this tenant (to rotate a
         /// key: make one in its tenant, move clients, revoke the old one).

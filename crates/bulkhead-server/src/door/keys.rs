@@ -52,8 +52,9 @@ pub enum NewKeyError {
 /// Makes a key, stores its digest and returns the record with the key
 /// itself: the only time the key exists outside its holder.
 pub async fn create(store: &Store, new: NewKey, now: i64) -> Result<(ApiKey, String), NewKeyError> {
+    // What the document's pattern says: not blank, no control character.
     let name = new.name.trim();
-    if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
+    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
         return Err(NewKeyError::Invalid(
             "the key's name must be 1 to 100 printable characters".into(),
         ));

@@ -12,7 +12,7 @@
 //! server and holds no data. `/admin/…` takes the admin token instead of a
 //! key.
 
-mod admin;
+pub mod admin;
 pub mod keys;
 pub mod limits;
 
@@ -30,7 +30,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-pub use admin::{key_json, routes as admin_routes};
+pub use admin::key_json;
 use keys::{KeyBook, Refused};
 use limits::{Counters, Over, Standing};
 
@@ -351,4 +351,35 @@ fn rate_headers(headers: &mut HeaderMap, standing: &Standing) {
         "x-ratelimit-reset",
         HeaderValue::from(standing.reset.as_millis().div_ceil(1000) as u64),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    /// The door lets in without a key exactly what the OpenAPI document
+    /// says is open, so neither can drift from the other.
+    #[test]
+    fn the_door_opens_what_the_document_calls_open() {
+        let document = crate::openapi::document();
+        let mut open = Vec::new();
+        for (path, item) in document["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                let documented_open = operation["security"].as_array().is_some_and(Vec::is_empty);
+                assert_eq!(
+                    super::is_open(path),
+                    documented_open,
+                    "{method} {path}: the door and the document disagree"
+                );
+                if documented_open {
+                    open.push(path.clone());
+                }
+            }
+        }
+        assert!(open.contains(&"/health".to_string()), "{open:?}");
+        for path in super::OPEN_PATHS {
+            assert!(
+                open.contains(&path.to_string()) || *path == "/metrics",
+                "{path} is open at the door but not in the document"
+            );
+        }
+    }
 }

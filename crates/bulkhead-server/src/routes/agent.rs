@@ -11,11 +11,13 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use bulkhead_agent::{FailureKind, RunHandle, RunOutcome, StartError, StartRun};
 use futures_util::StreamExt;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
 
 use crate::app::AppState;
 use crate::door::Caller;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::extract::{json_body, parse_id};
 
 /// A validated `/agent` request.
@@ -24,6 +26,74 @@ struct AgentRequest {
     message: String,
     session_id: Option<String>,
     stream: Option<bool>,
+}
+
+/// The body of `POST /agent`. Read by hand (`AgentRequest::from_json`) so
+/// that each wrong field gets its own message; this type only describes it.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct AgentRequestBody {
+    /// What the user says. Not blank, no NUL characters.
+    // Whitespace is spelled out as `str::trim` sees it (Unicode White_Space):
+    // `\s` differs between regex dialects (ECMA counts U+FEFF, Python
+    // U+001C), and a fuzzer takes the pattern at its word.
+    #[schema(
+        min_length = 1,
+        pattern = r"^[^\x00]*[^\x00\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\x00]*$",
+        example = "hello"
+    )]
+    message: String,
+    /// A session to continue; `null` or absent starts a new one.
+    #[schema(format = Uuid)]
+    session_id: Option<String>,
+    /// Answer as Server-Sent Events. Absent: `Accept: text/event-stream`
+    /// decides.
+    stream: Option<bool>,
+}
+
+/// A finished run.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgentResponse {
+    #[schema(example = "echo: hello")]
+    response: String,
+    #[schema(format = Uuid)]
+    session_id: String,
+    /// The sum of the model's `usage.total_tokens` over the run.
+    tokens_used: i64,
+    #[schema(format = Uuid)]
+    run_id: String,
+}
+
+/// One Server-Sent Event of a streamed run. Before OpenAPI 3.2 (and its
+/// `itemSchema`), the schema of `text/event-stream` describes each event.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct StreamEvent {
+    /// The event's number in its run: 1, 2, 3… (`GET /runs/{run_id}/events`
+    /// has the same ids, to resume after the last one seen).
+    #[schema(pattern = "^[1-9][0-9]*$")]
+    id: String,
+    event: EventKind,
+    /// The event's JSON payload.
+    #[schema(content_media_type = "application/json")]
+    data: String,
+}
+
+/// What happened in a run. `plan`, `delegated` and `delegate_result` come
+/// from a planner's runs.
+#[derive(Debug, ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum EventKind {
+    RunStarted,
+    MessageDelta,
+    ToolCall,
+    ToolResult,
+    RunCompleted,
+    RunFailed,
+    Plan,
+    Delegated,
+    DelegateResult,
 }
 
 fn field_error(message: impl Into<String>) -> ApiError {
@@ -77,6 +147,47 @@ fn wants_event_stream(headers: &HeaderMap) -> bool {
         .any(|v| v.contains("text/event-stream"))
 }
 
+/// Send a message to the agent
+///
+/// Starts a run in a new session, or in the session named by
+/// `session_id` (with its history). Answers when the run has finished, or
+/// streams it as Server-Sent Events (`run_started`, `message_delta`,
+/// `tool_call`, `tool_result`, then `run_completed` or `run_failed`) with
+/// ids 1, 2, 3… per run.
+#[utoipa::path(post, path = "/agent", tag = "agent",
+    request_body(content = AgentRequestBody, content_type = "application/json",
+        description = "Read as JSON whatever its `Content-Type` (`curl -d` sends a form type)"),
+    responses(
+        (status = 200, description = "The run completed (JSON), or its events (`stream`)", content(
+            (AgentResponse = "application/json"),
+            (StreamEvent = "text/event-stream"),
+        ), links(
+            ("continue" = (operation_id = "post_agent", description = "Continue the conversation",
+                request_body = json!({"message": "and then?", "session_id": "{$response.body#/session_id}"}))),
+            ("session" = (operation_id = "get_session", description = "The conversation so far",
+                parameters(("session_id" = "$response.body#/session_id")))),
+            ("runs" = (operation_id = "session_runs", description = "The session's runs",
+                parameters(("session_id" = "$response.body#/session_id")))),
+            ("audit" = (operation_id = "session_audit", description = "The session's tool calls",
+                parameters(("session_id" = "$response.body#/session_id")))),
+            ("delete" = (operation_id = "delete_session", description = "Delete the session",
+                parameters(("session_id" = "$response.body#/session_id")))),
+            ("run" = (operation_id = "get_run", description = "This run",
+                parameters(("run_id" = "$response.body#/run_id")))),
+            ("events" = (operation_id = "run_events", description = "This run's events",
+                parameters(("run_id" = "$response.body#/run_id")))),
+        )),
+        (status = 400, description = "`invalid_json`, `invalid_utf8`, `invalid_body`: the body is not a JSON document; `streaming_disabled`: `stream` asked of a server with ENABLE_STREAMING=false", body = ErrorBody),
+        (status = 404, description = "`session_not_found`: no session has this `session_id`", body = ErrorBody),
+        (status = 409, description = "`session_busy`: the session has a run in progress (`active_run_id`)", body = ErrorBody),
+        (status = 413, description = "`body_too_large`: larger than MAX_BODY_BYTES", body = ErrorBody),
+        (status = 422, description = "`invalid_request`, `invalid_session_id`: a field is missing or wrong", body = ErrorBody),
+        (status = 500, description = "`internal_error` (logged)", body = ErrorBody),
+        (status = 502, description = "`model_error`, `delegate_error`, `max_steps_exceeded`: the model (or a delegate agent) failed, or the run reached its step limit (`session_id`, `run_id`)", body = ErrorBody),
+        (status = 503, description = "`shutting_down`: no new runs; `run_interrupted`: the server stopped during the run", body = ErrorBody),
+        (status = 504, description = "`model_timeout`: the model did not answer in time (`session_id`, `run_id`)", body = ErrorBody),
+    ),
+)]
 pub async fn post_agent(
     State(state): State<AppState>,
     caller: Caller,
@@ -152,12 +263,12 @@ async fn finished(handle: RunHandle) -> Result<Response, ApiError> {
         Ok(RunOutcome::Completed {
             response,
             tokens_used,
-        }) => Ok(Json(json!({
-            "response": response,
-            "session_id": session_id,
-            "tokens_used": tokens_used,
-            "run_id": run_id,
-        }))
+        }) => Ok(Json(AgentResponse {
+            response,
+            session_id,
+            tokens_used,
+            run_id,
+        })
         .into_response()),
         Ok(RunOutcome::Failed { failure, .. }) => {
             let status = match failure.kind {

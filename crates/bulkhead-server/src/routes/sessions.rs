@@ -4,14 +4,165 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use bulkhead_store::{DeleteOutcome, Run, Session};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 
 use super::timestamp;
 use crate::app::AppState;
 use crate::door::Caller;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::extract::parse_id;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionBody {
+    #[schema(format = Uuid)]
+    session_id: String,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    updated_at: String,
+    /// The run in progress, if any: the session takes no other until it ends.
+    #[schema(format = Uuid)]
+    active_run_id: Option<String>,
+    /// Oldest first: user, assistant, tool calls and tool results.
+    messages: Vec<MessageBody>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessageBody {
+    /// `user`, `assistant` or `tool`.
+    role: String,
+    content: Option<String>,
+    #[schema(format = Uuid)]
+    run_id: Option<String>,
+    #[schema(format = DateTime)]
+    created_at: String,
+    /// The assistant's tool calls, OpenAI-shaped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Value>,
+    /// The call a `tool` message answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_call_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunBody {
+    #[schema(format = Uuid)]
+    run_id: String,
+    #[schema(format = Uuid)]
+    session_id: String,
+    /// `running`, `completed`, `failed` or `interrupted`.
+    status: String,
+    input: String,
+    output: Option<String>,
+    tokens_used: i64,
+    steps: i64,
+    error: Option<RunError>,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    finished_at: Option<String>,
+}
+
+/// Why a run did not complete.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunError {
+    code: String,
+    message: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionRuns {
+    #[schema(format = Uuid)]
+    session_id: String,
+    runs: Vec<RunBody>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunEvents {
+    #[schema(format = Uuid)]
+    run_id: String,
+    status: String,
+    events: Vec<EventBody>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventBody {
+    /// The id the event had on the stream.
+    id: i64,
+    #[schema(value_type = super::agent::EventKind)]
+    event: String,
+    data: Value,
+    #[schema(format = DateTime)]
+    created_at: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionAudit {
+    #[schema(format = Uuid)]
+    session_id: String,
+    tool_calls: Vec<AuditRecord>,
+}
+
+/// A tool call as audited: recorded before it ran, completed after.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditRecord {
+    #[schema(format = Uuid)]
+    audit_id: String,
+    #[schema(format = Uuid)]
+    run_id: String,
+    call_id: String,
+    tool: String,
+    /// The call's arguments (secrets redacted): JSON, or the text the
+    /// model sent when it was not JSON.
+    arguments: Value,
+    backend: String,
+    limits: Value,
+    /// `running`, `completed` (it ran), `failed` (it could not run), or
+    /// `refused`.
+    status: String,
+    #[schema(format = DateTime)]
+    started_at: String,
+    #[schema(format = DateTime)]
+    finished_at: Option<String>,
+    exit_code: Option<i64>,
+    signal: Option<i64>,
+    killed_reason: Option<String>,
+    limits_hit: Value,
+    stdout: OutputSummary,
+    stderr: OutputSummary,
+    duration_ms: Option<i64>,
+    error: Option<String>,
+    egress_refusals: Value,
+}
+
+/// What a program wrote to one stream; the audit keeps its size and
+/// digest, not its text.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OutputSummary {
+    bytes: Option<i64>,
+    truncated: Option<bool>,
+    sha256: Option<String>,
+}
+
+/// The id of a session, from `POST /agent`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct SessionPath {
+    #[param(format = Uuid)]
+    session_id: String,
+}
+
+/// The id of a run.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct RunPath {
+    #[param(format = Uuid)]
+    run_id: String,
+}
 
 fn session_id(raw: &str) -> Result<String, ApiError> {
     parse_id(
@@ -55,44 +206,59 @@ async fn owned_run(state: &AppState, caller: &Caller, id: &str) -> Result<Run, A
     Ok(run)
 }
 
-/// The conversation, oldest message first.
+/// A session's conversation
+///
+/// Oldest message first: user, assistant, tool calls and tool results.
+#[utoipa::path(get, path = "/sessions/{session_id}", tag = "sessions", params(SessionPath),
+    responses(
+        (status = 200, description = "The session", body = SessionBody),
+        (status = 400, description = "`invalid_session_id`: not a UUID", body = ErrorBody),
+        (status = 404, description = "`session_not_found`", body = ErrorBody),
+    ),
+)]
 pub async fn get_session(
     State(state): State<AppState>,
     caller: Caller,
     Path(raw): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SessionBody>, ApiError> {
     let id = session_id(&raw)?;
     let session = owned_session(&state, &caller, &id).await?;
     let store = state.engine.store();
-    let messages: Vec<Value> = store
+    let messages = store
         .messages(&id)
         .await?
         .into_iter()
-        .map(|m| {
-            let mut message = json!({
-                "role": m.role,
-                "content": m.content,
-                "run_id": m.run_id,
-                "created_at": timestamp(m.created_at),
-            });
-            if let Some(calls) = m.tool_calls.as_deref() {
-                message["tool_calls"] = serde_json::from_str(calls).unwrap_or(Value::Null);
-            }
-            if let Some(call_id) = m.tool_call_id {
-                message["tool_call_id"] = call_id.into();
-            }
-            message
+        .map(|m| MessageBody {
+            role: m.role,
+            content: m.content,
+            run_id: m.run_id,
+            created_at: timestamp(m.created_at),
+            tool_calls: m
+                .tool_calls
+                .map(|calls| serde_json::from_str(&calls).unwrap_or(Value::Null)),
+            tool_call_id: m.tool_call_id,
         })
         .collect();
-    Ok(Json(json!({
-        "session_id": session.id,
-        "created_at": timestamp(session.created_at),
-        "updated_at": timestamp(session.updated_at),
-        "active_run_id": session.active_run_id,
-        "messages": messages,
-    })))
+    Ok(Json(SessionBody {
+        session_id: session.id,
+        created_at: timestamp(session.created_at),
+        updated_at: timestamp(session.updated_at),
+        active_run_id: session.active_run_id,
+        messages,
+    }))
 }
 
+/// Delete a session
+///
+/// The session, its messages, runs and events.
+#[utoipa::path(delete, path = "/sessions/{session_id}", tag = "sessions", params(SessionPath),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "`invalid_session_id`: not a UUID", body = ErrorBody),
+        (status = 404, description = "`session_not_found`", body = ErrorBody),
+        (status = 409, description = "`session_busy`: a run is in progress; delete once it has finished", body = ErrorBody),
+    ),
+)]
 pub async fn delete_session(
     State(state): State<AppState>,
     caller: Caller,
@@ -114,66 +280,97 @@ pub async fn delete_session(
     }
 }
 
-fn run_json(run: Run) -> Value {
-    let error = run
-        .error_code
-        .map(|code| json!({"code": code, "message": run.error_message}));
-    json!({
-        "run_id": run.id,
-        "session_id": run.session_id,
-        "status": run.status,
-        "input": run.input,
-        "output": run.output,
-        "tokens_used": run.tokens_used,
-        "steps": run.steps,
-        "error": error,
-        "created_at": timestamp(run.created_at),
-        "finished_at": run.finished_at.map(timestamp),
-    })
+fn run_body(run: Run) -> RunBody {
+    let error = run.error_code.map(|code| RunError {
+        code,
+        message: run.error_message,
+    });
+    RunBody {
+        run_id: run.id,
+        session_id: run.session_id,
+        status: run.status,
+        input: run.input,
+        output: run.output,
+        tokens_used: run.tokens_used,
+        steps: run.steps,
+        error,
+        created_at: timestamp(run.created_at),
+        finished_at: run.finished_at.map(timestamp),
+    }
 }
 
-/// The runs made on a session, oldest first.
+/// A session's runs
+///
+/// Oldest first, with status, tokens, steps and error.
+#[utoipa::path(get, path = "/sessions/{session_id}/runs", tag = "sessions", params(SessionPath),
+    responses(
+        (status = 200, description = "The session's runs", body = SessionRuns),
+        (status = 400, description = "`invalid_session_id`: not a UUID", body = ErrorBody),
+        (status = 404, description = "`session_not_found`", body = ErrorBody),
+    ),
+)]
 pub async fn session_runs(
     State(state): State<AppState>,
     caller: Caller,
     Path(raw): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SessionRuns>, ApiError> {
     let id = session_id(&raw)?;
     owned_session(&state, &caller, &id).await?;
     let store = state.engine.store();
-    let runs: Vec<Value> = store.runs(&id).await?.into_iter().map(run_json).collect();
-    Ok(Json(json!({"session_id": id, "runs": runs})))
+    let runs = store.runs(&id).await?.into_iter().map(run_body).collect();
+    Ok(Json(SessionRuns {
+        session_id: id,
+        runs,
+    }))
 }
 
 fn run_not_found() -> ApiError {
     ApiError::not_found("run_not_found", "no run has this id")
 }
 
+/// One run
+#[utoipa::path(get, path = "/runs/{run_id}", tag = "runs", params(RunPath),
+    responses(
+        (status = 200, description = "The run", body = RunBody),
+        (status = 400, description = "`invalid_run_id`: not a UUID", body = ErrorBody),
+        (status = 404, description = "`run_not_found`", body = ErrorBody),
+    ),
+)]
 pub async fn get_run(
     State(state): State<AppState>,
     caller: Caller,
     Path(raw): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RunBody>, ApiError> {
     let id = run_id(&raw)?;
     let run = owned_run(&state, &caller, &id).await?;
-    Ok(Json(run_json(run)))
+    Ok(Json(run_body(run)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
-    /// Only events with an id above this one.
+    /// Only events with an id above this one (to resume after the last
+    /// event seen).
     #[serde(default)]
     after: Option<i64>,
 }
 
-/// A run's recorded events, in order, each with its id (the same id the
-/// event had on the stream).
+/// A run's recorded events
+///
+/// In order, each with its id (the same id the event had on the stream).
+#[utoipa::path(get, path = "/runs/{run_id}/events", tag = "runs", params(RunPath, EventsQuery),
+    responses(
+        (status = 200, description = "The run's events", body = RunEvents),
+        (status = 400, description = "`invalid_run_id`: not a UUID; `invalid_query`: `after` is not a whole number", body = ErrorBody),
+        (status = 404, description = "`run_not_found`", body = ErrorBody),
+    ),
+)]
 pub async fn run_events(
     State(state): State<AppState>,
     caller: Caller,
     Path(raw): Path<String>,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RunEvents>, ApiError> {
     let id = run_id(&raw)?;
     let Query(query) = query.map_err(|_| {
         ApiError::bad_request(
@@ -183,31 +380,39 @@ pub async fn run_events(
     })?;
     let run = owned_run(&state, &caller, &id).await?;
     let store = state.engine.store();
-    let events: Vec<Value> = store
+    let events = store
         .run_events(&id, query.after.unwrap_or(0))
         .await?
         .into_iter()
-        .map(|e| {
-            json!({
-                "id": e.seq,
-                "event": e.kind,
-                "data": serde_json::from_str::<Value>(&e.data).unwrap_or(Value::Null),
-                "created_at": timestamp(e.created_at),
-            })
+        .map(|e| EventBody {
+            id: e.seq,
+            event: e.kind,
+            data: serde_json::from_str::<Value>(&e.data).unwrap_or(Value::Null),
+            created_at: timestamp(e.created_at),
         })
         .collect();
-    Ok(Json(
-        json!({"run_id": id, "status": run.status, "events": events}),
-    ))
+    Ok(Json(RunEvents {
+        run_id: id,
+        status: run.status,
+        events,
+    }))
 }
 
-/// The session's tool calls as audited: what ran, where, under which
-/// limits, and how it ended. Oldest first.
+/// A session's tool calls, as audited
+///
+/// What ran, where, under which limits, and how it ended. Oldest first.
+#[utoipa::path(get, path = "/sessions/{session_id}/audit", tag = "sessions", params(SessionPath),
+    responses(
+        (status = 200, description = "The session's audit trail", body = SessionAudit),
+        (status = 400, description = "`invalid_session_id`: not a UUID", body = ErrorBody),
+        (status = 404, description = "`session_not_found`", body = ErrorBody),
+    ),
+)]
 pub async fn session_audit(
     State(state): State<AppState>,
     caller: Caller,
     Path(raw): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SessionAudit>, ApiError> {
     let id = session_id(&raw)?;
     owned_session(&state, &caller, &id).await?;
     let store = state.engine.store();
@@ -215,34 +420,43 @@ pub async fn session_audit(
         text.and_then(|t| serde_json::from_str::<Value>(&t).ok())
             .unwrap_or(Value::Null)
     };
-    let records: Vec<Value> = store
+    let tool_calls = store
         .tool_executions(&id)
         .await?
         .into_iter()
-        .map(|x| {
-            json!({
-                "audit_id": x.id,
-                "run_id": x.run_id,
-                "call_id": x.call_id,
-                "tool": x.tool,
-                "arguments": serde_json::from_str::<Value>(&x.arguments)
-                    .unwrap_or(Value::String(x.arguments)),
-                "backend": x.backend,
-                "limits": parse(x.limits),
-                "status": x.status,
-                "started_at": timestamp(x.started_at),
-                "finished_at": x.finished_at.map(timestamp),
-                "exit_code": x.exit_code,
-                "signal": x.signal,
-                "killed_reason": x.killed_reason,
-                "limits_hit": parse(x.limits_hit),
-                "stdout": {"bytes": x.stdout_bytes, "truncated": x.stdout_truncated, "sha256": x.stdout_sha256},
-                "stderr": {"bytes": x.stderr_bytes, "truncated": x.stderr_truncated, "sha256": x.stderr_sha256},
-                "duration_ms": x.duration_ms,
-                "error": x.error,
-                "egress_refusals": parse(x.egress_refusals),
-            })
+        .map(|x| AuditRecord {
+            audit_id: x.id,
+            run_id: x.run_id,
+            call_id: x.call_id,
+            tool: x.tool,
+            arguments: serde_json::from_str::<Value>(&x.arguments)
+                .unwrap_or(Value::String(x.arguments)),
+            backend: x.backend,
+            limits: parse(x.limits),
+            status: x.status,
+            started_at: timestamp(x.started_at),
+            finished_at: x.finished_at.map(timestamp),
+            exit_code: x.exit_code,
+            signal: x.signal,
+            killed_reason: x.killed_reason,
+            limits_hit: parse(x.limits_hit),
+            stdout: OutputSummary {
+                bytes: x.stdout_bytes,
+                truncated: x.stdout_truncated,
+                sha256: x.stdout_sha256,
+            },
+            stderr: OutputSummary {
+                bytes: x.stderr_bytes,
+                truncated: x.stderr_truncated,
+                sha256: x.stderr_sha256,
+            },
+            duration_ms: x.duration_ms,
+            error: x.error,
+            egress_refusals: parse(x.egress_refusals),
         })
         .collect();
-    Ok(Json(json!({"session_id": id, "tool_calls": records})))
+    Ok(Json(SessionAudit {
+        session_id: id,
+        tool_calls,
+    }))
 }
