@@ -6,6 +6,7 @@ pub mod config;
 mod data_lock;
 pub mod error;
 mod extract;
+pub mod observability;
 mod routes;
 pub mod sandbox;
 

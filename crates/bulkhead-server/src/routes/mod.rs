@@ -6,17 +6,18 @@ mod health;
 mod sessions;
 
 use axum::Router;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, OnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::app::AppState;
 use crate::error::ApiError;
+use crate::observability;
 
 pub fn router(state: AppState) -> Router {
     let routes = Router::new()
@@ -32,32 +33,29 @@ pub fn router(state: AppState) -> Router {
         .route("/sessions/{session_id}/audit", get(sessions::session_audit))
         .route("/runs/{run_id}", get(sessions::get_run))
         .route("/runs/{run_id}/events", get(sessions::run_events))
+        .route("/metrics", get(observability::metrics::scrape))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state);
+        .with_state(state.clone());
 
+    let on_response = DefaultOnResponse::new()
+        .level(Level::INFO)
+        .latency_unit(tower_http::LatencyUnit::Micros);
     let trace = TraceLayer::new_for_http()
-        .make_span_with(|request: &Request<_>| {
-            let request_id = request
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-");
-            tracing::info_span!(
-                "request",
-                request_id = %request_id,
-                method = %request.method(),
-                path = %request.uri().path(),
-            )
-        })
+        .make_span_with(observability::traces::request_span)
         .on_response(
-            DefaultOnResponse::new()
-                .level(Level::INFO)
-                .latency_unit(tower_http::LatencyUnit::Micros),
+            move |response: &axum::http::Response<_>, latency, span: &tracing::Span| {
+                observability::traces::record_response(response, span);
+                on_response.on_response(response, latency, span);
+            },
         )
         .on_failure(DefaultOnFailure::new().level(Level::WARN));
     routes.layer(
         ServiceBuilder::new()
+            .layer(axum::middleware::from_fn_with_state(
+                state,
+                observability::metrics::track,
+            ))
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
             .layer(trace)
             .layer(PropagateRequestIdLayer::x_request_id())
