@@ -1,0 +1,646 @@
+//! Metrics and traces as an operator's tools see them: `/metrics` parsed by
+//! the Prometheus project's own Python parser (`prometheus-client`, pinned
+//! by `scripts/ensure-tools`), and spans received by an OTLP/HTTP endpoint
+//! the test serves, decoded with the OpenTelemetry project's published
+//! protobuf definitions (`opentelemetry-proto`).
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use prost::Message;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use support::serve;
+
+const METRICS_TOKEN: &str = "metrics-token-for-the-test-0123456789";
+
+/// One sample of a scrape: name, labels, value.
+#[derive(Debug, Clone)]
+struct Sample {
+    name: String,
+    labels: HashMap<String, String>,
+    value: f64,
+}
+
+/// A scrape as `prometheus_client.parser.text_string_to_metric_families`
+/// reads it: the families' types by name, and every sample.
+struct Scrape {
+    types: HashMap<String, String>,
+    samples: Vec<Sample>,
+}
+
+impl Scrape {
+    /// The value of the sample with this name and these labels (others
+    /// ignored), 0 when absent.
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|s| s.name == name)
+            .filter(|s| {
+                labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(v))
+            })
+            .map(|s| s.value)
+            .sum()
+    }
+}
+
+const PARSE: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = {"types": {}, "samples": []}
+for family in text_string_to_metric_families(sys.stdin.read()):
+    out["types"][family.name] = family.type
+    for s in family.samples:
+        out["samples"].append({"name": s.name, "labels": s.labels, "value": s.value})
+print(json.dumps(out))
+"#;
+
+/// The venv's python with prometheus-client, or `None` (a skip) outside CI.
+fn parser() -> Option<String> {
+    let python = "tools-python3";
+    let usable = Command::new(python)
+        .args(["-c", "import prometheus_client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if usable {
+        return Some(python.into());
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "tools-python3 with prometheus-client must be on PATH under CI (scripts/ensure-tools)"
+    );
+    eprintln!("skipped: no tools-python3 with prometheus-client (run scripts/ensure-tools)");
+    None
+}
+
+fn parse(python: &str, text: &str) -> Scrape {
+    let mut child = Command::new(python)
+        .args(["-c", PARSE])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "the Prometheus parser refused the scrape: {}\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let parsed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    Scrape {
+        types: serde_json::from_value(parsed["types"].clone()).unwrap(),
+        samples: parsed["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| Sample {
+                name: s["name"].as_str().unwrap().into(),
+                labels: serde_json::from_value(s["labels"].clone()).unwrap(),
+                value: s["value"].as_f64().unwrap(),
+            })
+            .collect(),
+    }
+}
+
+/// Whether `text` holds a UUID (8-4-4-4-12 hex digits).
+fn has_uuid(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    (0..bytes.len().saturating_sub(35)).any(|start| {
+        bytes[start..start + 36]
+            .iter()
+            .enumerate()
+            .all(|(i, b)| match i {
+                8 | 13 | 18 | 23 => *b == b'-',
+                _ => b.is_ascii_hexdigit(),
+            })
+    })
+}
+
+async fn scrape(client: &reqwest::Client, url: &str, token: Option<&str>) -> reqwest::Response {
+    let mut request = client.get(format!("{url}/metrics"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn metrics_count_runs_tool_calls_requests_and_refusals() {
+    let Some(python) = parser() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(dir.path(), &[("METRICS_TOKEN", METRICS_TOKEN)]);
+    let client = reqwest::Client::new();
+
+    let before = scrape(&client, &url, Some(METRICS_TOKEN)).await;
+    assert_eq!(before.status(), StatusCode::OK);
+    assert!(
+        before.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let before = parse(&python, &before.text().await.unwrap());
+
+    let answer: Value = client
+        .post(format!("{url}/agent"))
+        .json(&json!({"message": "tool:current_time {}"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        answer["response"]
+            .as_str()
+            .unwrap()
+            .starts_with("tool result: "),
+        "{answer}"
+    );
+    let session_id = answer["session_id"].as_str().unwrap();
+    let session = client
+        .get(format!("{url}/sessions/{session_id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(session.status(), StatusCode::OK);
+
+    for token in [Some("not-the-metrics-token"), None] {
+        let refused = scrape(&client, &url, token).await;
+        assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(refused.headers()["www-authenticate"], "Bearer");
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unauthorized", "{body}");
+        assert!(!body.to_string().contains(METRICS_TOKEN));
+    }
+
+    let text = scrape(&client, &url, Some(METRICS_TOKEN))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let after = parse(&python, &text);
+    let moved = |name: &str, labels: &[(&str, &str)]| {
+        after.value(name, labels) - before.value(name, labels)
+    };
+
+    assert_eq!(
+        moved("bulkhead_runs_total", &[("status", "completed")]),
+        1.0
+    );
+    assert_eq!(
+        moved(
+            "bulkhead_tool_calls_total",
+            &[("tool", "current_time"), ("outcome", "completed")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        moved(
+            "bulkhead_http_requests_total",
+            &[("method", "POST"), ("route", "/agent"), ("status", "200")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        moved(
+            "bulkhead_http_requests_total",
+            &[
+                ("method", "GET"),
+                ("route", "/sessions/{session_id}"),
+                ("status", "200")
+            ]
+        ),
+        1.0,
+        "a route is labelled by its template"
+    );
+    assert_eq!(
+        moved(
+            "bulkhead_http_requests_total",
+            &[("route", "/metrics"), ("status", "401")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        moved(
+            "bulkhead_auth_failures_total",
+            &[("reason", "metrics_token")]
+        ),
+        2.0
+    );
+    // Two model calls: the tool call, then the answer to its result.
+    assert_eq!(
+        moved(
+            "bulkhead_model_calls_total",
+            &[("model", "bulkhead-mock"), ("outcome", "ok")]
+        ),
+        2.0
+    );
+    assert!(moved("bulkhead_model_tokens_total", &[("type", "input")]) > 0.0);
+    assert!(moved("bulkhead_model_tokens_total", &[("type", "output")]) > 0.0);
+    assert_eq!(after.value("bulkhead_runs_in_flight", &[]), 0.0);
+    assert_eq!(
+        moved(
+            "bulkhead_run_duration_seconds_count",
+            &[("status", "completed")]
+        ),
+        1.0
+    );
+    for (family, kind) in [
+        ("bulkhead_http_request_duration_seconds", "histogram"),
+        ("bulkhead_run_duration_seconds", "histogram"),
+        ("bulkhead_model_call_duration_seconds", "histogram"),
+        ("bulkhead_model_time_to_first_token_seconds", "histogram"),
+        ("bulkhead_tool_call_duration_seconds", "histogram"),
+        ("bulkhead_runs_in_flight", "gauge"),
+        // The parser names a counter's family without its `_total`.
+        ("bulkhead_runs", "counter"),
+    ] {
+        assert_eq!(
+            after.types.get(family).map(String::as_str),
+            Some(kind),
+            "{family}: {:?}",
+            after.types
+        );
+    }
+
+    for sample in &after.samples {
+        for (label, value) in &sample.labels {
+            assert!(
+                !has_uuid(value),
+                "{}{{{label}={value:?}}}: an id in a label",
+                sample.name
+            );
+        }
+    }
+    assert!(!text.contains(session_id));
+}
+
+#[tokio::test]
+async fn metrics_off_means_no_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(dir.path(), &[("ENABLE_METRICS", "false")]);
+    let response = reqwest::get(format!("{url}/metrics")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+}
+
+#[tokio::test]
+async fn an_open_metrics_route_needs_no_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(dir.path(), &[]);
+    let health = reqwest::get(format!("{url}/health")).await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let response = reqwest::get(format!("{url}/metrics")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().await.unwrap();
+    assert!(
+        text.contains(
+            r#"bulkhead_http_requests_total{method="GET",route="/health",status="200"} 1"#
+        ),
+        "{text}"
+    );
+}
+
+/// What the test's collector received: each span with its service name.
+#[derive(Default, Clone)]
+struct Received(Arc<Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>>);
+
+/// An OTLP/HTTP receiver on a loopback port: `POST /v1/traces` with a
+/// protobuf `ExportTraceServiceRequest`, as a collector takes it.
+async fn collector() -> (String, Received) {
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use axum::http::{HeaderMap, header};
+    let received = Received::default();
+    async fn export(
+        State(received): State<Received>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> impl axum::response::IntoResponse {
+        assert_eq!(headers[header::CONTENT_TYPE], "application/x-protobuf");
+        let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+        let mut spans = received.0.lock().unwrap();
+        for resource in request.resource_spans {
+            let service = resource
+                .resource
+                .as_ref()
+                .and_then(|r| text(&r.attributes, "service.name"))
+                .unwrap_or_default();
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    spans.push((service.clone(), span));
+                }
+            }
+        }
+        (
+            [(header::CONTENT_TYPE, "application/x-protobuf")],
+            ExportTraceServiceResponse::default().encode_to_vec(),
+        )
+    }
+    let app = axum::Router::new()
+        .route("/v1/traces", axum::routing::post(export))
+        .with_state(received.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{address}"), received)
+}
+
+fn attribute<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
+    attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v: &AnyValue| v.value.as_ref())
+}
+
+fn text(attributes: &[KeyValue], key: &str) -> Option<String> {
+    match attribute(attributes, key)? {
+        any_value::Value::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn int(attributes: &[KeyValue], key: &str) -> Option<i64> {
+    match attribute(attributes, key)? {
+        any_value::Value::IntValue(n) => Some(*n),
+        _ => None,
+    }
+}
+
+/// Every string an attribute holds, arrays included.
+fn strings(attributes: &[KeyValue]) -> Vec<String> {
+    fn walk(value: &any_value::Value, out: &mut Vec<String>) {
+        match value {
+            any_value::Value::StringValue(s) => out.push(s.clone()),
+            any_value::Value::ArrayValue(array) => {
+                for value in array.values.iter().filter_map(|v| v.value.as_ref()) {
+                    walk(value, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for value in attributes
+        .iter()
+        .filter_map(|kv| kv.value.as_ref()?.value.as_ref())
+    {
+        walk(value, &mut out);
+    }
+    out
+}
+
+const CANARY: &str = "zq-canary-7731";
+
+/// Runs one `/agent` request with a tool call through a `bulkhead serve`
+/// that exports to `collector`, under the caller's trace `trace_id` /
+/// `parent`; stops the server (which flushes) and returns the answer.
+async fn traced_run(collector: &str, trace_id: &str, parent: &str, env: &[(&str, &str)]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vars = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector),
+        ("OTEL_SERVICE_NAME", "bulkhead-under-test"),
+    ];
+    vars.extend_from_slice(env);
+    let (mut server, url) = serve(dir.path(), &vars);
+    let response = reqwest::Client::new()
+        .post(format!("{url}/agent"))
+        .header("traceparent", format!("00-{trace_id}-{parent}-01"))
+        .json(&json!({"message": format!("tool:current_time {{\"format\": \"unix\", \"note\": \"{CANARY}\"}}")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let answer: Value = response.json().await.unwrap();
+    let session: Value = support::get_json(format!(
+        "{url}/sessions/{}",
+        answer["session_id"].as_str().unwrap()
+    ))
+    .await;
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(20)).success());
+    json!({"answer": answer, "session": session})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_follow_the_genai_conventions_under_the_callers_trace() {
+    let (endpoint, received) = collector().await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let run = traced_run(&endpoint, trace_id, caller_span, &[]).await;
+    let session_id = run["answer"]["session_id"].as_str().unwrap();
+    let run_id = run["answer"]["run_id"].as_str().unwrap();
+    let call_id = run["session"]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|m| m["tool_call_id"].as_str())
+        .expect("the tool's result in the conversation")
+        .to_string();
+
+    let spans = received.0.lock().unwrap().clone();
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let named = |prefix: &str| {
+        spans
+            .iter()
+            .map(|(_, s)| s)
+            .filter(|s| s.name.starts_with(prefix))
+            .collect::<Vec<_>>()
+    };
+    let names: Vec<&str> = spans.iter().map(|(_, s)| s.name.as_str()).collect();
+    assert!(
+        spans
+            .iter()
+            .all(|(service, _)| service == "bulkhead-under-test"),
+        "{names:?}"
+    );
+    // The test's own GET of the session sent no traceparent: a trace of
+    // its own, with no parent.
+    let (traced, own): (Vec<_>, Vec<_>) = spans
+        .iter()
+        .map(|(_, s)| s)
+        .partition(|s| !s.name.starts_with("GET /sessions/"));
+    assert_eq!(own.len(), 1, "{names:?}");
+    assert_ne!(hex(&own[0].trace_id), trace_id);
+    assert!(own[0].parent_span_id.is_empty());
+    assert!(
+        traced.iter().all(|s| hex(&s.trace_id) == trace_id),
+        "every span of the run continues the caller's trace: {names:?}"
+    );
+
+    let request = named("POST /agent");
+    assert_eq!(request.len(), 1, "{names:?}");
+    let request = request[0];
+    assert_eq!(request.kind, SpanKind::Server as i32);
+    assert_eq!(hex(&request.parent_span_id), caller_span);
+    assert_eq!(
+        text(&request.attributes, "http.route").as_deref(),
+        Some("/agent")
+    );
+    assert_eq!(
+        int(&request.attributes, "http.response.status_code"),
+        Some(200)
+    );
+
+    let agent = named("invoke_agent");
+    assert_eq!(agent.len(), 1, "{names:?}");
+    let agent = agent[0];
+    assert_eq!(agent.name, "invoke_agent general");
+    assert_eq!(agent.kind, SpanKind::Internal as i32);
+    assert_eq!(agent.parent_span_id, request.span_id);
+    let attrs = &agent.attributes;
+    assert_eq!(
+        text(attrs, "gen_ai.operation.name").as_deref(),
+        Some("invoke_agent")
+    );
+    assert_eq!(
+        text(attrs, "gen_ai.conversation.id").as_deref(),
+        Some(session_id)
+    );
+    assert_eq!(text(attrs, "gen_ai.agent.name").as_deref(), Some("general"));
+    assert_eq!(text(attrs, "bulkhead.run.id").as_deref(), Some(run_id));
+
+    let chats = named("chat ");
+    assert_eq!(chats.len(), 2, "the tool call, then the answer: {names:?}");
+    let mut finish_reasons = Vec::new();
+    for chat in &chats {
+        assert_eq!(chat.name, "chat bulkhead-mock");
+        assert_eq!(chat.kind, SpanKind::Client as i32);
+        assert_eq!(chat.parent_span_id, agent.span_id);
+        let attrs = &chat.attributes;
+        assert_eq!(
+            text(attrs, "gen_ai.operation.name").as_deref(),
+            Some("chat")
+        );
+        assert_eq!(
+            text(attrs, "gen_ai.provider.name").as_deref(),
+            Some("bulkhead.mock")
+        );
+        assert_eq!(
+            text(attrs, "gen_ai.request.model").as_deref(),
+            Some("bulkhead-mock")
+        );
+        assert_eq!(
+            text(attrs, "gen_ai.response.model").as_deref(),
+            Some("bulkhead-mock")
+        );
+        assert_eq!(
+            text(attrs, "gen_ai.conversation.id").as_deref(),
+            Some(session_id)
+        );
+        assert!(int(attrs, "gen_ai.usage.input_tokens").unwrap() > 0);
+        assert!(int(attrs, "gen_ai.usage.output_tokens").unwrap() > 0);
+        finish_reasons.extend(strings(
+            &attrs
+                .iter()
+                .filter(|kv| kv.key == "gen_ai.response.finish_reasons")
+                .cloned()
+                .collect::<Vec<_>>(),
+        ));
+    }
+    finish_reasons.sort();
+    assert_eq!(finish_reasons, ["stop", "tool_calls"]);
+
+    let tools = named("execute_tool");
+    assert_eq!(tools.len(), 1, "{names:?}");
+    let tool = tools[0];
+    assert_eq!(tool.name, "execute_tool current_time");
+    assert_eq!(tool.parent_span_id, agent.span_id);
+    let attrs = &tool.attributes;
+    assert_eq!(
+        text(attrs, "gen_ai.operation.name").as_deref(),
+        Some("execute_tool")
+    );
+    assert_eq!(
+        text(attrs, "gen_ai.tool.name").as_deref(),
+        Some("current_time")
+    );
+    assert_eq!(
+        text(attrs, "gen_ai.tool.call.id").as_deref(),
+        Some(call_id.as_str())
+    );
+    assert!(text(attrs, "error.type").is_none());
+
+    for (_, span) in &spans {
+        for value in strings(&span.attributes) {
+            assert!(
+                !value.contains(CANARY),
+                "{}: content on a span without the opt-in: {value}",
+                span.name
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contents_go_on_spans_only_with_the_opt_in() {
+    let (endpoint, received) = collector().await;
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    traced_run(
+        &endpoint,
+        trace_id,
+        "b7ad6b7169203331",
+        &[("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true")],
+    )
+    .await;
+    let spans = received.0.lock().unwrap().clone();
+    let span = |prefix: &str| {
+        spans
+            .iter()
+            .map(|(_, s)| s)
+            .find(|s| s.name.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} span"))
+            .clone()
+    };
+    let chat = span("chat ");
+    let input: Value =
+        serde_json::from_str(&text(&chat.attributes, "gen_ai.input.messages").unwrap()).unwrap();
+    let user = input
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["role"] == "user")
+        .expect("the user's message");
+    assert_eq!(user["parts"][0]["type"], "text");
+    assert!(
+        user["parts"][0]["content"]
+            .as_str()
+            .unwrap()
+            .contains(CANARY)
+    );
+    let output: Value =
+        serde_json::from_str(&text(&chat.attributes, "gen_ai.output.messages").unwrap()).unwrap();
+    assert_eq!(output[0]["role"], "assistant");
+
+    let tool = span("execute_tool");
+    let arguments = text(&tool.attributes, "gen_ai.tool.call.arguments").unwrap();
+    assert!(arguments.contains(CANARY), "{arguments}");
+    let result = text(&tool.attributes, "gen_ai.tool.call.result").unwrap();
+    assert!(
+        result.parse::<i64>().is_ok(),
+        "the unix time the tool answered: {result}"
+    );
+}
