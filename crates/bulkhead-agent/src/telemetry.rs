@@ -277,6 +277,23 @@ pub(crate) fn tool_ended(
     }
 }
 
+/// The current span as a W3C `traceparent`, for a request to a peer;
+/// `None` when spans are not exported.
+pub(crate) fn traceparent() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    let context = Span::current().context();
+    let span = context.span();
+    let span = span.span_context();
+    span.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            span.trace_id(),
+            span.span_id(),
+            span.trace_flags().to_u8()
+        )
+    })
+}
+
 /// A message as the GenAI conventions write one: a role and its parts.
 fn message_json(
     message: &ChatMessage,

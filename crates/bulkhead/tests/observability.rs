@@ -644,3 +644,64 @@ async fn contents_go_on_spans_only_with_the_opt_in() {
         "the unix time the tool answered: {result}"
     );
 }
+
+/// A planner hands its steps to its peers with the run's `traceparent`:
+/// their spans land in the planner's trace, under its run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planners_trace_follows_its_steps_into_its_peers() {
+    let (endpoint, received) = collector().await;
+    let otel = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_SERVICE_NAME", "peer"),
+    ];
+    let peer_dir = tempfile::tempdir().unwrap();
+    let (mut peer, peer_url) = serve(peer_dir.path(), &otel);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut planner, url) = serve(
+        dir.path(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_SERVICE_NAME", "planner"),
+            ("AGENT_ROLE", "planner"),
+            ("EXECUTOR_URL", peer_url.as_str()),
+            ("CRITIC_URL", peer_url.as_str()),
+        ],
+    );
+    let trace_id = "5c1e3f1e9d4b4a7f8e2d6c0b1a9f8e7d";
+    let response = reqwest::Client::new()
+        .post(format!("{url}/agent"))
+        .header("traceparent", format!("00-{trace_id}-a1b2c3d4e5f60718-01"))
+        .json(&json!({"message": "say:first step\nsecond step"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    for server in [&mut planner, &mut peer] {
+        server.signal(Signal::SIGTERM);
+        assert!(server.wait_exit(Duration::from_secs(20)).success());
+    }
+
+    let spans = received.0.lock().unwrap().clone();
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let names: Vec<(&str, &str)> = spans
+        .iter()
+        .map(|(service, s)| (service.as_str(), s.name.as_str()))
+        .collect();
+    let planner_run = spans
+        .iter()
+        .find(|(service, s)| service == "planner" && s.name == "invoke_agent planner")
+        .map(|(_, s)| s)
+        .unwrap_or_else(|| panic!("{names:?}"));
+    assert_eq!(hex(&planner_run.trace_id), trace_id);
+    // Two steps to the executor, one review by the critic.
+    let peer_requests: Vec<_> = spans
+        .iter()
+        .filter(|(service, s)| service == "peer" && s.name == "POST /agent")
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(peer_requests.len(), 3, "{names:?}");
+    for request in peer_requests {
+        assert_eq!(hex(&request.trace_id), trace_id, "{names:?}");
+        assert_eq!(request.parent_span_id, planner_run.span_id);
+    }
+}
