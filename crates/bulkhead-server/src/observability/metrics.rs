@@ -4,7 +4,8 @@
 //! never ids: every label value comes from a fixed set or from the
 //! configuration.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -156,19 +157,64 @@ pub(crate) async fn track(State(app): State<AppState>, request: Request, next: N
     let started = Instant::now();
     let method = method_label(request.method());
     let route = match request.extensions().get::<MatchedPath>() {
-        Some(path) => path.as_str().to_string(),
-        None => "unmatched".to_string(),
+        Some(path) => intern(path.as_str()),
+        None => "unmatched",
     };
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
+    let status = response.status();
     let labels = [
-        ("method", method.to_string()),
+        ("method", method),
         ("route", route),
-        ("status", status),
+        ("status", status_label(status)),
     ];
     metrics::counter!(HTTP_REQUESTS, &labels).increment(1);
     metrics::histogram!(HTTP_REQUEST_DURATION, &labels).record(started.elapsed());
     response
+}
+
+/// A route template as a `'static` label, so that labelling a request
+/// allocates nothing. The templates are the router's, a fixed few: each is
+/// leaked once.
+fn intern(template: &str) -> &'static str {
+    static TEMPLATES: OnceLock<RwLock<HashMap<String, &'static str>>> = OnceLock::new();
+    let templates = TEMPLATES.get_or_init(Default::default);
+    if let Some(interned) = templates
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(template)
+    {
+        return interned;
+    }
+    templates
+        .write()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(template.to_string())
+        .or_insert_with(|| Box::leak(template.to_string().into_boxed_str()))
+}
+
+/// The status as a label: the codes the server answers without
+/// allocating, any other by its digits.
+fn status_label(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        409 => "409",
+        413 => "413",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        // Three digits: a bounded set, whatever a handler answers.
+        other => intern(&other.to_string()),
+    }
 }
 
 /// The method as a label: the standard ones, and `other` for any other
@@ -206,6 +252,16 @@ mod tests {
         assert!(!with("Basic s3cret-metrics-token"));
         assert!(!with("s3cret-metrics-token"));
         assert!(!bearer_matches(&HeaderMap::new(), &expected));
+    }
+
+    #[test]
+    fn labels_are_interned() {
+        let first = intern(&String::from("/sessions/{session_id}"));
+        let second = intern(&String::from("/sessions/{session_id}"));
+        assert_eq!(first, "/sessions/{session_id}");
+        assert!(std::ptr::eq(first, second));
+        assert_eq!(status_label(StatusCode::IM_A_TEAPOT), "418");
+        assert_eq!(status_label(StatusCode::NOT_FOUND), "404");
     }
 
     #[test]
