@@ -173,6 +173,19 @@ async fn metrics_count_runs_tool_calls_requests_and_refusals() {
         .await
         .unwrap();
     assert_eq!(session.status(), StatusCode::OK);
+    // A command in the session's sandbox, and a model that fails.
+    for (message, status) in [
+        (r#"tool:shell {"command": "true"}"#, StatusCode::OK),
+        ("fail:503", StatusCode::BAD_GATEWAY),
+    ] {
+        let response = client
+            .post(format!("{url}/agent"))
+            .json(&json!({"message": message, "session_id": session_id}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{message}");
+    }
 
     for token in [Some("not-the-metrics-token"), None] {
         let refused = scrape(&client, &url, token).await;
@@ -195,7 +208,7 @@ async fn metrics_count_runs_tool_calls_requests_and_refusals() {
 
     assert_eq!(
         moved("bulkhead_runs_total", &[("status", "completed")]),
-        1.0
+        2.0
     );
     assert_eq!(
         moved(
@@ -208,6 +221,13 @@ async fn metrics_count_runs_tool_calls_requests_and_refusals() {
         moved(
             "bulkhead_http_requests_total",
             &[("method", "POST"), ("route", "/agent"), ("status", "200")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        moved(
+            "bulkhead_http_requests_total",
+            &[("method", "POST"), ("route", "/agent"), ("status", "502")]
         ),
         1.0
     );
@@ -237,23 +257,60 @@ async fn metrics_count_runs_tool_calls_requests_and_refusals() {
         ),
         2.0
     );
-    // Two model calls: the tool call, then the answer to its result.
+    // Two model calls per tool run: the tool call, then the answer to its
+    // result.
     assert_eq!(
         moved(
             "bulkhead_model_calls_total",
             &[("model", "bulkhead-mock"), ("outcome", "ok")]
         ),
-        2.0
+        4.0
     );
     assert!(moved("bulkhead_model_tokens_total", &[("type", "input")]) > 0.0);
     assert!(moved("bulkhead_model_tokens_total", &[("type", "output")]) > 0.0);
+    assert_eq!(moved("bulkhead_runs_total", &[("status", "failed")]), 1.0);
+    assert_eq!(
+        moved(
+            "bulkhead_model_calls_total",
+            &[("model", "bulkhead-mock"), ("outcome", "error")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        moved(
+            "bulkhead_model_errors_total",
+            &[("model", "bulkhead-mock"), ("kind", "503")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        moved(
+            "bulkhead_tool_calls_total",
+            &[("tool", "shell"), ("outcome", "completed")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        moved(
+            "bulkhead_sandbox_creations_total",
+            &[("backend", "namespace")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        moved(
+            "bulkhead_sandbox_exec_duration_seconds_count",
+            &[("backend", "namespace")]
+        ),
+        1.0
+    );
     assert_eq!(after.value("bulkhead_runs_in_flight", &[]), 0.0);
     assert_eq!(
         moved(
             "bulkhead_run_duration_seconds_count",
             &[("status", "completed")]
         ),
-        1.0
+        2.0
     );
     for (family, kind) in [
         ("bulkhead_http_request_duration_seconds", "histogram"),
