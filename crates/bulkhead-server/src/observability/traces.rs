@@ -91,26 +91,40 @@ where
     ))
 }
 
-/// Sends the spans still queued; bounded, so that a collector that is gone
-/// cannot hold up a stop.
+/// Sends the spans still queued; bounded, so that a collector that does not
+/// answer cannot hold up a stop (Docker's stop gives the whole process
+/// 10 s, the drain takes up to `SHUTDOWN_GRACE_SECONDS` of them).
 pub async fn flush() {
     let Some(provider) = PROVIDER.get() else {
         return;
     };
-    let flushed = tokio::task::spawn_blocking(|| provider.force_flush());
-    match tokio::time::timeout(Duration::from_secs(3), flushed).await {
+    // A thread of its own rather than `spawn_blocking`: the runtime waits
+    // for its blocking tasks when it is dropped, and a flush stuck on a
+    // collector that does not answer would hold up the exit.
+    let (done, flushed) = tokio::sync::oneshot::channel();
+    let started = std::thread::Builder::new()
+        .name("otel-flush".into())
+        .spawn(move || {
+            let _ = done.send(provider.force_flush());
+        });
+    if started.is_err() {
+        return;
+    }
+    match tokio::time::timeout(FLUSH_WAIT, flushed).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "could not export the last spans"),
         Ok(Err(_)) | Err(_) => tracing::warn!("gave up exporting the last spans"),
     }
 }
 
-/// Flushes and stops the exporter, at process exit.
+/// Stops the exporter at process exit, sending what the stop's flush left.
 pub fn shutdown() {
     if let Some(provider) = PROVIDER.get() {
-        let _ = provider.shutdown_with_timeout(Duration::from_secs(3));
+        let _ = provider.shutdown_with_timeout(Duration::from_secs(1));
     }
 }
+
+const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
 /// The span of one request. With traces on it is named
 /// `{method} {route template}`, of server kind, and continues the trace of
