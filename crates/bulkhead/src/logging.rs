@@ -86,7 +86,11 @@ pub fn init_serve(
         .with(otel)
         .try_init();
     tracing::info!(
-        endpoint = %observability.traces_endpoint().as_deref().map(bulkhead_server::config::redact_url_password).unwrap_or_default(),
+        endpoint = %observability
+            .traces_endpoint()
+            .as_deref()
+            .map(bulkhead_server::observability::traces::shown)
+            .unwrap_or_default(),
         service = %observability.service_name,
         "exporting traces over OTLP"
     );

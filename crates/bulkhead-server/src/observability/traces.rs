@@ -30,6 +30,9 @@ use tracing_subscriber::registry::LookupSpan;
 use crate::config::ObservabilityConfig;
 
 static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+/// The endpoint as configured, and as a log line may show it (no
+/// credentials, no query).
+static ENDPOINT: OnceLock<(String, String)> = OnceLock::new();
 /// Whether spans leave the process; read on every request, so an atomic
 /// rather than the provider's lock.
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -52,7 +55,7 @@ where
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(Protocol::HttpBinary)
-        .with_endpoint(endpoint)
+        .with_endpoint(endpoint.clone())
         .build()
         .context("could not set up the OTLP span exporter")?;
     let resource = Resource::builder()
@@ -70,6 +73,7 @@ where
     if PROVIDER.set(provider).is_err() {
         anyhow::bail!("the OpenTelemetry exporter is already set up in this process");
     }
+    let _ = ENDPOINT.set((endpoint.clone(), shown(&endpoint)));
     ENABLED.store(true, Ordering::Relaxed);
     Ok(Some(
         tracing_opentelemetry::layer()
@@ -112,7 +116,13 @@ pub async fn flush() {
     }
     match tokio::time::timeout(FLUSH_WAIT, flushed).await {
         Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "could not export the last spans"),
+        Ok(Ok(Err(e))) => {
+            let mut error = e.to_string();
+            if let Some((endpoint, shown)) = ENDPOINT.get() {
+                error = error.replace(endpoint.as_str(), shown);
+            }
+            tracing::warn!(error, "could not export the last spans");
+        }
         Ok(Err(_)) | Err(_) => tracing::warn!("gave up exporting the last spans"),
     }
 }
@@ -125,6 +135,19 @@ pub fn shutdown() {
 }
 
 const FLUSH_WAIT: Duration = Duration::from_secs(2);
+
+/// The endpoint for a log line: without user, password or query.
+pub fn shown(endpoint: &str) -> String {
+    match url::Url::parse(endpoint) {
+        Ok(mut url) => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.set_query(None);
+            url.to_string()
+        }
+        Err(_) => "the configured endpoint".into(),
+    }
+}
 
 /// The span of one request. With traces on it is named
 /// `{method} {route template}`, of server kind, and continues the trace of
