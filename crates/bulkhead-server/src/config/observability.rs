@@ -67,7 +67,7 @@ pub(crate) fn read(
 }
 
 fn http_url(name: &'static str, text: &str) -> Result<url::Url, super::ConfigError> {
-    url::Url::parse(text)
+    let url = url::Url::parse(text)
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
         .ok_or_else(|| {
@@ -75,5 +75,14 @@ fn http_url(name: &'static str, text: &str) -> Result<url::Url, super::ConfigErr
                 name,
                 "expected an http:// or https:// URL such as http://otel-collector:4318",
             )
-        })
+        })?;
+    // The exporter's own error messages quote the URL: a credential in it
+    // would end up in the log.
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid(
+            name,
+            "must not hold credentials: put them in OTEL_EXPORTER_OTLP_HEADERS (authorization=Bearer …)",
+        ));
+    }
+    Ok(url)
 }

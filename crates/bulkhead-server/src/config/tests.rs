@@ -563,6 +563,13 @@ fn observability_settings() {
     );
     let error = load(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")]).unwrap_err();
     assert_eq!(error.variable, "OTEL_EXPORTER_OTLP_ENDPOINT");
+    let error = load(&[(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "https://user:collector-password@collector/v1/traces",
+    )])
+    .unwrap_err();
+    assert_eq!(error.variable, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+    assert!(!error.to_string().contains("collector-password"), "{error}");
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(

@@ -86,7 +86,11 @@ where
             .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
                 // Spans at info and above (requests, runs, model and tool
                 // calls), and warnings and errors as their events.
-                if metadata.is_span() {
+                // The SDK's own complaints (an export that failed) go to the
+                // log only: as span events they could feed on themselves.
+                if metadata.target().starts_with("opentelemetry") {
+                    false
+                } else if metadata.is_span() {
                     *metadata.level() <= tracing::Level::INFO
                 } else {
                     *metadata.level() <= tracing::Level::WARN
