@@ -401,3 +401,90 @@ async fn a_planners_trace_follows_its_steps_into_its_peers() {
         assert_eq!(request.parent_span_id, planner_run.span_id);
     }
 }
+
+/// A call to an OpenAI-compatible endpoint (the mock model over HTTP) is
+/// an `openai` chat with the request's parameters; a refused one carries
+/// the status as `error.type` and fails its span and the run's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_model_call_is_an_openai_chat() {
+    let (endpoint, received) = collector().await;
+    let model = bulkhead_testing::spawn_mock_model(Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, url) = serve(
+        dir.path(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("MODEL_ENDPOINT", model.as_str()),
+            ("MODEL_NAME", "gpt-4o-mini"),
+            ("TEMPERATURE", "0.5"),
+            ("MAX_TOKENS", "256"),
+            ("MODEL_MAX_RETRIES", "0"),
+        ],
+    );
+    let client = reqwest::Client::new();
+    for (message, status) in [
+        ("hello", StatusCode::OK),
+        ("fail:400", StatusCode::BAD_GATEWAY),
+    ] {
+        let response = client
+            .post(format!("{url}/agent"))
+            .json(&json!({ "message": message }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status);
+    }
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(20)).success());
+
+    let spans = received.0.lock().unwrap().clone();
+    let chats: Vec<_> = spans
+        .iter()
+        .map(|(_, s)| s)
+        .filter(|s| s.name == "chat gpt-4o-mini")
+        .collect();
+    assert_eq!(
+        chats.len(),
+        2,
+        "{:?}",
+        spans.iter().map(|(_, s)| &s.name).collect::<Vec<_>>()
+    );
+    for chat in &chats {
+        let attrs = &chat.attributes;
+        assert_eq!(
+            text(attrs, "gen_ai.provider.name").as_deref(),
+            Some("openai")
+        );
+        assert_eq!(
+            text(attrs, "gen_ai.request.model").as_deref(),
+            Some("gpt-4o-mini")
+        );
+        assert_eq!(int(attrs, "gen_ai.request.max_tokens"), Some(256));
+        assert!(matches!(
+            attribute(attrs, "gen_ai.request.temperature"),
+            Some(any_value::Value::DoubleValue(t)) if (t - 0.5).abs() < 1e-6
+        ));
+    }
+    let (ok, failed) = (chats[0], chats[1]);
+    // The mock names itself in its answers.
+    assert_eq!(
+        text(&ok.attributes, "gen_ai.response.model").as_deref(),
+        Some("bulkhead-mock")
+    );
+    assert!(text(&ok.attributes, "error.type").is_none());
+    assert_eq!(
+        text(&failed.attributes, "error.type").as_deref(),
+        Some("400")
+    );
+    // Status code 2 is ERROR in OTLP.
+    assert_eq!(failed.status.as_ref().map(|s| s.code), Some(2));
+    let failed_run = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| s.span_id == failed.parent_span_id)
+        .expect("the failed call's run");
+    assert_eq!(
+        text(&failed_run.attributes, "error.type").as_deref(),
+        Some("model_error")
+    );
+}
