@@ -2,7 +2,8 @@
 
 Called by `bench/run` (which makes the virtual environment). Measures both
 services with wrk, the servers pinned to one half of the cores and the load
-generator to the other, then Bulkhead alone on PostgreSQL, under 10,000
+generator to the other, then Bulkhead alone with its front door (keys,
+limits, metrics, traces) on and off, on PostgreSQL, under 10,000
 concurrent streaming runs, in its sandboxes and as an image. Writes
 bench/results/run-<commit>-<time>.{json,md} and PNG plots, and prints the
 Markdown table. Not part of the test suite: nothing here asserts.
@@ -49,12 +50,14 @@ TARGETS = {
     "sandbox_docker_warm_p50_ms": 60.0,
     "sandbox_docker_cold_ms": 400.0,
     "stream_rss_mb": 300.0,
+    "front_door_cost_pct": 5.0,
 }
 
 WRK_SCRIPT = """
 wrk.method = "{method}"
 wrk.body = {body}
 wrk.headers["Content-Type"] = "application/json"
+{headers}
 done = function(summary, latency, requests)
   local errors = summary.errors
   io.write(string.format(
@@ -193,10 +196,11 @@ def reference():
     return Server("fastapi", argv, env, port)
 
 
-def wrk(server, path, connections, seconds):
+def wrk(server, path, connections, seconds, headers=None):
     method, body = ("POST", '\'{"message": "hello"}\'') if path == "/agent" else ("GET", "nil")
+    extra = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in (headers or {}).items())
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(WRK_SCRIPT.format(method=method, body=body))
+        script.write(WRK_SCRIPT.format(method=method, body=body, headers=extra))
     threads = 1 if connections < 4 else min(2, os.cpu_count() or 1)
     output = subprocess.run(
         ["taskset", "-c", LOAD_CPUS, "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s",
@@ -283,6 +287,71 @@ def measure_postgres():
     finally:
         server.stop()
         subprocess.run(["psql", admin, "-qc", f"drop database if exists {url.rsplit('/', 1)[1]}"])
+
+
+class TraceSink:
+    """An OTLP/HTTP endpoint that takes span batches and drops them: what a
+    collector costs the server is the export, not the collector."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
+def measure_front_door():
+    """`/agent` with a key, limits counted, metrics and traces exported,
+    beside the same server with all of it off; alternated, best of two."""
+    sink = TraceSink()
+    data = Path(tempfile.mkdtemp(prefix="bulkhead-bench-keys-"))
+    database = f"sqlite://{data}/keys.db"
+    made = subprocess.run(
+        [str(BULKHEAD), "keys", "create", "--name", "bench", "--rpm", "100000000"],
+        env={"PATH": os.environ["PATH"], "DATABASE_URL": database, "SECRETS_DIR": str(data / "none")},
+        capture_output=True, text=True, check=True, cwd=data,
+    )
+    key = made.stdout.strip()
+    variants = {
+        "off": ({"AUTH_MODE": "none", "ENABLE_METRICS": "false"}, None),
+        "on": ({"AUTH_MODE": "keys", "ENABLE_METRICS": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": sink.url},
+               {"Authorization": f"Bearer {key}"}),
+    }
+    runs = {name: [] for name in variants}
+    try:
+        for _ in range(2):
+            for name, (extra, headers) in variants.items():
+                server = bulkhead(database_url=database if name == "on" else None, extra=extra)
+                try:
+                    server.wait_ready()
+                    log(f"bulkhead, front door {name}: /agent at {HEADLINE} connections")
+                    wrk(server, "/agent", HEADLINE, 2, headers)  # warm-up
+                    runs[name].append(wrk(server, "/agent", HEADLINE, HEADLINE_SECONDS, headers))
+                finally:
+                    server.stop()
+                    shutil.rmtree(server.data, ignore_errors=True)
+    finally:
+        sink.stop()
+        shutil.rmtree(data, ignore_errors=True)
+    best = {name: max(points, key=lambda p: p["rps"]) for name, points in runs.items()}
+    best["cost_pct"] = 100.0 * (1 - best["on"]["rps"] / max(best["off"]["rps"], 1e-9))
+    return best
 
 
 def measure_streams():
@@ -405,6 +474,13 @@ def table(results):
     if pg:
         row("`/agent` on PostgreSQL req/s, p50 / p99", f"{pg['rps']:,.0f}, {pg['p50_ms']:.2f} / {pg['p99_ms']:.2f} ms",
             "", "", "", f"{pg['errors']} errors")
+    door = results.get("front_door")
+    if door:
+        row("`/agent` with key, limits, metrics, traces: req/s, p99",
+            f"{door['on']['rps']:,.0f}, {door['on']['p99_ms']:.2f} ms",
+            "", f"off: {door['off']['rps']:,.0f}, {door['off']['p99_ms']:.2f} ms",
+            "cost < 5 %", f"cost {door['cost_pct']:.1f} % "
+            + verdict(door["cost_pct"], TARGETS["front_door_cost_pct"]))
     streams = results.get("streams")
     if streams:
         row(f"{streams['runs']:,} concurrent streaming runs (1 s model)",
@@ -489,6 +565,7 @@ def main():
     started = time.time()
     results["fastapi"] = measure_service(reference, "fastapi")
     results["bulkhead"] = measure_service(bulkhead, "bulkhead")
+    results["front_door"] = measure_front_door()
     results["postgres"] = measure_postgres()
     results["streams"] = measure_streams()
     results["sandboxes"] = measure_sandboxes()

@@ -117,12 +117,34 @@ pub struct RunHandle {
     pub outcome: oneshot::Receiver<RunOutcome>,
 }
 
-#[derive(Debug)]
 pub struct StartRun {
     pub session_id: Option<String>,
     pub message: String,
     /// Stream the model's text as it is produced (and hand out the events).
     pub stream: bool,
+    /// The caller's tenant: a new session becomes theirs, another tenant's
+    /// session answers as unknown. `None` when authentication is off.
+    pub owner: Option<String>,
+    /// Told of the model tokens the run spends; dropped when the run ends.
+    pub account: Option<Box<dyn RunAccount>>,
+}
+
+impl std::fmt::Debug for StartRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StartRun")
+            .field("session_id", &self.session_id)
+            .field("stream", &self.stream)
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whoever admitted a run (the server's per-key limits) hears what it
+/// spends through this, as it spends it. The account lives exactly as long
+/// as the run's task, so dropping it is how a run gives back what it held
+/// (its place among the caller's runs in flight), however the run ends.
+pub trait RunAccount: Send + Sync + 'static {
+    fn tokens_spent(&self, input: u64, output: u64);
 }
 
 #[derive(Debug)]
@@ -222,6 +244,8 @@ impl Engine {
         let now = now_ms();
         let mut state = RunState::new(run_id.clone(), session_id.clone(), start.stream);
         state.input = start.message;
+        state.owner = start.owner;
+        state.account = start.account;
         state.new_session = is_new_session;
         let started = state.next_event(
             "run_started",
@@ -258,6 +282,7 @@ impl Engine {
                     .store
                     .begin_run(&BeginRun {
                         session,
+                        owner: state.owner.as_deref(),
                         run_id: &state.run_id,
                         input: &state.input,
                         now,
@@ -631,6 +656,9 @@ impl Engine {
                 message: e.to_string(),
             }
         })?;
+        if let (Some(account), Some(usage)) = (&state.account, &completion.usage) {
+            account.tokens_spent(usage.prompt_tokens, usage.completion_tokens);
+        }
         if !streaming && !completion.content.is_empty() {
             state.emit(
                 "message_delta",
@@ -995,6 +1023,8 @@ struct RunState {
     input: String,
     /// The run opened its session: the conversation is its input alone.
     new_session: bool,
+    owner: Option<String>,
+    account: Option<Box<dyn RunAccount>>,
     streaming: bool,
     seq: i64,
     steps: i64,
@@ -1020,6 +1050,8 @@ impl RunState {
             session_id,
             input: String::new(),
             new_session: false,
+            owner: None,
+            account: None,
             streaming,
             seq: 0,
             steps: 0,

@@ -42,6 +42,8 @@ async fn a_run_whose_caller_hangs_up_while_it_opens_still_ends() {
             session_id: None,
             message: "first".into(),
             stream: false,
+            owner: None,
+            account: None,
         })
         .await
         .unwrap();
@@ -53,6 +55,8 @@ async fn a_run_whose_caller_hangs_up_while_it_opens_still_ends() {
             session_id: Some(session_id.clone()),
             message: format!("abandoned {i}"),
             stream: false,
+            owner: None,
+            account: None,
         });
         // One poll: the opening is handed to the store, then the caller goes.
         let _ = tokio::time::timeout(Duration::ZERO, start).await;

@@ -62,7 +62,28 @@ async fn the_compose_stack_runs_keeps_its_data_and_survives_a_database_outage() 
     compose.run(&["up", "-d", "--no-build"]);
     compose.wait_healthy(SERVICES, Duration::from_secs(90));
 
-    let client = reqwest::Client::new();
+    // Production mode: every route but the probes needs a key, made in
+    // the container as the README shows.
+    let key = compose.run(&[
+        "exec",
+        "-T",
+        "bulkhead",
+        "/bulkhead",
+        "keys",
+        "create",
+        "--name",
+        "compose-test",
+    ]);
+    assert!(key.starts_with("bk_"), "{key}");
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
+    let client = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let ready = wait_for_status(
         &client,

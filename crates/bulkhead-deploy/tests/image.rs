@@ -123,7 +123,33 @@ async fn the_image_is_small_non_root_healthy_and_stops_cleanly() {
 
     let port = docker(&["port", &server, "8000"]);
     let address = port.lines().next().unwrap().to_string();
-    let client = reqwest::Client::new();
+    // The image runs in production: a key, made in the container.
+    let key = docker(&[
+        "exec",
+        &server,
+        "/bulkhead",
+        "keys",
+        "create",
+        "--name",
+        "image-test",
+    ]);
+    assert!(key.starts_with("bk_"), "{key}");
+    let refused = reqwest::Client::new()
+        .post(format!("http://{address}/agent"))
+        .json(&json!({"message": "no key"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
+    let client = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap();
     let body: Value = client
         .post(format!("http://{address}/agent"))
         .json(&json!({"message": "from the image"}))

@@ -186,8 +186,13 @@ async fn the_readme_deploy_commands_bring_the_stacks_up_from_a_fresh_clone() {
     );
 
     let commands = readme_commands("### Compose: Bulkhead, PostgreSQL and sandboxd");
-    assert_eq!(commands.len(), 3, "{commands:?}");
+    assert_eq!(commands.len(), 5, "{commands:?}");
     let (setup, up, ready) = (&commands[0], &commands[1], &commands[2]);
+    let (make_key, ask) = (&commands[3], &commands[4]);
+    assert!(
+        make_key.starts_with("KEY=$(docker-compose exec -T bulkhead"),
+        "{make_key}"
+    );
     assert_eq!(setup, "deploy/compose/setup");
     assert!(ready.starts_with("curl -s localhost:8000/ready"), "{ready}");
 
@@ -264,8 +269,26 @@ async fn the_readme_deploy_commands_bring_the_stacks_up_from_a_fresh_clone() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // The README's two lines: a key made in the container, then /agent
+    // with it (one shell, as a user types them).
+    let said = newcomer.run(&format!("{make_key}\n{ask}\necho \"key:$KEY\""));
+    assert!(said.contains("echo: hello"), "{said}");
+    let key = said
+        .lines()
+        .find_map(|line| line.strip_prefix("key:"))
+        .unwrap()
+        .to_string();
+    assert!(key.starts_with("bk_"), "{said}");
+    let anonymous = reqwest::Client::new()
+        .post(format!("{base}/agent"))
+        .json(&serde_json::json!({"message": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401, "the stack requires keys");
     let answer: serde_json::Value = reqwest::Client::new()
         .post(format!("{base}/agent"))
+        .bearer_auth(&key)
         .json(&serde_json::json!({"message": "tool:shell {\"command\": \"id -u\"}"}))
         .send()
         .await

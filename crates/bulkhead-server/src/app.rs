@@ -31,6 +31,8 @@ impl std::ops::Deref for AppState {
 pub struct App {
     pub config: Config,
     pub engine: Arc<Engine>,
+    /// Keys, ownership and limits: see `door`.
+    pub door: crate::door::Door,
     model_probe: Mutex<Option<(Instant, Result<(), String>)>>,
     /// Checked by `/ready` when `REDIS_URL` is set.
     redis: Option<redis::Client>,
@@ -130,9 +132,9 @@ impl App {
             None => None,
             Some(url) => {
                 tracing::info!(
-                    "REDIS_URL is set: /ready checks it; coordination itself stays in the database in this version"
+                    "REDIS_URL is set: per-key limits are counted there, shared by every replica, and /ready checks it"
                 );
-                // Parsing only; nothing connects until /ready asks.
+                // Parsing only; nothing connects until a limit or /ready asks.
                 Some(
                     redis::Client::open(url.expose_secret())
                         .map_err(|_| anyhow::anyhow!("REDIS_URL: not a valid Redis URL"))?,
@@ -198,9 +200,17 @@ impl App {
             .metrics_token
             .as_ref()
             .map(crate::observability::metrics::token_digest);
+        announce_auth(&config);
+        let door = crate::door::Door::new(
+            config.auth_mode,
+            engine.store().clone(),
+            redis.clone(),
+            config.admin_token.as_ref(),
+        );
         Ok(App {
             config,
             engine: Arc::new(engine),
+            door,
             model_probe: Mutex::new(None),
             redis,
             _locks: locks,
@@ -265,6 +275,32 @@ impl App {
         });
         *cached = Some((Instant::now(), result.clone()));
         result
+    }
+}
+
+/// Says at start who may call this server, loudly when the answer is
+/// "anyone who can reach it".
+fn announce_auth(config: &Config) {
+    use crate::door::AuthMode;
+    match config.auth_mode {
+        AuthMode::Keys => tracing::info!(
+            admin_api = if config.admin_token.is_some() {
+                "on"
+            } else {
+                "off"
+            },
+            "authentication: API keys required (create one with `bulkhead keys create --name NAME`)"
+        ),
+        AuthMode::None if config.loopback_by_default => tracing::warn!(
+            "AUTHENTICATION IS OFF (AUTH_MODE=none): anyone who reaches this server can use it. \
+             It listens on 127.0.0.1 only; set HOST=0.0.0.0 to accept connections from the network, \
+             or AUTH_MODE=keys to require API keys"
+        ),
+        AuthMode::None => tracing::warn!(
+            host = %config.host,
+            "AUTHENTICATION IS OFF (AUTH_MODE=none) and HOST is set: anyone who reaches this address \
+             can run tools and spend the model key. Set AUTH_MODE=keys to require API keys"
+        ),
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod app;
 pub mod config;
 mod data_lock;
+pub mod door;
 pub mod error;
 mod extract;
 pub mod observability;
@@ -11,4 +12,6 @@ mod routes;
 pub mod sandbox;
 
 pub use app::{App, AppState, Server, shutdown_signal, termination_signal};
+pub use bulkhead_agent::now_ms;
 pub use config::{Config, ConfigError, Environment};
+pub use routes::timestamp;

@@ -537,7 +537,12 @@ async fn a_remote_model_is_called_over_http(kind: DbKind) {
     let endpoint = spawn_mock_model(Duration::ZERO).await;
     let app = spawn_app(
         kind,
-        &[("MODEL_ENDPOINT", &endpoint), ("AGENT_MODE", "production")],
+        &[
+            ("MODEL_ENDPOINT", &endpoint),
+            ("AGENT_MODE", "production"),
+            // What this test is about is the model; keys have their own.
+            ("AUTH_MODE", "none"),
+        ],
     )
     .await;
     let (_, ready) = app.get("/ready").await;
@@ -1049,6 +1054,7 @@ async fn a_stored_call_without_its_result_does_not_poison_the_session(kind: DbKi
     store
         .begin_run(&BeginRun {
             session: SessionRef::Existing(session),
+            owner: None,
             run_id: run,
             input: "tool:shell {}",
             now,

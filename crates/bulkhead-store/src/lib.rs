@@ -25,6 +25,7 @@ use sqlx::sqlite::{
 mod model;
 mod sqlite_writer;
 mod sqlite_writes;
+pub use keys::{ApiKey, RevokeOutcome};
 pub use model::*;
 
 use sqlite_writer::Writer;
@@ -163,6 +164,9 @@ macro_rules! with_reader {
         }
     };
 }
+
+// After the macros above, which it uses.
+mod keys;
 
 /// SQLite caps bound parameters per statement; stay well under it.
 const ROWS_PER_INSERT: usize = 500;
@@ -363,8 +367,8 @@ impl Store {
             let event = &begin.first_event;
             sqlx::query(
                 "WITH session AS (\
-                   INSERT INTO sessions (id, created_at, updated_at, active_run_id, locked_at) \
-                   VALUES ($1, $2, $2, $3, $2)), \
+                   INSERT INTO sessions (id, created_at, updated_at, active_run_id, locked_at, owner) \
+                   VALUES ($1, $2, $2, $3, $2, $9)), \
                  run AS (\
                    INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at) \
                    VALUES ($3, $1, 'running', $4, 0, 0, $2)), \
@@ -382,6 +386,7 @@ impl Store {
             .bind(event.kind)
             .bind(&event.data)
             .bind(event.created_at)
+            .bind(begin.owner)
             .execute(pool)
             .await
             .map_err(StoreError::from)?;
@@ -392,12 +397,13 @@ impl Store {
             let (session_id, created) = match begin.session {
                 SessionRef::New(id) => {
                     sqlx::query(
-                        "INSERT INTO sessions (id, created_at, updated_at, active_run_id, locked_at) \
-                         VALUES ($1, $2, $2, $3, $2)",
+                        "INSERT INTO sessions (id, created_at, updated_at, active_run_id, locked_at, owner) \
+                         VALUES ($1, $2, $2, $3, $2, $4)",
                     )
                     .bind(id)
                     .bind(begin.now)
                     .bind(begin.run_id)
+                    .bind(begin.owner)
                     .execute(&mut *tx)
                     .await
                     .map_err(StoreError::from)?;
@@ -406,26 +412,32 @@ impl Store {
                 SessionRef::Existing(id) => {
                     let locked = sqlx::query(
                         "UPDATE sessions SET active_run_id = $1, locked_at = $2, updated_at = $2 \
-                         WHERE id = $3 AND (active_run_id IS NULL OR locked_at < $4)",
+                         WHERE id = $3 AND (active_run_id IS NULL OR locked_at < $4) \
+                         AND ($5::text IS NULL OR owner = $5)",
                     )
                     .bind(begin.run_id)
                     .bind(begin.now)
                     .bind(id)
                     .bind(begin.lock_stale_before)
+                    .bind(begin.owner)
                     .execute(&mut *tx)
                     .await
                     .map_err(StoreError::from)?
                     .rows_affected();
                     if locked == 0 {
-                        let holder: Option<(Option<String>,)> =
-                            sqlx::query_as("SELECT active_run_id FROM sessions WHERE id = $1")
-                                .bind(id)
-                                .fetch_optional(&mut *tx)
-                                .await
-                                .map_err(StoreError::from)?;
+                        let holder: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+                            "SELECT active_run_id, owner FROM sessions WHERE id = $1",
+                        )
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(StoreError::from)?;
                         return Err(match holder {
                             None => BeginRunError::SessionNotFound,
-                            Some((active_run_id,)) => BeginRunError::SessionBusy {
+                            Some((_, owner)) if !reaches(begin.owner, owner.as_deref()) => {
+                                BeginRunError::SessionNotFound
+                            }
+                            Some((active_run_id, _)) => BeginRunError::SessionBusy {
                                 active_run_id: active_run_id.unwrap_or_default(),
                             },
                         });
@@ -646,7 +658,7 @@ impl Store {
     pub async fn session(&self, id: &str) -> Result<Option<Session>, StoreError> {
         with_reader!(self, |pool| {
             Ok(sqlx::query_as::<_, Session>(
-                "SELECT id, created_at, updated_at, active_run_id FROM sessions WHERE id = $1",
+                "SELECT id, created_at, updated_at, active_run_id, owner FROM sessions WHERE id = $1",
             )
             .bind(id)
             .fetch_optional(pool)
@@ -732,6 +744,15 @@ impl Store {
             tx.commit().await?;
             Ok(outcome)
         })
+    }
+}
+
+/// Whether a caller of tenant `caller` (`None`: authentication off) may
+/// reach a session owned by `owner`.
+pub fn reaches(caller: Option<&str>, owner: Option<&str>) -> bool {
+    match caller {
+        None => true,
+        Some(tenant) => owner == Some(tenant),
     }
 }
 
@@ -879,6 +900,7 @@ mod tests {
         store
             .begin_run(&BeginRun {
                 session: SessionRef::New("s1"),
+                owner: None,
                 run_id: "r1",
                 input: "hello",
                 now: 1,
@@ -936,7 +958,7 @@ mod tests {
         let store = Store::connect(&url, &StoreOptions::default())
             .await
             .unwrap();
-        assert_eq!(store.migrate().await.unwrap(), 4);
+        assert_eq!(store.migrate().await.unwrap(), 5);
         let run = store.run("r1").await.unwrap().unwrap();
         // A call recorded before egress refusals were kept has none.
         let calls = store.tool_executions("s1").await.unwrap();

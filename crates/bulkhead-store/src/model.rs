@@ -11,6 +11,9 @@ pub struct Session {
     pub created_at: i64,
     pub updated_at: i64,
     pub active_run_id: Option<String>,
+    /// The tenant the session belongs to; `None` when it was made with
+    /// authentication off.
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -100,6 +103,10 @@ pub enum SessionRef<'a> {
 #[derive(Debug)]
 pub struct BeginRun<'a> {
     pub session: SessionRef<'a>,
+    /// The caller's tenant: a new session is made theirs, and an existing
+    /// one of another tenant is refused as if it did not exist. `None`
+    /// (authentication off) makes unowned sessions and reaches any.
+    pub owner: Option<&'a str>,
     pub run_id: &'a str,
     pub input: &'a str,
     pub now: i64,

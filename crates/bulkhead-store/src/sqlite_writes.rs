@@ -12,6 +12,7 @@ use crate::{
 pub(crate) struct OwnedBeginRun {
     pub new_session: bool,
     pub session_id: String,
+    pub owner: Option<String>,
     pub run_id: String,
     pub input: String,
     pub now: i64,
@@ -28,6 +29,7 @@ impl OwnedBeginRun {
         OwnedBeginRun {
             new_session,
             session_id: session_id.to_owned(),
+            owner: begin.owner.map(str::to_owned),
             run_id: begin.run_id.to_owned(),
             input: begin.input.to_owned(),
             now: begin.now,
@@ -100,30 +102,35 @@ pub(crate) fn begin_run(
     let session_id = begin.session_id.as_str();
     if begin.new_session {
         c.prepare_cached(
-            "INSERT INTO sessions (id, created_at, updated_at, active_run_id, locked_at) \
-             VALUES (?1, ?2, ?2, ?3, ?2)",
+            "INSERT INTO sessions (id, created_at, updated_at, active_run_id, locked_at, owner) \
+             VALUES (?1, ?2, ?2, ?3, ?2, ?4)",
         )?
-        .execute(params![session_id, begin.now, begin.run_id])?;
+        .execute(params![session_id, begin.now, begin.run_id, begin.owner])?;
     } else {
         let locked = c
             .prepare_cached(
                 "UPDATE sessions SET active_run_id = ?1, locked_at = ?2, updated_at = ?2 \
-                 WHERE id = ?3 AND (active_run_id IS NULL OR locked_at < ?4)",
+                 WHERE id = ?3 AND (active_run_id IS NULL OR locked_at < ?4) \
+                 AND (?5 IS NULL OR owner = ?5)",
             )?
             .execute(params![
                 begin.run_id,
                 begin.now,
                 session_id,
-                begin.lock_stale_before
+                begin.lock_stale_before,
+                begin.owner
             ])?;
         if locked == 0 {
-            let holder: Option<Option<String>> = c
-                .prepare_cached("SELECT active_run_id FROM sessions WHERE id = ?1")?
-                .query_row(params![session_id], |row| row.get(0))
+            let holder: Option<(Option<String>, Option<String>)> = c
+                .prepare_cached("SELECT active_run_id, owner FROM sessions WHERE id = ?1")?
+                .query_row(params![session_id], |row| Ok((row.get(0)?, row.get(1)?)))
                 .optional()?;
             return Ok(Err(match holder {
                 None => BeginRunError::SessionNotFound,
-                Some(active_run_id) => BeginRunError::SessionBusy {
+                Some((_, owner)) if !crate::reaches(begin.owner.as_deref(), owner.as_deref()) => {
+                    BeginRunError::SessionNotFound
+                }
+                Some((active_run_id, _)) => BeginRunError::SessionBusy {
                     active_run_id: active_run_id.unwrap_or_default(),
                 },
             }));

@@ -1,8 +1,9 @@
 //! The store against real SQLite and real PostgreSQL.
 
 use bulkhead_store::{
-    BeginRun, BeginRunError, DeleteOutcome, FinishRun, NewEvent, NewMessage, NewToolExecution,
-    RunProgress, RunStatus, SessionRef, Store, StoreOptions, ToolExecutionEnd,
+    ApiKey, BeginRun, BeginRunError, DeleteOutcome, FinishRun, NewEvent, NewMessage,
+    NewToolExecution, RevokeOutcome, RunProgress, RunStatus, SessionRef, Store, StoreOptions,
+    ToolExecutionEnd,
 };
 use bulkhead_testing::{DbKind, TestDb, on_both_databases};
 
@@ -31,6 +32,7 @@ fn begin<'a>(
 ) -> BeginRun<'a> {
     BeginRun {
         session,
+        owner: None,
         run_id,
         input: "hello",
         now,
@@ -103,7 +105,7 @@ async fn finish(store: &Store, session_id: &str, run_id: &str, now: i64) {
 async fn migrations_apply_once_and_are_idempotent(kind: DbKind) {
     let db = TestDb::new(kind).await;
     let store = open(&db).await;
-    assert_eq!(store.migrate().await.unwrap(), 4);
+    assert_eq!(store.migrate().await.unwrap(), 5);
     store.ping().await.unwrap();
     if kind == DbKind::Sqlite {
         assert!(
@@ -111,6 +113,110 @@ async fn migrations_apply_once_and_are_idempotent(kind: DbKind) {
             "the SQLite file is created"
         );
     }
+}
+
+async fn keys_are_kept_revoked_and_touched(kind: DbKind) {
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    let key = ApiKey {
+        id: "0123456789abcdef".into(),
+        name: "ci".into(),
+        tenant: "team-a".into(),
+        digest: "d".repeat(64),
+        created_at: 1_000,
+        last_used_at: None,
+        revoked_at: None,
+        requests_per_minute: Some(60),
+        max_concurrent_runs: None,
+        tokens_per_day: Some(1_000_000),
+    };
+    store.insert_api_key(&key).await.unwrap();
+    assert!(store.insert_api_key(&key).await.is_err(), "ids are unique");
+    assert_eq!(store.api_key(&key.id).await.unwrap().as_ref(), Some(&key));
+    assert_eq!(store.api_keys().await.unwrap(), vec![key.clone()]);
+    assert_eq!(store.api_key("ffffffffffffffff").await.unwrap(), None);
+
+    store.touch_api_key(&key.id, 2_000).await.unwrap();
+    assert_eq!(
+        store.api_key(&key.id).await.unwrap().unwrap().last_used_at,
+        Some(2_000)
+    );
+    assert_eq!(
+        store.revoke_api_key(&key.id, 3_000).await.unwrap(),
+        RevokeOutcome::Revoked
+    );
+    assert_eq!(
+        store.revoke_api_key(&key.id, 4_000).await.unwrap(),
+        RevokeOutcome::AlreadyRevoked
+    );
+    assert_eq!(
+        store.api_key(&key.id).await.unwrap().unwrap().revoked_at,
+        Some(3_000),
+        "the first revocation's time is kept"
+    );
+    assert_eq!(
+        store.revoke_api_key("nope", 5_000).await.unwrap(),
+        RevokeOutcome::NotFound
+    );
+}
+
+async fn a_session_is_reached_only_by_its_tenant(kind: DbKind) {
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    let owned = |session, run, owner| BeginRun {
+        owner,
+        ..begin(session, run, 1_000, 0)
+    };
+    store
+        .begin_run(&owned(SessionRef::New("s1"), "r1", Some("team-a")))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.session("s1").await.unwrap().unwrap().owner.as_deref(),
+        Some("team-a")
+    );
+    finish(&store, "s1", "r1", 1_100).await;
+    // Another tenant is told the session does not exist, even while it is
+    // idle, and nothing is written for it.
+    let foreign = store
+        .begin_run(&owned(SessionRef::Existing("s1"), "r2", Some("team-b")))
+        .await;
+    assert!(
+        matches!(foreign, Err(BeginRunError::SessionNotFound)),
+        "{foreign:?}"
+    );
+    assert!(store.run("r2").await.unwrap().is_none());
+    assert_eq!(
+        store.session("s1").await.unwrap().unwrap().active_run_id,
+        None
+    );
+    store
+        .begin_run(&owned(SessionRef::Existing("s1"), "r3", Some("team-a")))
+        .await
+        .unwrap();
+    // While busy, too: a foreign caller learns nothing of the run.
+    let foreign = store
+        .begin_run(&owned(SessionRef::Existing("s1"), "r4", Some("team-b")))
+        .await;
+    assert!(
+        matches!(foreign, Err(BeginRunError::SessionNotFound)),
+        "{foreign:?}"
+    );
+    finish(&store, "s1", "r3", 1_200).await;
+    // With authentication off, any session is reachable; the one it makes
+    // has no owner, so no key reaches it.
+    store
+        .begin_run(&owned(SessionRef::Existing("s1"), "r5", None))
+        .await
+        .unwrap();
+    store
+        .begin_run(&owned(SessionRef::New("s2"), "r6", None))
+        .await
+        .unwrap();
+    assert_eq!(store.session("s2").await.unwrap().unwrap().owner, None);
+    assert!(bulkhead_store::reaches(None, Some("team-a")));
+    assert!(!bulkhead_store::reaches(Some("team-a"), None));
+    assert!(!bulkhead_store::reaches(Some("team-a"), Some("team-b")));
 }
 
 async fn a_session_holds_one_run_at_a_time(kind: DbKind) {
@@ -346,6 +452,8 @@ async fn writes_made_together_succeed_or_fail_alone(kind: DbKind) {
 
 on_both_databases!(
     migrations_apply_once_and_are_idempotent,
+    keys_are_kept_revoked_and_touched,
+    a_session_is_reached_only_by_its_tenant,
     a_session_holds_one_run_at_a_time,
     unknown_sessions_are_reported,
     an_abandoned_lock_is_taken_over,

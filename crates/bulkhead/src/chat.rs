@@ -24,7 +24,11 @@ const HELP: &str = "Type a message and press Enter. Commands: /new (new session)
 /// How long the server has to answer `/health` before chat gives up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub async fn run(url: Option<String>, session: Option<String>) -> ExitCode {
+pub async fn run(
+    url: Option<String>,
+    session: Option<String>,
+    api_key: Option<String>,
+) -> ExitCode {
     let base = url.unwrap_or_else(|| {
         let port = std::env::var("PORT").ok().filter(|p| !p.trim().is_empty());
         format!(
@@ -33,8 +37,18 @@ pub async fn run(url: Option<String>, session: Option<String>) -> ExitCode {
         )
     });
     let base = base.trim_end_matches('/').to_string();
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = api_key.as_deref().map(str::trim).filter(|k| !k.is_empty()) {
+        let Ok(mut value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")) else {
+            eprintln!("bulkhead chat: the API key holds characters no HTTP header can carry");
+            return ExitCode::from(2);
+        };
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     let client = match reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
+        .default_headers(headers)
         .build()
     {
         Ok(client) => client,
@@ -140,6 +154,26 @@ async fn check_server(client: &reqwest::Client, base: &str) -> Result<(), String
         return Err(unreachable(format!(
             "GET /health answered {status}, not a Bulkhead server's {{\"status\": \"healthy\"}}"
         )));
+    }
+    // A route behind the door, with an id nobody has: 404 means the key
+    // (or the lack of one) is accepted, 401 that the first message would
+    // be refused.
+    let probe = client
+        .get(format!("{base}/runs/00000000-0000-0000-0000-000000000000"))
+        .timeout(CONNECT_TIMEOUT)
+        .send()
+        .await
+        .map_err(|e| unreachable(describe(&e)))?;
+    if probe.status() == reqwest::StatusCode::UNAUTHORIZED {
+        let body: Value = probe.json().await.unwrap_or(Value::Null);
+        let reason = body
+            .pointer("/error/message")
+            .and_then(Value::as_str)
+            .unwrap_or("no details");
+        return Err(format!(
+            "the server at {base} refused the API key ({reason}); give one with --api-key or BULKHEAD_API_KEY \
+             (an operator makes keys with `bulkhead keys create --name NAME`)"
+        ));
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! library crates; this is the only place that turns errors into exit codes.
 
 mod chat;
+mod keys;
 mod logging;
 mod sandbox;
 
@@ -67,6 +68,11 @@ enum Command {
     },
     /// Apply the database migrations, then exit.
     Migrate,
+    /// Make, list and revoke API keys (in the database DATABASE_URL names).
+    Keys {
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+    },
     /// Print the effective configuration, secrets redacted; fail on any invalid value.
     Config {
         /// Print one JSON object instead of a table.
@@ -89,6 +95,10 @@ enum Command {
         /// Continue this session instead of starting a new one.
         #[arg(long)]
         session: Option<String>,
+        /// The API key to send (`Authorization: Bearer`), when the server
+        /// requires one.
+        #[arg(long, env = "BULKHEAD_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
     },
 }
 
@@ -122,10 +132,21 @@ fn main() -> ExitCode {
             timeout_ms,
         } => runtime(false).block_on(healthcheck(port, url, Duration::from_millis(timeout_ms))),
         Command::Migrate => migrate(),
+        Command::Keys { command } => {
+            let config = match load_config() {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            runtime(false).block_on(keys::run(command, &config))
+        }
         Command::Config { json } => print_config(json),
-        Command::Chat { url, session } => {
+        Command::Chat {
+            url,
+            session,
+            api_key,
+        } => {
             let runtime = runtime(false);
-            let code = runtime.block_on(chat::run(url, session));
+            let code = runtime.block_on(chat::run(url, session, api_key));
             // A read of stdin still pending (chat quit on Ctrl-C at the
             // prompt) holds a blocking thread until a line comes: not waited for.
             runtime.shutdown_background();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
-use support::{bulkhead, get_json, serve};
+use support::{bulkhead, create_key, get_json, serve};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_streams_replies_and_keeps_the_session() {
@@ -55,6 +55,51 @@ async fn chat_streams_replies_and_keeps_the_session() {
         ["hello chat", "tool:current_time"],
         "both lines went to one session"
     );
+}
+
+/// Against a server that requires keys, chat says at once when it has
+/// none (or a bad one), and works with one from `BULKHEAD_API_KEY` or
+/// `--api-key`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_sends_its_api_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("AUTH_MODE", "keys")];
+    let key = create_key(dir.path(), &env, &["--name", "chat"]);
+    let (_server, url) = serve(dir.path(), &env);
+    let run = |extra: &[&str], env_key: Option<&str>| {
+        let mut command = bulkhead(dir.path());
+        command.args(["chat", "--url", &url]).args(extra);
+        if let Some(key) = env_key {
+            command.env("BULKHEAD_API_KEY", key);
+        }
+        let mut chat = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        chat.stdin
+            .take()
+            .unwrap()
+            .write_all(b"hello with a key\n/quit\n")
+            .unwrap();
+        chat.wait_with_output().unwrap()
+    };
+    let refused = run(&[], None);
+    assert_eq!(refused.status.code(), Some(1));
+    let said = String::from_utf8(refused.stderr).unwrap();
+    assert!(
+        said.contains("refused the API key") && said.contains("--api-key"),
+        "{said}"
+    );
+    let wrong = run(&["--api-key", "bk_nope"], None);
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(!String::from_utf8(wrong.stderr).unwrap().contains("bk_nope"));
+    for output in [run(&[], Some(&key)), run(&["--api-key", &key], None)] {
+        assert!(output.status.success());
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        assert!(stdout.contains("agent> echo: hello with a key"), "{stdout}");
+    }
 }
 
 /// The session id `bulkhead chat` showed, as `(session <id>)`.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bulkhead_testing::{DbKind, TestDb, on_both_databases, spawn_mock_model};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
-use support::{Process, bulkhead, get_json, serve};
+use support::{Process, bulkhead, client_with_key, create_key, get_json, serve};
 
 #[test]
 fn every_subcommand_has_help() {
@@ -502,6 +502,7 @@ on_both_databases!(
 );
 
 const CANARY: &str = "sk-canary-7f3a9c2e5b1d4086a2c4e6f8";
+const ADMIN_CANARY: &str = "admin-canary-0b9d8e7f6a5c4b3a2918";
 
 /// An upstream that checks the key, and quotes it back in its 401 like
 /// OpenAI does, to prove Bulkhead never passes upstream text on verbatim.
@@ -537,9 +538,23 @@ async fn spawn_key_checking_upstream() -> (String, Arc<Mutex<Vec<String>>>) {
     (format!("http://{address}/v1"), seen)
 }
 
-async fn exercise_and_collect(url: &str) -> String {
-    let client = reqwest::Client::new();
+async fn exercise_and_collect(url: &str, key: &str) -> String {
+    let client = client_with_key(key);
     let mut seen = String::new();
+    // A key that is wrong by one character is refused without being
+    // quoted back.
+    let mut wrong = key.to_string();
+    wrong.pop();
+    wrong.push(if key.ends_with('0') { '1' } else { '0' });
+    let refused = reqwest::Client::new()
+        .post(format!("{url}/agent"))
+        .header("x-api-key", &wrong)
+        .json(&json!({"message": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    seen.push_str(&refused.text().await.unwrap());
     let ok = client
         .post(format!("{url}/agent"))
         .json(&json!({"message": "hello"}))
@@ -637,8 +652,10 @@ async fn the_api_key_appears_in_no_log_error_or_response() {
             ("MODEL_MAX_RETRIES", "0"),
         ];
         env.extend(variant.iter().copied());
+        env.push(("ADMIN_TOKEN", ADMIN_CANARY));
+        let bulkhead_key = create_key(dir.path(), &env, &["--name", "leak-test"]);
         let (mut server, url) = serve(dir.path(), &env);
-        let responses = exercise_and_collect(&url).await;
+        let responses = exercise_and_collect(&url, &bulkhead_key).await;
         let mut config = bulkhead(dir.path());
         config.arg("config");
         for (key, value) in &env {
@@ -662,6 +679,15 @@ async fn the_api_key_appears_in_no_log_error_or_response() {
             assert!(
                 !text.contains(&CANARY[3..15]),
                 "part of the key leaked into the {what}: {text}"
+            );
+            let secret_part = bulkhead_key.rsplit('_').next().unwrap();
+            assert!(
+                !text.contains(secret_part) && !text.contains(&secret_part[..12]),
+                "the Bulkhead API key leaked into the {what}: {text}"
+            );
+            assert!(
+                !text.contains(ADMIN_CANARY),
+                "the admin token leaked into the {what}: {text}"
             );
         }
     }

@@ -339,3 +339,64 @@ fn closed_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Started with no authentication and no `HOST`, the server listens on
+/// loopback only and says so loudly, with how to change it; production
+/// without `AUTH_MODE` requires keys.
+#[test]
+fn an_unauthenticated_server_listens_on_loopback_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let listening = |env: &[(&str, &str)]| {
+        let mut command = bulkhead(dir.path());
+        command
+            .arg("serve")
+            .env("PORT", "0")
+            .env("LOG_FORMAT", "json");
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut server = Process::spawn(command);
+        let address = server.wait_for("the listening line", |line| {
+            let event: Value = serde_json::from_str(line).ok()?;
+            (event["message"] == "listening")
+                .then(|| event["address"].as_str().unwrap().to_string())
+        });
+        server.signal(Signal::SIGTERM);
+        assert!(server.wait_exit(Duration::from_secs(10)).success());
+        let events: Vec<Value> = server
+            .stdout
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (address, events)
+    };
+    let said = |events: &[Value], level: &str, needle: &str| {
+        events
+            .iter()
+            .any(|e| e["level"] == level && e["message"].as_str().unwrap_or("").contains(needle))
+    };
+
+    let (address, events) = listening(&[]);
+    assert!(address.starts_with("127.0.0.1:"), "{address}");
+    assert!(
+        said(&events, "WARN", "AUTHENTICATION IS OFF") && said(&events, "WARN", "HOST=0.0.0.0"),
+        "{events:?}"
+    );
+
+    let (address, events) = listening(&[("HOST", "0.0.0.0")]);
+    assert!(
+        address.starts_with("0.0.0.0:"),
+        "an explicit HOST is obeyed: {address}"
+    );
+    assert!(said(&events, "WARN", "AUTHENTICATION IS OFF"), "{events:?}");
+
+    let (address, events) = listening(&[
+        ("AGENT_MODE", "production"),
+        ("MODEL_ENDPOINT", "http://127.0.0.1:9/v1"),
+    ]);
+    assert!(address.starts_with("0.0.0.0:"), "{address}");
+    assert!(said(&events, "INFO", "API keys required"), "{events:?}");
+    assert!(!said(&events, "WARN", "AUTHENTICATION IS OFF"));
+}

@@ -92,6 +92,8 @@ impl Config {
             "MODEL_TIMEOUT_SECONDS" => seconds(self.model.timeout),
             "MODEL_MAX_RETRIES" => json!(self.model.max_retries),
             "SYSTEM_PROMPT" => optional(self.system_prompt.as_ref()),
+            "AUTH_MODE" => json!(self.auth_mode.as_str()),
+            "ADMIN_TOKEN" => secret(&self.admin_token),
             "HOST" => json!(self.host.to_string()),
             "PORT" => json!(self.port),
             "DATABASE_URL" => json!(redact_url_password(self.database_url.expose_secret())),

@@ -34,6 +34,11 @@ use reader::{Reader, invalid, literal_default};
 /// is set: Docker and Kubernetes mount secrets here.
 pub const DEFAULT_SECRETS_DIR: &str = "/run/secrets";
 
+/// Shorter admin tokens are refused at start.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 24;
+
+pub use crate::door::AuthMode;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AgentMode {
     Development,
@@ -72,6 +77,12 @@ pub struct ModelConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub mode: AgentMode,
+    pub auth_mode: AuthMode,
+    /// Opens `/admin/keys`.
+    pub admin_token: Option<SecretString>,
+    /// `HOST` was unset and authentication is off, so the server listens
+    /// on loopback only (start-up says so, and how to change it).
+    pub loopback_by_default: bool,
     pub host: IpAddr,
     pub port: u16,
     pub database_url: SecretString,
@@ -250,7 +261,51 @@ impl Config {
                 ));
             }
         };
-        let (host, port) = read_listen(&mut r, "HOST", "PORT")?;
+        let auth_mode = match r
+            .raw("AUTH_MODE")
+            .map(|m| m.to_ascii_lowercase())
+            .as_deref()
+        {
+            None => match mode {
+                AgentMode::Production => AuthMode::Keys,
+                AgentMode::Development => AuthMode::None,
+            },
+            Some("keys") => AuthMode::Keys,
+            Some("none") => AuthMode::None,
+            Some(other) => {
+                return Err(invalid(
+                    "AUTH_MODE",
+                    format!("expected keys or none, got {other:?}"),
+                ));
+            }
+        };
+        let admin_token = r.secret("ADMIN_TOKEN", "ADMIN_TOKEN_FILE")?;
+        if let Some(token) = &admin_token {
+            reader::refuse_placeholder("ADMIN_TOKEN", Some(token))?;
+            if token.expose_secret().len() < MIN_ADMIN_TOKEN_LEN {
+                return Err(invalid(
+                    "ADMIN_TOKEN",
+                    format!(
+                        "must be at least {MIN_ADMIN_TOKEN_LEN} characters (try `openssl rand -hex 32`)"
+                    ),
+                ));
+            }
+        }
+        // An unauthenticated server is reachable from the network only when
+        // HOST says so.
+        let explicit_host = r.raw("HOST");
+        let loopback_by_default = auth_mode == AuthMode::None && explicit_host.is_none();
+        let host = match explicit_host {
+            None if loopback_by_default => IpAddr::from([127, 0, 0, 1]),
+            None => IpAddr::from([0, 0, 0, 0]),
+            Some(text) => text.parse().map_err(|_| {
+                invalid(
+                    "HOST",
+                    format!("expected an IP address such as 0.0.0.0 or 127.0.0.1, got {text:?}"),
+                )
+            })?,
+        };
+        let port = r.parse("PORT", "a port number (0-65535)", |_| true)?;
         let sandboxd_listen = read_listen(&mut r, "SANDBOXD_HOST", "SANDBOXD_PORT")?;
 
         let database_url = r
@@ -405,6 +460,9 @@ impl Config {
         let observability = observability::read(&mut r, mode)?;
         let config = Config {
             mode,
+            auth_mode,
+            admin_token,
+            loopback_by_default,
             host,
             port,
             database_url,

@@ -15,7 +15,11 @@ fn defaults_match_the_tutorials() {
     let config = load(&[]).unwrap();
     assert_eq!(config.mode, AgentMode::Development);
     assert_eq!(config.port, 8000);
-    assert_eq!(config.host.to_string(), "0.0.0.0");
+    // Development has no authentication by default, so it listens on
+    // loopback until HOST says otherwise.
+    assert_eq!(config.auth_mode, AuthMode::None);
+    assert_eq!(config.host.to_string(), "127.0.0.1");
+    assert!(config.loopback_by_default);
     assert_eq!(config.model.name, "gpt-4o-mini");
     assert_eq!(config.model.temperature, 0.7);
     assert_eq!(config.model.max_tokens, 4096);
@@ -30,6 +34,71 @@ fn defaults_match_the_tutorials() {
     );
     assert_eq!(config.sandbox.backend, SandboxBackendKind::Namespace);
     assert_eq!(config.sandbox.limits, bulkhead_sandbox::Limits::default());
+}
+
+#[test]
+fn production_requires_keys_unless_told_otherwise() {
+    let production = [
+        ("AGENT_MODE", "production"),
+        ("MODEL_ENDPOINT", "https://api.openai.com/v1"),
+    ];
+    let config = load(&production).unwrap();
+    assert_eq!(config.auth_mode, AuthMode::Keys);
+    assert_eq!(config.host.to_string(), "0.0.0.0");
+    assert!(!config.loopback_by_default);
+
+    let mut explicit = production.to_vec();
+    explicit.push(("AUTH_MODE", "none"));
+    let config = load(&explicit).unwrap();
+    assert_eq!(config.auth_mode, AuthMode::None);
+    assert_eq!(
+        config.host.to_string(),
+        "127.0.0.1",
+        "no HOST: loopback only"
+    );
+
+    explicit.push(("HOST", "0.0.0.0"));
+    let config = load(&explicit).unwrap();
+    assert_eq!(
+        config.host.to_string(),
+        "0.0.0.0",
+        "an explicit HOST is obeyed"
+    );
+    assert!(!config.loopback_by_default);
+
+    let config = load(&[("AUTH_MODE", "KEYS")]).unwrap();
+    assert_eq!(config.auth_mode, AuthMode::Keys);
+    assert_eq!(config.host.to_string(), "0.0.0.0");
+
+    let error = load(&[("AUTH_MODE", "basic")]).unwrap_err();
+    assert_eq!(error.variable, "AUTH_MODE");
+    assert!(error.message.contains("keys or none"), "{error}");
+}
+
+#[test]
+fn the_admin_token_is_a_long_real_secret() {
+    let error = load(&[("ADMIN_TOKEN", "short")]).unwrap_err();
+    assert_eq!(error.variable, "ADMIN_TOKEN");
+    assert!(error.message.contains("24"), "{error}");
+    assert!(
+        !error.to_string().contains("short"),
+        "the token is not echoed: {error}"
+    );
+    let error = load(&[("ADMIN_TOKEN", "REPLACE-ME-REPLACE-ME-REPLACE-ME")]).unwrap_err();
+    assert_eq!(error.variable, "ADMIN_TOKEN");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("admin_token"), "a".repeat(40) + "\n").unwrap();
+    let secrets = dir.path().to_str().unwrap().to_string();
+    let config = Config::from_env(&Environment::from_pairs([(
+        "SECRETS_DIR",
+        secrets.as_str(),
+    )]))
+    .unwrap();
+    assert_eq!(
+        config.admin_token.as_ref().map(|t| t.expose_secret().len()),
+        Some(40),
+        "read from the secrets folder, trimmed"
+    );
 }
 
 #[test]

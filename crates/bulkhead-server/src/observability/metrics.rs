@@ -27,6 +27,8 @@ pub const HTTP_REQUEST_DURATION: &str = "bulkhead_http_request_duration_seconds"
 pub const AUTH_FAILURES: &str = "bulkhead_auth_failures_total";
 /// Emitted by the limits, with the `limit` that refused.
 pub const RATE_LIMITED: &str = "bulkhead_rate_limited_total";
+/// Emitted by the limits when Redis fails them (the request goes through).
+pub const LIMIT_ERRORS: &str = "bulkhead_limit_errors_total";
 
 /// Seconds, from a fast `/health` to a long run.
 const BUCKETS: &[f64] = &[
@@ -90,6 +92,10 @@ fn describe() {
         "Requests refused for their credentials, by reason"
     );
     describe_counter!(RATE_LIMITED, "Requests refused by a limit, by limit");
+    describe_counter!(
+        LIMIT_ERRORS,
+        "Times the limits could not ask Redis and let a request through"
+    );
     bulkhead_agent::telemetry::describe();
 }
 

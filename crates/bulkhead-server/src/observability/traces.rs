@@ -167,6 +167,7 @@ pub fn request_span<B>(request: &Request<B>) -> Span {
         request_id = %request_id,
         method = %request.method(),
         path = %request.uri().path(),
+        key_id = Empty,
         otel.name = Empty,
         otel.kind = Empty,
     );

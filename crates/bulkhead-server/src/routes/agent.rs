@@ -14,6 +14,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::app::AppState;
+use crate::door::Caller;
 use crate::error::ApiError;
 use crate::extract::{json_body, parse_id};
 
@@ -78,6 +79,7 @@ fn wants_event_stream(headers: &HeaderMap) -> bool {
 
 pub async fn post_agent(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -93,12 +95,18 @@ pub async fn post_agent(
             "streaming is turned off on this server (ENABLE_STREAMING=false); send \"stream\": false",
         ));
     }
+    let account = match state.door.admit_run(&caller).await {
+        Ok(account) => account,
+        Err(refused) => return Ok(refused),
+    };
     let handle = state
         .engine
         .start_run(StartRun {
             session_id: request.session_id,
             message: request.message,
             stream,
+            owner: caller.tenant().map(str::to_string),
+            account,
         })
         .await
         .map_err(start_error)?;

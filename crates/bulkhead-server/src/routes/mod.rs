@@ -34,8 +34,15 @@ pub fn router(state: AppState) -> Router {
         .route("/runs/{run_id}", get(sessions::get_run))
         .route("/runs/{run_id}/events", get(sessions::run_events))
         .route("/metrics", get(observability::metrics::scrape))
+        .merge(crate::door::admin_routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Inside the request span (so a refusal is logged with its request
+        // id) and around every route and the fallback alike.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::door::guard,
+        ))
         .with_state(state.clone());
 
     let on_response = DefaultOnResponse::new()
@@ -86,7 +93,7 @@ fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
 }
 
 /// RFC 3339 in UTC, from milliseconds since the epoch.
-pub(crate) fn timestamp(ms: i64) -> String {
+pub fn timestamp(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
         .and_then(|t| {

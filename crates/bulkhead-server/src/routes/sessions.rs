@@ -3,12 +3,13 @@
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use bulkhead_store::{DeleteOutcome, Run};
+use bulkhead_store::{DeleteOutcome, Run, Session};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::timestamp;
 use crate::app::AppState;
+use crate::door::Caller;
 use crate::error::ApiError;
 use crate::extract::parse_id;
 
@@ -29,14 +30,40 @@ fn session_not_found() -> ApiError {
     ApiError::not_found("session_not_found", "no session has this id")
 }
 
+/// The session, if it exists and the caller's tenant owns it: another
+/// tenant's session answers exactly as an unknown one.
+async fn owned_session(state: &AppState, caller: &Caller, id: &str) -> Result<Session, ApiError> {
+    state
+        .engine
+        .store()
+        .session(id)
+        .await?
+        .filter(|session| caller.reaches(session.owner.as_deref()))
+        .ok_or_else(session_not_found)
+}
+
+/// The run, if it exists and belongs to a session the caller owns.
+async fn owned_run(state: &AppState, caller: &Caller, id: &str) -> Result<Run, ApiError> {
+    let store = state.engine.store();
+    let run = store.run(id).await?.ok_or_else(run_not_found)?;
+    if caller.tenant().is_some() {
+        let owner = store.session(&run.session_id).await?.and_then(|s| s.owner);
+        if !caller.reaches(owner.as_deref()) {
+            return Err(run_not_found());
+        }
+    }
+    Ok(run)
+}
+
 /// The conversation, oldest message first.
 pub async fn get_session(
     State(state): State<AppState>,
+    caller: Caller,
     Path(raw): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = session_id(&raw)?;
+    let session = owned_session(&state, &caller, &id).await?;
     let store = state.engine.store();
-    let session = store.session(&id).await?.ok_or_else(session_not_found)?;
     let messages: Vec<Value> = store
         .messages(&id)
         .await?
@@ -68,9 +95,11 @@ pub async fn get_session(
 
 pub async fn delete_session(
     State(state): State<AppState>,
+    caller: Caller,
     Path(raw): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = session_id(&raw)?;
+    owned_session(&state, &caller, &id).await?;
     match state.engine.delete_session(&id).await? {
         DeleteOutcome::Deleted => {
             tracing::info!(session_id = %id, "session deleted");
@@ -106,11 +135,12 @@ fn run_json(run: Run) -> Value {
 /// The runs made on a session, oldest first.
 pub async fn session_runs(
     State(state): State<AppState>,
+    caller: Caller,
     Path(raw): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = session_id(&raw)?;
+    owned_session(&state, &caller, &id).await?;
     let store = state.engine.store();
-    store.session(&id).await?.ok_or_else(session_not_found)?;
     let runs: Vec<Value> = store.runs(&id).await?.into_iter().map(run_json).collect();
     Ok(Json(json!({"session_id": id, "runs": runs})))
 }
@@ -121,15 +151,11 @@ fn run_not_found() -> ApiError {
 
 pub async fn get_run(
     State(state): State<AppState>,
+    caller: Caller,
     Path(raw): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = run_id(&raw)?;
-    let run = state
-        .engine
-        .store()
-        .run(&id)
-        .await?
-        .ok_or_else(run_not_found)?;
+    let run = owned_run(&state, &caller, &id).await?;
     Ok(Json(run_json(run)))
 }
 
@@ -144,6 +170,7 @@ pub struct EventsQuery {
 /// event had on the stream).
 pub async fn run_events(
     State(state): State<AppState>,
+    caller: Caller,
     Path(raw): Path<String>,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -154,8 +181,8 @@ pub async fn run_events(
             "`after` must be a whole number (an event id)",
         )
     })?;
+    let run = owned_run(&state, &caller, &id).await?;
     let store = state.engine.store();
-    let run = store.run(&id).await?.ok_or_else(run_not_found)?;
     let events: Vec<Value> = store
         .run_events(&id, query.after.unwrap_or(0))
         .await?
@@ -178,11 +205,12 @@ pub async fn run_events(
 /// limits, and how it ended. Oldest first.
 pub async fn session_audit(
     State(state): State<AppState>,
+    caller: Caller,
     Path(raw): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = session_id(&raw)?;
+    owned_session(&state, &caller, &id).await?;
     let store = state.engine.store();
-    store.session(&id).await?.ok_or_else(session_not_found)?;
     let parse = |text: Option<String>| {
         text.and_then(|t| serde_json::from_str::<Value>(&t).ok())
             .unwrap_or(Value::Null)

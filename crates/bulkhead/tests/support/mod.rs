@@ -128,3 +128,35 @@ pub fn serve(dir: &std::path::Path, env: &[(&str, &str)]) -> (Process, String) {
 pub async fn get_json(url: String) -> Value {
     reqwest::get(url).await.unwrap().json().await.unwrap()
 }
+
+/// `bulkhead keys create` with `env` (the server's configuration, so the
+/// same database); returns the key it printed.
+pub fn create_key(dir: &std::path::Path, env: &[(&str, &str)], args: &[&str]) -> String {
+    let mut command = bulkhead(dir);
+    command.args(["keys", "create"]).args(args);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "keys create: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let key = String::from_utf8(output.stdout).unwrap().trim().to_string();
+    assert!(key.starts_with("bk_"), "a key on stdout alone: {key:?}");
+    key
+}
+
+/// A client that sends `key` as `Authorization: Bearer` on every request.
+pub fn client_with_key(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}

@@ -1,0 +1,354 @@
+//! The front door: one layer every request passes through before any
+//! handler. It decides who is calling (an API key, or nobody when
+//! `AUTH_MODE=none`), refuses what that caller may not do (no key, a bad
+//! key, a key over its request rate) and hands the handler a [`Caller`].
+//! Handlers never read credentials themselves; they take a `Caller` and ask
+//! it for the tenant that owns what they read or make, and for a run's
+//! admission.
+//!
+//! Open without a key: the probes (`/health`, `/ready`, `/ready/replica`),
+//! `/metrics` (which has its own token when one is set), and the API's
+//! description (`/openapi.json`, `/docs`), which is the same for every
+//! server and holds no data. `/admin/…` takes the admin token instead of a
+//! key.
+
+mod admin;
+pub mod keys;
+pub mod limits;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use bulkhead_agent::RunAccount;
+use bulkhead_store::{ApiKey, Store};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+pub use admin::{key_json, routes as admin_routes};
+use keys::{KeyBook, Refused};
+use limits::{Counters, Over, Standing};
+
+use crate::app::AppState;
+use crate::error::ApiError;
+
+/// `AUTH_MODE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    Keys,
+    None,
+}
+
+impl AuthMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Keys => "keys",
+            AuthMode::None => "none",
+        }
+    }
+}
+
+/// Routes that answer without a key. Exact paths: `/health/x` is not open.
+const OPEN_PATHS: &[&str] = &[
+    "/health",
+    "/ready",
+    "/ready/replica",
+    "/metrics",
+    "/openapi.json",
+    "/docs",
+];
+
+pub fn is_open(path: &str) -> bool {
+    OPEN_PATHS.contains(&path)
+}
+
+fn is_admin(path: &str) -> bool {
+    path == "/admin" || path.starts_with("/admin/")
+}
+
+pub struct Door {
+    mode: AuthMode,
+    keys: KeyBook,
+    counters: Counters,
+    /// SHA-256 of `ADMIN_TOKEN`: compared in constant time whatever the
+    /// length of what is presented.
+    admin_token: Option<[u8; 32]>,
+}
+
+impl Door {
+    pub fn new(
+        mode: AuthMode,
+        store: Store,
+        redis: Option<redis::Client>,
+        admin_token: Option<&SecretString>,
+    ) -> Door {
+        Door {
+            mode,
+            keys: KeyBook::new(store),
+            counters: match redis {
+                Some(client) => Counters::shared(client),
+                None => Counters::local(),
+            },
+            admin_token: admin_token.map(|t| Sha256::digest(t.expose_secret().as_bytes()).into()),
+        }
+    }
+
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    pub fn keys(&self) -> &KeyBook {
+        &self.keys
+    }
+
+    /// Lets a run start for `caller`, or answers 429 naming the limit. The
+    /// account goes with the run and gives its place back when the run ends.
+    pub async fn admit_run(
+        &self,
+        caller: &Caller,
+    ) -> Result<Option<Box<dyn RunAccount>>, Response> {
+        match caller {
+            Caller::Anonymous => Ok(None),
+            Caller::Key(key) => match self.counters.admit_run(key).await {
+                Ok(account) => Ok(Some(account)),
+                Err(over) => Err(rate_limited(over)),
+            },
+        }
+    }
+}
+
+/// Who is calling, as the door established it.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// `AUTH_MODE=none`: no identity, everything reachable.
+    Anonymous,
+    Key(Arc<ApiKey>),
+}
+
+impl Caller {
+    /// The tenant whose sessions this caller reaches; `None` when
+    /// authentication is off.
+    pub fn tenant(&self) -> Option<&str> {
+        match self {
+            Caller::Anonymous => None,
+            Caller::Key(key) => Some(&key.tenant),
+        }
+    }
+
+    /// Whether this caller may see something owned by `owner`.
+    pub fn reaches(&self, owner: Option<&str>) -> bool {
+        bulkhead_store::reaches(self.tenant(), owner)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Caller, ApiError> {
+        // No caller means the door did not run for this route: refuse
+        // rather than serve it as anyone.
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            ApiError::internal(&"a handler that needs a caller ran without the door")
+        })
+    }
+}
+
+/// Proof that the door checked the admin token.
+#[derive(Debug, Clone, Copy)]
+pub struct Admin;
+
+impl<S: Send + Sync> FromRequestParts<S> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Admin, ApiError> {
+        parts
+            .extensions
+            .get::<Admin>()
+            .copied()
+            .ok_or_else(|| ApiError::internal(&"an admin handler ran without the door"))
+    }
+}
+
+/// The layer itself.
+pub async fn guard(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    if is_open(path) {
+        return next.run(request).await;
+    }
+    let door = &state.door;
+    if is_admin(path) {
+        return match admin_refusal(door, request.headers()) {
+            None => {
+                request.extensions_mut().insert(Admin);
+                next.run(request).await
+            }
+            Some(refusal) => refusal,
+        };
+    }
+    if door.mode == AuthMode::None {
+        request.extensions_mut().insert(Caller::Anonymous);
+        return next.run(request).await;
+    }
+    let key = match presented_key(request.headers()) {
+        Err(refused) => return unauthorized(refused),
+        Ok(presented) => match door.keys.check(presented).await {
+            Ok(Ok(key)) => key,
+            Ok(Err(refused)) => return unauthorized(refused),
+            Err(e) => {
+                tracing::error!(error = %e, "could not read API keys");
+                return ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the API key could not be checked: the database is not answering; retry shortly",
+                )
+                .into_response();
+            }
+        },
+    };
+    tracing::Span::current().record("key_id", key.id.as_str());
+    let standing = match door.counters.request(&key).await {
+        Ok(standing) => standing,
+        Err(over) => return rate_limited(over),
+    };
+    request.extensions_mut().insert(Caller::Key(Arc::new(key)));
+    let mut response = next.run(request).await;
+    if let Some(standing) = standing {
+        rate_headers(response.headers_mut(), &standing);
+    }
+    response
+}
+
+/// The key from `Authorization: Bearer <key>` or `x-api-key: <key>`.
+fn presented_key(headers: &HeaderMap) -> Result<&str, Refused> {
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let value = value.to_str().map_err(|_| Refused::Malformed)?;
+        let (scheme, token) = value.split_once(' ').ok_or(Refused::Malformed)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(Refused::Malformed);
+        }
+        return Ok(token.trim());
+    }
+    if let Some(value) = headers.get("x-api-key") {
+        return value
+            .to_str()
+            .map(str::trim)
+            .map_err(|_| Refused::Malformed);
+    }
+    Err(Refused::Missing)
+}
+
+/// Why `/admin/…` is refused, if it is.
+fn admin_refusal(door: &Door, headers: &HeaderMap) -> Option<Response> {
+    let Some(expected) = &door.admin_token else {
+        return Some(
+            ApiError::not_found(
+                "not_found",
+                "the admin API is off: start the server with ADMIN_TOKEN set to turn it on",
+            )
+            .into_response(),
+        );
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    let matches = presented.is_some_and(|token| {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        bool::from(digest.ct_eq(expected))
+    });
+    if matches {
+        return None;
+    }
+    metrics::counter!("bulkhead_auth_failures_total", "reason" => "admin_token").increment(1);
+    let mut response = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "the admin API needs the admin token: send `Authorization: Bearer <ADMIN_TOKEN>`",
+    )
+    .into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"bulkhead-admin\""),
+    );
+    Some(response)
+}
+
+fn unauthorized(refused: Refused) -> Response {
+    metrics::counter!("bulkhead_auth_failures_total", "reason" => refused.reason()).increment(1);
+    let (message, challenge) = match refused {
+        Refused::Missing => (
+            "this route needs an API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
+            "Bearer realm=\"bulkhead\"",
+        ),
+        Refused::Malformed => (
+            "the API key is not in Bulkhead's form (bk_<id>_<secret>); send the whole key as `Authorization: Bearer <key>` or `x-api-key: <key>`",
+            "Bearer realm=\"bulkhead\", error=\"invalid_token\"",
+        ),
+        Refused::Unknown | Refused::Revoked => (
+            "the API key is unknown or revoked",
+            "Bearer realm=\"bulkhead\", error=\"invalid_token\"",
+        ),
+    };
+    let mut response =
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    response
+}
+
+/// Whole seconds, rounded up, never 0: `Retry-After: 0` invites a spin.
+fn whole_seconds(duration: Duration) -> u64 {
+    duration.as_millis().div_ceil(1000).max(1) as u64
+}
+
+fn rate_limited(over: Over) -> Response {
+    metrics::counter!("bulkhead_rate_limited_total", "limit" => over.limit.name()).increment(1);
+    let retry_after = whole_seconds(over.retry_after);
+    let what = match over.limit {
+        limits::Limit::RequestsPerMinute => "requests per minute",
+        limits::Limit::ConcurrentRuns => "runs in flight",
+        limits::Limit::TokensPerDay => "model tokens per day (UTC)",
+    };
+    let mut response = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!(
+            "this key's limit of {} {what} is reached; retry in {retry_after} s",
+            over.allowed
+        ),
+    )
+    .with("limit", over.limit.name())
+    .into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    rate_headers(
+        headers,
+        &Standing {
+            limit: over.allowed,
+            remaining: 0,
+            reset: over.retry_after,
+        },
+    );
+    response
+}
+
+fn rate_headers(headers: &mut HeaderMap, standing: &Standing) {
+    headers.insert("x-ratelimit-limit", HeaderValue::from(standing.limit));
+    headers.insert(
+        "x-ratelimit-remaining",
+        HeaderValue::from(standing.remaining),
+    );
+    headers.insert(
+        "x-ratelimit-reset",
+        HeaderValue::from(standing.reset.as_millis().div_ceil(1000) as u64),
+    );
+}
