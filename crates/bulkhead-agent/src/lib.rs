@@ -9,11 +9,12 @@
 
 pub mod roles;
 mod sandboxes;
+pub mod telemetry;
 mod tools;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bulkhead_model::{ChatMessage, Completion, Model, ModelError, ToolCall};
 use bulkhead_store::{
@@ -28,6 +29,7 @@ use tracing::Instrument;
 
 pub use roles::{PeerClient, Peers, RoleKind};
 pub use sandboxes::SandboxManager;
+pub use telemetry::SpanSettings;
 pub use tools::{Tool, ToolContext, ToolError, ToolOutput, ToolRegistry};
 
 #[derive(Debug, Clone)]
@@ -46,6 +48,8 @@ pub struct EngineSettings {
     pub role: RoleKind,
     /// A planner's executor and critic.
     pub peers: Option<Arc<PeerClient>>,
+    /// What the run, model call and tool call spans carry.
+    pub spans: SpanSettings,
 }
 
 /// One event of a run, as streamed to a client and stored.
@@ -253,7 +257,15 @@ impl Engine {
         let (begun_tx, begun_rx) = oneshot::channel();
         let (outcome_tx, outcome_rx) = oneshot::channel();
         let engine = Arc::clone(self);
-        let span = tracing::info_span!("run", run_id = %run_id, session_id = %session_id);
+        let begun_at = Instant::now();
+        let spans = self.settings.spans;
+        let span = telemetry::run_span(
+            spans,
+            self.settings.role.as_str(),
+            &self.model,
+            &run_id,
+            &session_id,
+        );
         // The run is opened on its own task, not the caller's: a client that
         // hangs up while the opening is being written cancels the caller,
         // and a run opened by then must still be driven to its end and
@@ -283,8 +295,22 @@ impl Engine {
                 if !opened {
                     return;
                 }
+                let run_metrics = telemetry::RunMetrics::start(begun_at);
                 tracing::info!("run started");
                 let outcome = engine.drive(&mut state).await;
+                let (status, failure) = match &outcome {
+                    RunOutcome::Completed { .. } => ("completed", None),
+                    RunOutcome::Failed { failure, .. } => (
+                        if failure.kind == FailureKind::Interrupted {
+                            "interrupted"
+                        } else {
+                            "failed"
+                        },
+                        Some((failure.code, failure.message.as_str())),
+                    ),
+                };
+                run_metrics.finish(status);
+                telemetry::run_ended(&tracing::Span::current(), spans, failure);
                 match &outcome {
                     RunOutcome::Completed { tokens_used, .. } => {
                         tracing::info!(tokens_used, steps = state.steps, "run completed")
@@ -595,6 +621,14 @@ impl Engine {
         conversation: &[ChatMessage],
     ) -> Result<Completion, Failure> {
         let streaming = state.streaming;
+        let spans = self.settings.spans;
+        let span = telemetry::chat_span(
+            spans,
+            &self.model,
+            &state.session_id,
+            conversation,
+            &self.settings.secrets,
+        );
         let result = {
             let mut sink = |text: &str| {
                 let now = now_ms();
@@ -602,11 +636,15 @@ impl Engine {
             };
             let deltas: Option<&mut bulkhead_model::DeltaSink<'_>> =
                 if streaming { Some(&mut sink) } else { None };
+            let call = self
+                .model
+                .complete(conversation, self.tools.specs(), deltas);
             tokio::select! {
-                result = self.model.complete(conversation, self.tools.specs(), deltas) => result,
+                result = call.instrument(span.clone()) => result,
                 () = self.interrupt.cancelled() => return Err(interrupted()),
             }
         };
+        telemetry::chat_ended(&span, spans, &result, &self.settings.secrets);
         let completion = result.map_err(|e| {
             let (kind, code) = match e {
                 ModelError::Timeout(_) => (FailureKind::UpstreamTimeout, "model_timeout"),
@@ -669,7 +707,13 @@ impl Engine {
                 json!({"id": call.id, "name": name, "arguments": call.function.arguments, "audit_id": audit_id}),
                 now_ms(),
             );
-            let output = self.audited_call(state, &audit_id, &call).await?;
+            let span = telemetry::tool_span(self.settings.spans, name, &call.id, || {
+                redact_arguments(&call.function.arguments, &self.settings.secrets)
+            });
+            let output = self
+                .audited_call(state, &audit_id, &call)
+                .instrument(span)
+                .await?;
             let mut result = json!({
                 "id": call.id,
                 "name": name,
@@ -752,8 +796,16 @@ impl Engine {
                 started_at,
             })
             .await;
+        let label = if self.tools.has(name) {
+            name
+        } else {
+            "unknown"
+        };
+        let spans = self.settings.spans;
         if let Err(e) = recorded {
             tracing::error!(error = %e, tool = name, "could not record a tool call; it was not run");
+            telemetry::tool_call_ended(label, "unrecorded", None);
+            telemetry::tool_ended(&tracing::Span::current(), spans, "unrecorded", None, &[]);
             return Ok(ToolOutput {
                 content:
                     "error: the call could not be recorded in the audit trail, so it was not run"
@@ -766,9 +818,12 @@ impl Engine {
             session_id: &state.session_id,
             sandboxes: self.sandboxes.as_deref(),
         };
+        let ran = Instant::now();
         let result = tokio::select! {
             result = self.tools.call(context, name, &call.function.arguments) => result,
             () = self.interrupt.cancelled() => {
+                telemetry::tool_call_ended(label, "interrupted", Some(ran.elapsed()));
+                telemetry::tool_ended(&tracing::Span::current(), spans, "interrupted", None, &[]);
                 let end = ToolExecutionEnd {
                     status: "interrupted",
                     finished_at: now_ms(),
@@ -780,6 +835,7 @@ impl Engine {
             }
         };
         let finished_at = now_ms();
+        let duration = ran.elapsed();
         let (output, status, error) = match result {
             Ok(output) => (output, "completed", None),
             Err(e) => {
@@ -800,6 +856,18 @@ impl Engine {
                 )
             }
         };
+        let outcome = match status {
+            "completed" if output.is_error => "error",
+            other => other,
+        };
+        telemetry::tool_call_ended(label, outcome, Some(duration));
+        telemetry::tool_ended(
+            &tracing::Span::current(),
+            spans,
+            outcome,
+            Some(&output.content),
+            &self.settings.secrets,
+        );
         let execution = output.execution.as_ref();
         let end = ToolExecutionEnd {
             status,

@@ -124,19 +124,21 @@ impl PeerClient {
         let url = base
             .join("agent")
             .map_err(|e| format!("the {name}'s URL is unusable: {e}"))?;
-        let response = self
+        let mut request = self
             .http
             .post(url)
-            .json(&json!({"message": message, "session_id": session_id, "stream": false}))
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_timeout() {
-                    format!("the {name} did not answer within {:?}", self.peers.timeout)
-                } else {
-                    format!("the {name} at {base} is unreachable")
-                }
-            })?;
+            .json(&json!({"message": message, "session_id": session_id, "stream": false}));
+        // The peer's spans join this run's trace.
+        if let Some(traceparent) = crate::telemetry::traceparent() {
+            request = request.header("traceparent", traceparent);
+        }
+        let response = request.send().await.map_err(|e| {
+            if e.is_timeout() {
+                format!("the {name} did not answer within {:?}", self.peers.timeout)
+            } else {
+                format!("the {name} at {base} is unreachable")
+            }
+        })?;
         let status = response.status();
         let body: serde_json::Value = response
             .json()

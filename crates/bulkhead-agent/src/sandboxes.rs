@@ -108,8 +108,10 @@ impl SandboxManager {
             .await
             .map_err(SandboxError::Unavailable)?;
         self.sessions
-            .get_or_create(session_id.to_string(), || {
-                self.backend.create(session_id, &self.limits)
+            .get_or_create(session_id.to_string(), || async {
+                let sandbox = self.backend.create(session_id, &self.limits).await?;
+                crate::telemetry::sandbox_created(self.backend.name());
+                Ok(sandbox)
             })
             .await
     }

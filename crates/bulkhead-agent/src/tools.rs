@@ -100,6 +100,11 @@ impl ToolRegistry {
         registry
     }
 
+    /// Whether a tool of that name is registered.
+    pub fn has(&self, name: &str) -> bool {
+        self.tools.contains_key(name)
+    }
+
     pub fn is_sandboxed(&self, name: &str) -> bool {
         self.tools.get(name).is_some_and(|t| t.sandboxed())
     }
@@ -213,10 +218,10 @@ async fn in_sandbox(
         .for_session(context.session_id)
         .await
         .map_err(|e| ToolError::Refused(format!("{e}; the tool was not run")))?;
-    sandbox
-        .run(&operation)
-        .await
-        .map_err(|e| ToolError::Refused(format!("{e}; the tool was not run")))
+    let started = std::time::Instant::now();
+    let result = sandbox.run(&operation).await;
+    crate::telemetry::sandbox_exec(manager.backend_name(), started.elapsed());
+    result.map_err(|e| ToolError::Refused(format!("{e}; the tool was not run")))
 }
 
 /// A file tool's answer: its stdout, or its stderr as the error.

@@ -25,6 +25,7 @@ async fn engine(dir: &tempfile::TempDir) -> Arc<Engine> {
             secrets: Vec::new(),
             role: RoleKind::General,
             peers: None,
+            spans: Default::default(),
         },
     ))
 }

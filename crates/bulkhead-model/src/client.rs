@@ -1,6 +1,6 @@
 //! A client for any OpenAI-compatible `POST /chat/completions`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
@@ -90,7 +90,20 @@ impl OpenAiClient {
         &self,
         messages: &[ChatMessage],
         tools: &[ToolSpec],
+        deltas: Option<&mut DeltaSink<'_>>,
+    ) -> Result<Completion, ModelError> {
+        self.complete_timed(messages, tools, deltas, &mut None)
+            .await
+    }
+
+    /// [`complete`](Self::complete), noting in `first_byte` when the body
+    /// of the answer that succeeded began to arrive.
+    pub(crate) async fn complete_timed(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
         mut deltas: Option<&mut DeltaSink<'_>>,
+        first_byte: &mut Option<Instant>,
     ) -> Result<Completion, ModelError> {
         let request = ChatRequest {
             model: self.settings.model.clone(),
@@ -107,12 +120,16 @@ impl OpenAiClient {
             .map_err(|e| ModelError::Protocol(format!("could not encode the request: {e}")))?;
         let mut attempt = 0;
         loop {
+            *first_byte = None;
             let outcome = tokio::time::timeout(
                 self.settings.timeout,
-                self.attempt(&body, deltas.as_deref_mut()),
+                self.attempt(&body, deltas.as_deref_mut(), first_byte),
             )
             .await
             .unwrap_or_else(|_| Err(ModelError::Timeout(self.settings.timeout).into()));
+            if let Err(failure) = &outcome {
+                crate::telemetry::attempt_failed(&self.settings.model, &failure.error);
+            }
             match outcome {
                 Ok(completion) => return Ok(completion),
                 Err(failure)
@@ -156,6 +173,7 @@ impl OpenAiClient {
         &self,
         body: &[u8],
         deltas: Option<&mut DeltaSink<'_>>,
+        first_byte: &mut Option<Instant>,
     ) -> Result<Completion, AttemptError> {
         let mut request = self
             .http
@@ -178,10 +196,16 @@ impl OpenAiClient {
         }
         match deltas {
             None => {
-                let bytes = response
-                    .bytes()
+                let mut response = response;
+                let mut bytes = Vec::new();
+                while let Some(piece) = response
+                    .chunk()
                     .await
-                    .map_err(|e| self.transport_error(e))?;
+                    .map_err(|e| self.transport_error(e))?
+                {
+                    first_byte.get_or_insert_with(Instant::now);
+                    bytes.extend_from_slice(&piece);
+                }
                 let completion: ChatCompletion = serde_json::from_slice(&bytes).map_err(|e| {
                     ModelError::Protocol(format!("the completion is not valid JSON: {e}"))
                 })?;
@@ -195,6 +219,7 @@ impl OpenAiClient {
                     tool_calls: choice.message.tool_calls.unwrap_or_default(),
                     usage,
                     finish_reason: choice.finish_reason,
+                    model: Some(completion.model).filter(|m| !m.is_empty()),
                 })
             }
             Some(sink) => {
@@ -202,6 +227,7 @@ impl OpenAiClient {
                 let mut accumulator = ChunkAccumulator::default();
                 let mut streamed = false;
                 while let Some(event) = events.next().await {
+                    first_byte.get_or_insert_with(Instant::now);
                     let event = event.map_err(|e| AttemptError {
                         error: ModelError::Protocol(format!("the event stream broke: {e}")),
                         retry_after: None,

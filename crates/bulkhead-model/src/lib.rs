@@ -5,9 +5,11 @@
 mod client;
 pub mod history;
 pub mod mock;
+pub mod telemetry;
 pub mod types;
 
-use std::time::Duration;
+use std::borrow::Cow;
+use std::time::{Duration, Instant};
 
 pub use client::{ModelSettings, OpenAiClient, redact_secret};
 pub use mock::MockModel;
@@ -39,6 +41,17 @@ impl ModelError {
             ModelError::Timeout(_) | ModelError::Protocol(_) => false,
         }
     }
+
+    /// What kind of failure, for metrics and spans (`error.type`):
+    /// `timeout`, `connect`, `protocol`, or the HTTP status (`429`).
+    pub fn kind(&self) -> Cow<'static, str> {
+        match self {
+            ModelError::Timeout(_) => "timeout".into(),
+            ModelError::Connect(_) => "connect".into(),
+            ModelError::Protocol(_) => "protocol".into(),
+            ModelError::Status { status, .. } => status.to_string().into(),
+        }
+    }
 }
 
 /// The model a server talks to: a real endpoint or the in-process mock.
@@ -49,15 +62,81 @@ pub enum Model {
 }
 
 impl Model {
+    /// One chat completion, with its metrics recorded (see [`telemetry`]).
     pub async fn complete(
         &self,
         messages: &[ChatMessage],
         tools: &[ToolSpec],
         deltas: Option<&mut DeltaSink<'_>>,
     ) -> Result<Completion, ModelError> {
+        let started = Instant::now();
+        let mut first_byte = None;
+        let result = match self {
+            Model::Remote(client) => {
+                client
+                    .complete_timed(messages, tools, deltas, &mut first_byte)
+                    .await
+            }
+            Model::Mock(mock) => {
+                let result = match deltas {
+                    Some(sink) => {
+                        // In process there is no body: the first piece of
+                        // text is the first byte.
+                        let mut timed = |text: &str| {
+                            first_byte.get_or_insert_with(Instant::now);
+                            sink(text);
+                        };
+                        mock.complete(messages, Some(&mut timed)).await
+                    }
+                    None => mock.complete(messages, None).await,
+                };
+                if let Err(error) = &result {
+                    telemetry::attempt_failed(self.name(), error);
+                }
+                result
+            }
+        };
+        let elapsed = started.elapsed();
+        // An answer without a first byte of its own (the mock, not
+        // streaming) arrived whole: its first byte came with its end.
+        let first_byte = result
+            .is_ok()
+            .then(|| first_byte.map_or(elapsed, |at| at.duration_since(started)));
+        telemetry::call_ended(
+            self.name(),
+            result.is_ok(),
+            elapsed,
+            first_byte,
+            result.as_ref().ok().and_then(|c| c.usage.as_ref()),
+        );
+        result
+    }
+
+    /// The model asked for: `MODEL_NAME`, or the mock's own name.
+    pub fn name(&self) -> &str {
         match self {
-            Model::Remote(client) => client.complete(messages, tools, deltas).await,
-            Model::Mock(mock) => mock.complete(messages, deltas).await,
+            Model::Remote(client) => &client.settings().model,
+            Model::Mock(_) => mock::MOCK_MODEL_NAME,
+        }
+    }
+
+    /// `gen_ai.provider.name`: `openai` for any OpenAI-compatible endpoint
+    /// (the wire format is OpenAI's whoever serves it), `bulkhead.mock`
+    /// for the in-process mock.
+    pub fn provider(&self) -> &'static str {
+        match self {
+            Model::Remote(_) => "openai",
+            Model::Mock(_) => "bulkhead.mock",
+        }
+    }
+
+    /// The temperature and token limit sent with each request, if any.
+    pub fn request_parameters(&self) -> Option<(f32, u32)> {
+        match self {
+            Model::Remote(client) => {
+                Some((client.settings().temperature, client.settings().max_tokens))
+            }
+            Model::Mock(_) => None,
         }
     }
 

@@ -170,6 +170,7 @@ impl MockModel {
                     tool_calls: Vec::new(),
                     usage: Some(usage),
                     finish_reason: Some("stop".into()),
+                    model: Some(MOCK_MODEL_NAME.into()),
                 })
             }
             MockReply::ToolCall { name, arguments } => Ok(Completion {
@@ -181,6 +182,7 @@ impl MockModel {
                 }],
                 usage: Some(usage),
                 finish_reason: Some("tool_calls".into()),
+                model: Some(MOCK_MODEL_NAME.into()),
             }),
         }
     }

@@ -181,6 +181,8 @@ pub struct Completion {
     pub tool_calls: Vec<ToolCall>,
     pub usage: Option<Usage>,
     pub finish_reason: Option<String>,
+    /// The model that answered, as the endpoint names it.
+    pub model: Option<String>,
 }
 
 /// Folds streamed chunks into a [`Completion`].
@@ -194,6 +196,9 @@ impl ChunkAccumulator {
     pub(crate) fn push(&mut self, chunk: ChatChunk) -> Option<String> {
         if let Some(usage) = chunk.usage {
             self.completion.usage = Some(usage);
+        }
+        if self.completion.model.is_none() && !chunk.model.is_empty() {
+            self.completion.model = Some(chunk.model);
         }
         let mut text = None;
         for choice in chunk.choices.into_iter().filter(|c| c.index == 0) {

@@ -38,6 +38,10 @@ pub struct App {
     redis: Option<redis::Client>,
     /// This server's claim on its SQLite file and local sandbox root.
     _locks: Vec<crate::data_lock::DataLock>,
+    /// Renders `/metrics`; `None` when metrics are off.
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// `METRICS_TOKEN`'s digest, when `/metrics` is behind it.
+    metrics_token_digest: Option<[u8; 32]>,
 }
 
 /// How long a model-endpoint probe result is reused by `/ready`, so that
@@ -180,8 +184,22 @@ impl App {
                 secrets,
                 role,
                 peers,
+                spans: bulkhead_agent::SpanSettings {
+                    enabled: crate::observability::traces::enabled(),
+                    capture_content: config.observability.capture_content,
+                },
             },
         );
+        let metrics = if config.observability.enable_metrics {
+            crate::observability::metrics::install()
+        } else {
+            None
+        };
+        let metrics_token_digest = config
+            .observability
+            .metrics_token
+            .as_ref()
+            .map(crate::observability::metrics::token_digest);
         announce_auth(&config);
         let door = crate::door::Door::new(
             config.auth_mode,
@@ -196,7 +214,18 @@ impl App {
             model_probe: Mutex::new(None),
             redis,
             _locks: locks,
+            metrics,
+            metrics_token_digest,
         })
+    }
+
+    /// The metrics recorder's handle, when metrics are on.
+    pub fn metrics(&self) -> Option<&metrics_exporter_prometheus::PrometheusHandle> {
+        self.metrics.as_ref()
+    }
+
+    pub(crate) fn metrics_token_digest(&self) -> Option<&[u8; 32]> {
+        self.metrics_token_digest.as_ref()
     }
 
     /// Whether Redis answers a PING; `None` when no Redis is configured.
@@ -459,6 +488,7 @@ impl Server {
             }
         }
         app.engine.store().close().await;
+        crate::observability::traces::flush().await;
         tracing::info!("stopped");
         Ok(())
     }

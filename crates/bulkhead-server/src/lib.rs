@@ -7,6 +7,7 @@ mod data_lock;
 pub mod door;
 pub mod error;
 mod extract;
+pub mod observability;
 pub mod openapi;
 mod routes;
 pub mod sandbox;

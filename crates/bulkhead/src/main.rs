@@ -198,7 +198,12 @@ fn serve() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    logging::init(&config.log_level, config.log_format, config.enable_tracing);
+    logging::init_serve(
+        &config.log_level,
+        config.log_format,
+        config.enable_tracing,
+        &config.observability,
+    );
     let result = runtime(true).block_on(async move {
         let signal = bulkhead_server::termination_signal().context("installing signal handlers")?;
         let shutdown = bulkhead_server::shutdown_signal().context("installing signal handlers")?;
@@ -210,6 +215,8 @@ fn serve() -> ExitCode {
         };
         server.run(shutdown).await.map(|()| None)
     });
+    // Spans still queued (a short run's) leave before the process does.
+    bulkhead_server::observability::traces::shutdown();
     match result {
         Ok(None) => ExitCode::SUCCESS,
         Ok(Some(signal)) => {

@@ -160,6 +160,24 @@ impl Config {
             "SANDBOXD_TOKEN" => secret(&sandbox.sandboxd_token),
             "SANDBOXD_HOST" => json!(self.sandboxd_listen.0.to_string()),
             "SANDBOXD_PORT" => json!(self.sandboxd_listen.1),
+            "ENABLE_METRICS" => json!(self.observability.enable_metrics),
+            "METRICS_TOKEN" => secret(&self.observability.metrics_token),
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => optional(
+                self.observability
+                    .otlp_endpoint
+                    .as_ref()
+                    .map(|u| redact_url_password(u.as_str())),
+            ),
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" => optional(
+                self.observability
+                    .otlp_traces_endpoint
+                    .as_ref()
+                    .map(|u| redact_url_password(u.as_str())),
+            ),
+            "OTEL_SERVICE_NAME" => json!(self.observability.service_name),
+            "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT" => {
+                json!(self.observability.capture_content)
+            }
             other => {
                 panic!("{other} is in the settings table but `bulkhead config` cannot show it")
             }

@@ -8,6 +8,7 @@
 //! `describe.rs` what `bulkhead config` shows.
 
 mod describe;
+mod observability;
 mod reader;
 mod sandbox;
 pub mod settings;
@@ -23,6 +24,7 @@ use bulkhead_store::Backend;
 use secrecy::{ExposeSecret, SecretString};
 
 pub use describe::{Described, redact_url_password};
+pub use observability::ObservabilityConfig;
 pub use reader::{ConfigError, ConfigWarning, Environment, Source};
 pub use sandbox::{MIN_SANDBOXD_TOKEN_LEN, SandboxBackendKind, SandboxConfig, SandboxdConfig};
 
@@ -104,6 +106,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
     pub sandbox: SandboxConfig,
+    /// Metrics and traces.
+    pub observability: ObservabilityConfig,
     /// What start-up should say without stopping: unknown variables that
     /// look like a slip, an endpoint that was corrected, a missing key.
     pub warnings: Vec<ConfigWarning>,
@@ -453,6 +457,7 @@ impl Config {
             None
         };
 
+        let observability = observability::read(&mut r, mode)?;
         let config = Config {
             mode,
             auth_mode,
@@ -483,6 +488,7 @@ impl Config {
             )?,
             shutdown_grace: r.seconds("SHUTDOWN_GRACE_SECONDS", 3600.0)?,
             sandbox,
+            observability,
             warnings,
             sources: HashMap::new(),
             sandboxd_listen,

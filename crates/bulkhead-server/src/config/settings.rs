@@ -136,7 +136,8 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
     lines
 }
 
-/// In the README's order: its Configuration table, then its sandbox table.
+/// In the README's order: its Configuration table, its sandbox table, then
+/// its Observability table.
 pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "AGENT_MODE",
@@ -522,5 +523,47 @@ pub const SETTINGS: &[Setting] = &[
         meaning: "the port `bulkhead sandboxd` listens on",
         secret: false,
         scope: Scope::Sandboxd,
+    },
+    Setting {
+        name: "ENABLE_METRICS",
+        default: Default::Literal("true"),
+        meaning: "serve Prometheus metrics at `GET /metrics`; `false` records none and `/metrics` answers 404",
+        secret: false,
+        scope: Scope::Server,
+    },
+    Setting {
+        name: "METRICS_TOKEN",
+        default: Default::None,
+        meaning: "when set, `/metrics` answers only requests with `Authorization: Bearer <token>` (secret); unset, it is open",
+        secret: true,
+        scope: Scope::Server,
+    },
+    Setting {
+        name: "OTEL_EXPORTER_OTLP_ENDPOINT",
+        default: Default::None,
+        meaning: "OTLP/HTTP collector base URL (`http://otel-collector:4318`): spans are POSTed as protobuf to `<base>/v1/traces`. Unset: no spans are exported",
+        secret: false,
+        scope: Scope::Server,
+    },
+    Setting {
+        name: "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        default: Default::None,
+        meaning: "the full URL spans are POSTed to, used as it is; wins over `OTEL_EXPORTER_OTLP_ENDPOINT`",
+        secret: false,
+        scope: Scope::Server,
+    },
+    Setting {
+        name: "OTEL_SERVICE_NAME",
+        default: Default::Literal("bulkhead"),
+        meaning: "`service.name` of the exported spans",
+        secret: false,
+        scope: Scope::Server,
+    },
+    Setting {
+        name: "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT",
+        default: Default::Literal("false"),
+        meaning: "`true` puts message contents, tool arguments and tool results on the spans (`gen_ai.input.messages`, `gen_ai.output.messages`, `gen_ai.tool.call.arguments`, `gen_ai.tool.call.result`)",
+        secret: false,
+        scope: Scope::Server,
     },
 ];

@@ -603,3 +603,74 @@ fn production_refuses_placeholder_secrets_and_sandboxd_always_does() {
     assert_eq!(error.variable, "SANDBOXD_TOKEN");
     assert!(error.message.contains("placeholder"), "{error}");
 }
+
+#[test]
+fn observability_settings() {
+    let config = load(&[]).unwrap();
+    let o = &config.observability;
+    assert!(o.enable_metrics && o.metrics_token.is_none() && !o.capture_content);
+    assert_eq!(o.traces_endpoint(), None);
+    assert_eq!(o.service_name, "bulkhead");
+
+    // The base gets the signal's path; the signal's own URL is used as it is.
+    let base = load(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")]).unwrap();
+    assert_eq!(
+        base.observability.traces_endpoint().as_deref(),
+        Some("http://collector:4318/v1/traces")
+    );
+    let own = load(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://tempo:4318/otlp/traces",
+        ),
+    ])
+    .unwrap();
+    assert_eq!(
+        own.observability.traces_endpoint().as_deref(),
+        Some("http://tempo:4318/otlp/traces")
+    );
+    let error = load(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")]).unwrap_err();
+    assert_eq!(error.variable, "OTEL_EXPORTER_OTLP_ENDPOINT");
+    let error = load(&[(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "https://user:collector-password@collector/v1/traces",
+    )])
+    .unwrap_err();
+    assert_eq!(error.variable, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+    assert!(!error.to_string().contains("collector-password"), "{error}");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("metrics_token"),
+        "token-from-the-secrets-folder\n",
+    )
+    .unwrap();
+    let secrets_dir = dir.path().to_str().unwrap();
+    let config = Config::from_env(&Environment::from_pairs([
+        ("SECRETS_DIR", secrets_dir),
+        ("ENABLE_METRICS", "false"),
+        ("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true"),
+    ]))
+    .unwrap();
+    let o = &config.observability;
+    assert_eq!(
+        o.metrics_token.as_ref().unwrap().expose_secret(),
+        "token-from-the-secrets-folder"
+    );
+    assert!(!o.enable_metrics && o.capture_content);
+    let shown = config
+        .describe()
+        .into_iter()
+        .find(|d| d.setting.name == "METRICS_TOKEN")
+        .unwrap();
+    assert_eq!(shown.value, serde_json::json!("[redacted]"));
+
+    let error = load(&[
+        ("AGENT_MODE", "production"),
+        ("MODEL_ENDPOINT", "http://model:8080/v1"),
+        ("METRICS_TOKEN", "REPLACE-ME"),
+    ])
+    .unwrap_err();
+    assert_eq!(error.variable, "METRICS_TOKEN");
+}

@@ -22,7 +22,7 @@ use crate::routes::timestamp;
 /// its digest.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct KeyRecord {
-    /// The public id: what `keys revoke` and `DELETE /admin/keys/{key_id}` take.
+    /// The public id: what `keys revoke` and `POST /admin/keys/{key_id}/revoke` take.
     #[schema(example = "0ce3c3f658eaaa31")]
     pub id: String,
     pub name: String,

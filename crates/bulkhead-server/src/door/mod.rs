@@ -377,7 +377,7 @@ mod tests {
         assert!(open.contains(&"/health".to_string()), "{open:?}");
         for path in super::OPEN_PATHS {
             assert!(
-                open.contains(&path.to_string()) || *path == "/metrics",
+                open.contains(&path.to_string()),
                 "{path} is open at the door but not in the document"
             );
         }

@@ -6,12 +6,12 @@ mod health;
 mod sessions;
 
 use axum::Router;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, OnResponse, TraceLayer};
 use tracing::Level;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -20,6 +20,7 @@ use utoipa_axum::routes;
 use crate::app::AppState;
 use crate::door;
 use crate::error::ApiError;
+use crate::observability;
 use crate::openapi;
 
 /// Every route, each with its entry in the OpenAPI document: a route is
@@ -39,6 +40,7 @@ pub(crate) fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(sessions::run_events))
         .routes(routes!(openapi::openapi_json))
         .routes(routes!(openapi::docs))
+        .routes(routes!(observability::metrics::scrape))
         .routes(routes!(door::admin::list_keys, door::admin::create_key))
         .routes(routes!(door::admin::get_key))
         .routes(routes!(door::admin::revoke_key))
@@ -55,31 +57,26 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             crate::door::guard,
         ))
-        .with_state(state);
+        .with_state(state.clone());
 
+    let on_response = DefaultOnResponse::new()
+        .level(Level::INFO)
+        .latency_unit(tower_http::LatencyUnit::Micros);
     let trace = TraceLayer::new_for_http()
-        .make_span_with(|request: &Request<_>| {
-            let request_id = request
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-");
-            tracing::info_span!(
-                "request",
-                request_id = %request_id,
-                method = %request.method(),
-                path = %request.uri().path(),
-                key_id = tracing::field::Empty,
-            )
-        })
+        .make_span_with(observability::traces::request_span)
         .on_response(
-            DefaultOnResponse::new()
-                .level(Level::INFO)
-                .latency_unit(tower_http::LatencyUnit::Micros),
+            move |response: &axum::http::Response<_>, latency, span: &tracing::Span| {
+                observability::traces::record_response(response, span);
+                on_response.on_response(response, latency, span);
+            },
         )
         .on_failure(DefaultOnFailure::new().level(Level::WARN));
     routes.layer(
         ServiceBuilder::new()
+            .layer(axum::middleware::from_fn_with_state(
+                state,
+                observability::metrics::track,
+            ))
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
             .layer(trace)
             .layer(PropagateRequestIdLayer::x_request_id())
