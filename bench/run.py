@@ -548,7 +548,24 @@ def plots(results, stem):
     return written
 
 
+def front_door_only():
+    """`bench/run --front-door`: only the front door's cost, for a quick
+    look; the full run has it too."""
+    door = measure_front_door()
+    print(f"| `/agent`, 64 conn. | req/s | p50 | p99 |\n|---|---|---|---|")
+    for name in ["off", "on"]:
+        point = door[name]
+        print(f"| front door {name} | {point['rps']:,.0f} | {point['p50_ms']:.2f} ms | {point['p99_ms']:.2f} ms |")
+    print(f"\ncost of keys, limits, metrics and traces: {door['cost_pct']:.1f} % of req/s "
+          f"(target < {TARGETS['front_door_cost_pct']:.0f} %: "
+          f"{verdict(door['cost_pct'], TARGETS['front_door_cost_pct'])})")
+
+
 def main():
+    if "--front-door" in sys.argv[1:]:
+        raise_nofile()
+        front_door_only()
+        return
     raise_nofile()
     RESULTS.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
