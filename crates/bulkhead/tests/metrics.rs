@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::serve;
+use support::{client_with_key, create_key, serve};
 
 const METRICS_TOKEN: &str = "metrics-token-for-the-test-0123456789";
 
@@ -137,8 +137,13 @@ async fn scrape(client: &reqwest::Client, url: &str, token: Option<&str>) -> req
 async fn metrics_count_runs_tool_calls_requests_and_refusals() {
     let Some(python) = parser() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let (_server, url) = serve(dir.path(), &[("METRICS_TOKEN", METRICS_TOKEN)]);
+    let env = [("METRICS_TOKEN", METRICS_TOKEN), ("AUTH_MODE", "keys")];
+    let key = create_key(dir.path(), &env, &["--name", "metrics"]);
+    let slow_key = create_key(dir.path(), &env, &["--name", "limited", "--rpm", "1"]);
+    let (_server, url) = serve(dir.path(), &env);
+    // Scrapes go without the API key (they have their own token).
     let client = reqwest::Client::new();
+    let keyed = client_with_key(&key);
 
     let before = scrape(&client, &url, Some(METRICS_TOKEN)).await;
     assert_eq!(before.status(), StatusCode::OK);
@@ -150,7 +155,7 @@ async fn metrics_count_runs_tool_calls_requests_and_refusals() {
     );
     let before = parse(&python, &before.text().await.unwrap());
 
-    let answer: Value = client
+    let answer: Value = keyed
         .post(format!("{url}/agent"))
         .json(&json!({"message": "tool:current_time {}"}))
         .send()
@@ -167,7 +172,7 @@ async fn metrics_count_runs_tool_calls_requests_and_refusals() {
         "{answer}"
     );
     let session_id = answer["session_id"].as_str().unwrap();
-    let session = client
+    let session = keyed
         .get(format!("{url}/sessions/{session_id}"))
         .send()
         .await
@@ -178,13 +183,41 @@ async fn metrics_count_runs_tool_calls_requests_and_refusals() {
         (r#"tool:shell {"command": "true"}"#, StatusCode::OK),
         ("fail:503", StatusCode::BAD_GATEWAY),
     ] {
-        let response = client
+        let response = keyed
             .post(format!("{url}/agent"))
             .json(&json!({"message": message, "session_id": session_id}))
             .send()
             .await
             .unwrap();
         assert_eq!(response.status(), status, "{message}");
+    }
+
+    // Refused at the door: no key, a key nobody has, a key over its rate.
+    let no_key = client
+        .post(format!("{url}/agent"))
+        .json(&json!({"message": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_key.status(), StatusCode::UNAUTHORIZED);
+    let mut unknown = key.clone();
+    unknown.replace_range(3..7, if &key[3..7] == "ffff" { "0000" } else { "ffff" });
+    let unknown = client_with_key(&unknown)
+        .post(format!("{url}/agent"))
+        .json(&json!({"message": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::UNAUTHORIZED);
+    let limited = client_with_key(&slow_key);
+    for expected in [StatusCode::OK, StatusCode::TOO_MANY_REQUESTS] {
+        let response = limited
+            .post(format!("{url}/agent"))
+            .json(&json!({"message": "hi"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), expected);
     }
 
     for token in [Some("not-the-metrics-token"), None] {
@@ -208,7 +241,8 @@ async fn metrics_count_runs_tool_calls_requests_and_refusals() {
 
     assert_eq!(
         moved("bulkhead_runs_total", &[("status", "completed")]),
-        2.0
+        3.0,
+        "two tool runs and the limited key's one"
     );
     assert_eq!(
         moved(
@@ -222,7 +256,7 @@ async fn metrics_count_runs_tool_calls_requests_and_refusals() {
             "bulkhead_http_requests_total",
             &[("method", "POST"), ("route", "/agent"), ("status", "200")]
         ),
-        2.0
+        3.0
     );
     assert_eq!(
         moved(
@@ -257,14 +291,36 @@ async fn metrics_count_runs_tool_calls_requests_and_refusals() {
         ),
         2.0
     );
-    // Two model calls per tool run: the tool call, then the answer to its
-    // result.
+    for reason in ["missing", "unknown"] {
+        assert_eq!(
+            moved("bulkhead_auth_failures_total", &[("reason", reason)]),
+            1.0,
+            "{reason}"
+        );
+    }
+    assert_eq!(
+        moved(
+            "bulkhead_http_requests_total",
+            &[("method", "POST"), ("route", "/agent"), ("status", "401")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        moved(
+            "bulkhead_rate_limited_total",
+            &[("limit", "requests_per_minute")]
+        ),
+        1.0
+    );
+    // Two model calls per tool run (the tool call, then the answer to its
+    // result), one for a plain message.
     assert_eq!(
         moved(
             "bulkhead_model_calls_total",
             &[("model", "bulkhead-mock"), ("outcome", "ok")]
         ),
-        4.0
+        5.0,
+        "two for each tool run, one for the limited key's run"
     );
     assert!(moved("bulkhead_model_tokens_total", &[("type", "input")]) > 0.0);
     assert!(moved("bulkhead_model_tokens_total", &[("type", "output")]) > 0.0);
@@ -310,7 +366,7 @@ async fn metrics_count_runs_tool_calls_requests_and_refusals() {
             "bulkhead_run_duration_seconds_count",
             &[("status", "completed")]
         ),
-        2.0
+        3.0
     );
     for (family, kind) in [
         ("bulkhead_http_request_duration_seconds", "histogram"),
