@@ -245,3 +245,20 @@ impl Drop for Compose {
             .output();
     }
 }
+
+/// A client that sends `key` as `Authorization: Bearer` on every request:
+/// what a caller of a server in production mode (keys required) holds.
+pub fn client_with_key(key: &str) -> reqwest::Client {
+    assert!(key.starts_with("bk_"), "not an API key: {key:?}");
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}")
+            .parse()
+            .expect("a key is a header value"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("an HTTP client")
+}

@@ -74,16 +74,7 @@ async fn the_compose_stack_runs_keeps_its_data_and_survives_a_database_outage() 
         "--name",
         "compose-test",
     ]);
-    assert!(key.starts_with("bk_"), "{key}");
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {key}").parse().unwrap(),
-    );
-    let client = reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .unwrap();
+    let client = bulkhead_deploy::client_with_key(&key);
     let base = format!("http://127.0.0.1:{port}");
     let ready = wait_for_status(
         &client,

@@ -141,15 +141,7 @@ async fn the_image_is_small_non_root_healthy_and_stops_cleanly() {
         .await
         .unwrap();
     assert_eq!(refused.status(), 401);
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {key}").parse().unwrap(),
-    );
-    let client = reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .unwrap();
+    let client = bulkhead_deploy::client_with_key(&key);
     let body: Value = client
         .post(format!("http://{address}/agent"))
         .json(&json!({"message": "from the image"}))
