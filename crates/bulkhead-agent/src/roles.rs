@@ -15,6 +15,7 @@
 
 use std::time::Duration;
 
+use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::json;
 use url::Url;
@@ -74,6 +75,10 @@ pub struct Peers {
     pub timeout: Duration,
     /// Steps taken from a plan at most; the rest are dropped (and said so).
     pub max_steps: usize,
+    /// The API keys the executor and the critic require, when they do
+    /// (`EXECUTOR_API_KEY`, `CRITIC_API_KEY`); sent as `Authorization: Bearer`.
+    pub executor_key: Option<secrecy::SecretString>,
+    pub critic_key: Option<secrecy::SecretString>,
 }
 
 /// A peer's answer to one `/agent` request.
@@ -128,6 +133,17 @@ impl PeerClient {
             .http
             .post(url)
             .json(&json!({"message": message, "session_id": session_id, "stream": false}));
+        let key = match role {
+            RoleKind::Critic => &self.peers.critic_key,
+            _ => &self.peers.executor_key,
+        };
+        if let Some(key) = key {
+            let mut value =
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose_secret()))
+                    .map_err(|_| format!("the {name}'s API key is not a valid header value"))?;
+            value.set_sensitive(true);
+            request = request.header(reqwest::header::AUTHORIZATION, value);
+        }
         // The peer's spans join this run's trace.
         if let Some(traceparent) = crate::telemetry::traceparent() {
             request = request.header("traceparent", traceparent);

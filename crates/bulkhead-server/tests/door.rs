@@ -689,7 +689,72 @@ async fn limits_fail_open_when_redis_is_gone(kind: DbKind) {
     }
 }
 
+/// A planner whose executor and critic require keys sends each its own;
+/// without them, the hand-over fails with the peer's refusal.
+async fn a_planner_sends_its_peers_their_keys(kind: DbKind) {
+    let executor = spawn_app(kind, &[("AGENT_ROLE", "executor")]).await;
+    let critic = spawn_app(kind, &[("AGENT_ROLE", "critic")]).await;
+    let executor_key = executor.key_named("planner").await;
+    let critic_key = critic.key_named("planner").await;
+    let peers = [
+        ("AGENT_ROLE", "planner"),
+        ("AUTH_MODE", "none"),
+        ("EXECUTOR_URL", executor.base.as_str()),
+        ("CRITIC_URL", critic.base.as_str()),
+    ];
+    let planner = spawn_app(
+        kind,
+        &[
+            &peers[..],
+            &[
+                ("EXECUTOR_API_KEY", executor_key.as_str()),
+                ("CRITIC_API_KEY", critic_key.as_str()),
+            ],
+        ]
+        .concat(),
+    )
+    .await;
+    let answer = planner
+        .call(
+            None,
+            "POST",
+            "/agent",
+            Some(json!({"message": "say:the one step"})),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert!(
+        answer.body["response"]
+            .as_str()
+            .unwrap()
+            .contains("Results:\n1. echo: the one step"),
+        "{}",
+        answer.body
+    );
+
+    let keyless = spawn_app(kind, &peers).await;
+    let refused = keyless
+        .call(
+            None,
+            "POST",
+            "/agent",
+            Some(json!({"message": "say:the one step"})),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::BAD_GATEWAY, "{}", refused.body);
+    assert_eq!(refused.body["error"]["code"], "delegate_error");
+    assert!(
+        refused.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("401"),
+        "{}",
+        refused.body
+    );
+}
+
 on_both_databases!(
+    a_planner_sends_its_peers_their_keys,
     limits_fail_open_when_redis_is_gone,
     a_foreign_id_is_an_unknown_id_on_every_route,
     every_protected_route_needs_a_valid_key,

@@ -116,6 +116,8 @@ impl Config {
             "AGENT_ROLE" => json!(self.role.as_str()),
             "EXECUTOR_URL" => optional(self.team.executor_url.as_ref()),
             "CRITIC_URL" => optional(self.team.critic_url.as_ref()),
+            "EXECUTOR_API_KEY" => secret(&self.team.executor_key),
+            "CRITIC_API_KEY" => secret(&self.team.critic_key),
             "DELEGATE_TIMEOUT_SECONDS" => seconds(self.team.delegate_timeout),
             "MAX_PLAN_STEPS" => json!(self.team.max_plan_steps),
             "MOCK_MODEL_LATENCY_MS" => json!(self.model.mock_latency.as_millis() as u64),

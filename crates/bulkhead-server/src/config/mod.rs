@@ -125,6 +125,9 @@ pub struct Team {
     pub critic_url: Option<url::Url>,
     pub delegate_timeout: Duration,
     pub max_plan_steps: usize,
+    /// The keys a planner sends to peers that require them.
+    pub executor_key: Option<SecretString>,
+    pub critic_key: Option<SecretString>,
 }
 
 fn read_log_level(r: &mut Reader<'_>) -> Result<String, ConfigError> {
@@ -437,6 +440,8 @@ impl Config {
                 "a whole number from 1 to 100",
                 |n: &usize| (1..=100).contains(n),
             )?,
+            executor_key: r.secret("EXECUTOR_API_KEY", "EXECUTOR_API_KEY_FILE")?,
+            critic_key: r.secret("CRITIC_API_KEY", "CRITIC_API_KEY_FILE")?,
         };
         let peers = if role == RoleKind::Planner {
             let required = |name: &'static str, url: &Option<url::Url>, example: &str| {
@@ -452,6 +457,8 @@ impl Config {
                 critic: required("CRITIC_URL", &team.critic_url, "http://critic:8000")?,
                 timeout: team.delegate_timeout,
                 max_steps: team.max_plan_steps,
+                executor_key: team.executor_key.clone(),
+                critic_key: team.critic_key.clone(),
             })
         } else {
             None

@@ -329,6 +329,20 @@ pub const SETTINGS: &[Setting] = &[
         scope: Scope::Server,
     },
     Setting {
+        name: "EXECUTOR_API_KEY",
+        default: Default::None,
+        meaning: "the API key a planner sends its executor, when the executor requires keys (secret)",
+        secret: true,
+        scope: Scope::Server,
+    },
+    Setting {
+        name: "CRITIC_API_KEY",
+        default: Default::None,
+        meaning: "the API key a planner sends its critic, when the critic requires keys (secret)",
+        secret: true,
+        scope: Scope::Server,
+    },
+    Setting {
         name: "DELEGATE_TIMEOUT_SECONDS",
         default: Default::Literal("300"),
         meaning: "how long a planner waits for one peer's answer",
