@@ -273,7 +273,10 @@ async fn the_readme_deploy_commands_bring_the_stacks_up_from_a_fresh_clone() {
     // with it (one shell, as a user types them).
     // The stack is published on the test's own port, not 8000.
     let ask = ask.replace("localhost:8000", &format!("127.0.0.1:{port}"));
-    let said = newcomer.run(&format!("set -e\n{make_key}\n{ask}\necho \"key:$KEY\""));
+    // curl's answer has no newline of its own: the key goes on a line after it.
+    let said = newcomer.run(&format!(
+        "set -e\n{make_key}\n{ask}\necho\necho \"key:$KEY\""
+    ));
     assert!(said.contains("echo: hello"), "{said}");
     let key = said
         .lines()
