@@ -308,6 +308,20 @@ async fn the_readme_deploy_commands_bring_the_stacks_up_from_a_fresh_clone() {
             .contains("1000"),
         "a tool call ran in a sandbox of the image the stack built: {answer}"
     );
+    // What an operator opens next: the metrics (open in the stack) show the
+    // run and the refused request, and the API's page is served offline.
+    let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    let metrics = metrics.text().await.unwrap();
+    for line in [
+        "bulkhead_runs_total{status=\"completed\"}",
+        "bulkhead_auth_failures_total{reason=\"missing\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    let docs = reqwest::get(format!("{base}/docs")).await.unwrap();
+    assert_eq!(docs.status(), 200);
+    assert!(docs.text().await.unwrap().contains("openapi.json"));
     newcomer.down(&both);
 
     // The multi-agent stack, from its own README block.
