@@ -1,0 +1,343 @@
+//! A run from its opening to its outcome: recorded before anything is
+//! sent, driven through the agent loop (one model call per step, then the
+//! tools it asked for), its progress recorded step by step.
+
+use super::*;
+
+impl Engine {
+    /// Records the run and starts it on its own task.
+    pub async fn start_run(self: &Arc<Self>, start: StartRun) -> Result<RunHandle, StartError> {
+        // Held from before the check so that shutdown cannot finish waiting
+        // between the check and the spawn.
+        let in_flight = self.runs.token();
+        if !self.is_accepting() {
+            return Err(StartError::ShuttingDown);
+        }
+        let run_id = new_id();
+        let (session_id, is_new_session) = match start.session_id {
+            Some(id) => (id, false),
+            None => (new_id(), true),
+        };
+        let now = now_ms();
+        let mut state = RunState::new(run_id.clone(), session_id.clone(), start.stream);
+        state.input = start.message;
+        state.owner = start.owner;
+        state.account = start.account;
+        state.new_session = is_new_session;
+        let started = state.next_event(
+            "run_started",
+            json!({"run_id": run_id, "session_id": session_id}),
+            now,
+        );
+        let lock_stale_before = now - self.settings.lock_ttl.as_millis() as i64;
+        let events = state.take_receiver();
+        let (begun_tx, begun_rx) = oneshot::channel();
+        let (outcome_tx, outcome_rx) = oneshot::channel();
+        let engine = Arc::clone(self);
+        let begun_at = Instant::now();
+        let spans = self.settings.spans;
+        let span = telemetry::run_span(
+            spans,
+            self.settings.role.as_str(),
+            &self.model,
+            &run_id,
+            &session_id,
+        );
+        // The run is opened on its own task, not the caller's: a client that
+        // hangs up while the opening is being written cancels the caller,
+        // and a run opened by then must still be driven to its end and
+        // closed, not left `running` with its session locked.
+        self.runs.spawn(
+            async move {
+                let _in_flight = in_flight;
+                let session = if state.new_session {
+                    SessionRef::New(&state.session_id)
+                } else {
+                    SessionRef::Existing(&state.session_id)
+                };
+                let begun = engine
+                    .store
+                    .begin_run(&BeginRun {
+                        session,
+                        owner: state.owner.as_deref(),
+                        run_id: &state.run_id,
+                        input: &state.input,
+                        now,
+                        lock_stale_before,
+                        first_event: started,
+                    })
+                    .await;
+                let opened = begun.is_ok();
+                let _ = begun_tx.send(begun);
+                if !opened {
+                    return;
+                }
+                let run_metrics = telemetry::RunMetrics::start(begun_at);
+                tracing::info!("run started");
+                let outcome = engine.drive(&mut state).await;
+                let (status, failure) = match &outcome {
+                    RunOutcome::Completed { .. } => ("completed", None),
+                    RunOutcome::Failed { failure, .. } => (
+                        if failure.kind == FailureKind::Interrupted {
+                            "interrupted"
+                        } else {
+                            "failed"
+                        },
+                        Some((failure.code, failure.message.as_str())),
+                    ),
+                };
+                run_metrics.finish(status);
+                telemetry::run_ended(&tracing::Span::current(), spans, failure);
+                match &outcome {
+                    RunOutcome::Completed { tokens_used, .. } => {
+                        tracing::info!(tokens_used, steps = state.steps, "run completed")
+                    }
+                    RunOutcome::Failed {
+                        failure,
+                        tokens_used,
+                    } => tracing::warn!(
+                        tokens_used,
+                        steps = state.steps,
+                        code = failure.code,
+                        error = %failure.message,
+                        "run did not complete"
+                    ),
+                }
+                let _ = outcome_tx.send(outcome);
+            }
+            .instrument(span),
+        );
+        match begun_rx.await {
+            Ok(Ok(())) => {}
+            Ok(Err(BeginRunError::SessionNotFound)) => return Err(StartError::SessionNotFound),
+            Ok(Err(BeginRunError::SessionBusy { active_run_id })) => {
+                return Err(StartError::SessionBusy {
+                    session_id,
+                    active_run_id,
+                });
+            }
+            Ok(Err(BeginRunError::Store(e))) => return Err(StartError::Store(e)),
+            Err(_) => {
+                return Err(StartError::Store(StoreError::WriterFailed(
+                    "the run's task ended before the run was opened".into(),
+                )));
+            }
+        }
+        Ok(RunHandle {
+            run_id,
+            session_id,
+            events,
+            outcome: outcome_rx,
+        })
+    }
+
+    pub(crate) async fn drive(&self, state: &mut RunState) -> RunOutcome {
+        let outcome = match (self.settings.role, &self.settings.peers) {
+            (RoleKind::Planner, Some(peers)) => self.planned_run(state, peers).await,
+            _ => self.agent_loop(state).await,
+        };
+        let (status, output, error) = match &outcome {
+            Ok(response) => (RunStatus::Completed, Some(response.as_str()), None),
+            Err(failure) => (
+                if failure.kind == FailureKind::Interrupted {
+                    RunStatus::Interrupted
+                } else {
+                    RunStatus::Failed
+                },
+                None,
+                Some(failure),
+            ),
+        };
+        let now = now_ms();
+        match &outcome {
+            Ok(response) => {
+                state.pending_messages.push(NewMessage {
+                    role: "assistant",
+                    content: Some(response.clone()),
+                    tool_calls: None,
+                    tool_call_id: None,
+                });
+                let data = json!({
+                    "run_id": state.run_id,
+                    "session_id": state.session_id,
+                    "response": response,
+                    "tokens_used": state.tokens_used,
+                });
+                state.emit("run_completed", data, now);
+            }
+            Err(failure) => {
+                state.answer_open_calls(failure, now);
+                let data = json!({
+                    "run_id": state.run_id,
+                    "session_id": state.session_id,
+                    "tokens_used": state.tokens_used,
+                    "error": {"code": failure.code, "message": failure.message},
+                });
+                state.emit("run_failed", data, now);
+            }
+        }
+        let recorded = self
+            .store
+            .finish_run(&FinishRun {
+                progress: state.progress(now),
+                status,
+                output,
+                error: error.map(|f| (f.code, f.message.as_str())),
+            })
+            .await;
+        let tokens_used = state.tokens_used;
+        match (outcome, recorded) {
+            (Ok(response), Ok(())) => RunOutcome::Completed {
+                response,
+                tokens_used,
+            },
+            (Err(failure), Ok(())) => RunOutcome::Failed {
+                failure,
+                tokens_used,
+            },
+            (_, Err(e)) => {
+                tracing::error!(error = %e, "could not record the end of the run");
+                RunOutcome::Failed {
+                    failure: Failure {
+                        kind: FailureKind::Internal,
+                        code: "internal_error",
+                        message: "the run could not be recorded".into(),
+                    },
+                    tokens_used,
+                }
+            }
+        }
+    }
+
+    /// Model, tools, model… until a text answer. Returns that answer.
+    pub(crate) async fn agent_loop(&self, state: &mut RunState) -> Result<String, Failure> {
+        // A session this run opened holds nothing but the run's input: no
+        // need to read it back.
+        let stored = if state.new_session {
+            Vec::new()
+        } else {
+            self.store
+                .messages(&state.session_id)
+                .await
+                .map_err(|e| internal("could not load the conversation", &e))?
+        };
+        let mut conversation: Vec<ChatMessage> = Vec::with_capacity(stored.len() + 2);
+        if let Some(prompt) = &self.settings.system_prompt {
+            conversation.push(ChatMessage::text("system", prompt.clone()));
+        }
+        let (history, repaired) = bulkhead_model::history::repair(
+            stored
+                .into_iter()
+                .map(|m| ChatMessage {
+                    role: m.role,
+                    content: m.content,
+                    tool_calls: m
+                        .tool_calls
+                        .as_deref()
+                        .and_then(|calls| serde_json::from_str(calls).ok()),
+                    tool_call_id: m.tool_call_id,
+                })
+                .collect(),
+        );
+        if repaired > 0 {
+            // Recorded by a release that left interrupted calls unanswered;
+            // sent as it is, a strict endpoint would refuse this session
+            // for good.
+            tracing::warn!(
+                repaired,
+                "the stored conversation had tool calls without results; sent with those answered"
+            );
+        }
+        conversation.extend(history);
+        if state.new_session {
+            conversation.push(ChatMessage::text("user", state.input.clone()));
+        }
+
+        for step in 1..=self.settings.max_steps {
+            state.steps = step as i64;
+            let completion = self.call_model(state, &conversation).await?;
+            state.tokens_used += completion
+                .usage
+                .map(|u| u.total_tokens as i64)
+                .unwrap_or_default();
+            if completion.tool_calls.is_empty() {
+                return Ok(sanitize(completion.content));
+            }
+            self.run_tools(state, &mut conversation, completion).await?;
+            self.record_progress(state).await?;
+        }
+        Err(Failure {
+            kind: FailureKind::MaxSteps,
+            code: "max_steps_exceeded",
+            message: format!(
+                "the model was still calling tools after {} steps (MAX_STEPS)",
+                self.settings.max_steps
+            ),
+        })
+    }
+
+    /// Commits the events and messages gathered since the last commit.
+    pub(crate) async fn record_progress(&self, state: &mut RunState) -> Result<(), Failure> {
+        self.store
+            .record_step(&state.progress(now_ms()))
+            .await
+            .map_err(|e| internal("could not record the run's progress", &e))?;
+        state.pending_events.clear();
+        state.pending_messages.clear();
+        Ok(())
+    }
+
+    pub(crate) async fn call_model(
+        &self,
+        state: &mut RunState,
+        conversation: &[ChatMessage],
+    ) -> Result<Completion, Failure> {
+        let streaming = state.streaming;
+        let spans = self.settings.spans;
+        let span = telemetry::chat_span(
+            spans,
+            &self.model,
+            &state.session_id,
+            conversation,
+            &self.settings.secrets,
+        );
+        let result = {
+            let mut sink = |text: &str| {
+                let now = now_ms();
+                state.emit("message_delta", json!({ "content": text }), now);
+            };
+            let deltas: Option<&mut bulkhead_model::DeltaSink<'_>> =
+                if streaming { Some(&mut sink) } else { None };
+            let call = self
+                .model
+                .complete(conversation, self.tools.specs(), deltas);
+            tokio::select! {
+                result = call.instrument(span.clone()) => result,
+                () = self.interrupt.cancelled() => return Err(interrupted()),
+            }
+        };
+        telemetry::chat_ended(&span, spans, &result, &self.settings.secrets);
+        let completion = result.map_err(|e| {
+            let (kind, code) = match e {
+                ModelError::Timeout(_) => (FailureKind::UpstreamTimeout, "model_timeout"),
+                _ => (FailureKind::Upstream, "model_error"),
+            };
+            Failure {
+                kind,
+                code,
+                message: e.to_string(),
+            }
+        })?;
+        if let (Some(account), Some(usage)) = (&state.account, &completion.usage) {
+            account.tokens_spent(usage.prompt_tokens, usage.completion_tokens);
+        }
+        if !streaming && !completion.content.is_empty() {
+            state.emit(
+                "message_delta",
+                json!({ "content": completion.content }),
+                now_ms(),
+            );
+        }
+        Ok(completion)
+    }
+}

@@ -1,0 +1,142 @@
+//! What a run accumulates between two writes to the store: its events,
+//! messages and open tool calls, and the channel to a streaming client.
+
+use super::*;
+
+/// A call the model made whose result is not recorded yet.
+pub(crate) struct OpenCall {
+    pub(crate) call: ToolCall,
+    /// Set once the call has been started (and so audited).
+    pub(crate) audit_id: Option<String>,
+}
+
+/// What a run accumulates between two writes to the store.
+pub(crate) struct RunState {
+    pub(crate) run_id: String,
+    pub(crate) session_id: String,
+    /// The user's message that started the run.
+    pub(crate) input: String,
+    /// The run opened its session: the conversation is its input alone.
+    pub(crate) new_session: bool,
+    pub(crate) owner: Option<String>,
+    pub(crate) account: Option<Box<dyn RunAccount>>,
+    pub(crate) streaming: bool,
+    pub(crate) seq: i64,
+    pub(crate) steps: i64,
+    pub(crate) tokens_used: i64,
+    pub(crate) pending_events: Vec<NewEvent>,
+    pub(crate) pending_messages: Vec<NewMessage>,
+    /// The current step's calls still without a result, in order.
+    pub(crate) open_calls: Vec<OpenCall>,
+    pub(crate) sender: Option<mpsc::UnboundedSender<EventRecord>>,
+    pub(crate) receiver: Option<mpsc::UnboundedReceiver<EventRecord>>,
+}
+
+impl RunState {
+    pub(crate) fn new(run_id: String, session_id: String, streaming: bool) -> RunState {
+        let (sender, receiver) = if streaming {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        RunState {
+            run_id,
+            session_id,
+            input: String::new(),
+            new_session: false,
+            owner: None,
+            account: None,
+            streaming,
+            seq: 0,
+            steps: 0,
+            tokens_used: 0,
+            pending_events: Vec::new(),
+            pending_messages: Vec::new(),
+            open_calls: Vec::new(),
+            sender,
+            receiver,
+        }
+    }
+
+    pub(crate) fn take_receiver(&mut self) -> Option<mpsc::UnboundedReceiver<EventRecord>> {
+        self.receiver.take()
+    }
+
+    /// Numbers an event, queues it for the store and hands it to the client.
+    pub(crate) fn emit(&mut self, kind: &'static str, data: Value, now: i64) {
+        let event = self.next_event(kind, data, now);
+        self.pending_events.push(event);
+    }
+
+    /// Numbers an event and hands it to the client.
+    pub(crate) fn next_event(&mut self, kind: &'static str, data: Value, now: i64) -> NewEvent {
+        self.seq += 1;
+        let data = data.to_string();
+        if let Some(sender) = &self.sender {
+            // A client that went away does not stop the run.
+            let _ = sender.send(EventRecord {
+                seq: self.seq,
+                kind,
+                data: Arc::from(data.as_str()),
+            });
+        }
+        NewEvent {
+            seq: self.seq,
+            kind,
+            data,
+            created_at: now,
+        }
+    }
+
+    /// Gives every call the run leaves unanswered a result saying so. The
+    /// whole history goes to the model with each later message, and strict
+    /// endpoints refuse one in which a call has no result: without this, one
+    /// interrupted call would make every later message of the session fail.
+    pub(crate) fn answer_open_calls(&mut self, failure: &Failure, now: i64) {
+        for OpenCall { call, audit_id } in std::mem::take(&mut self.open_calls) {
+            let content = match (&audit_id, &failure.kind) {
+                (Some(_), FailureKind::Interrupted) => {
+                    "error: interrupted before it finished: the server shut down during the call"
+                        .to_string()
+                }
+                (Some(_), _) => {
+                    format!("error: interrupted before it finished: {}", failure.message)
+                }
+                (None, _) => format!(
+                    "error: not run: the run ended before this call started ({})",
+                    failure.message
+                ),
+            };
+            self.emit(
+                "tool_result",
+                json!({
+                    "id": call.id,
+                    "name": call.function.name,
+                    "content": content,
+                    "is_error": true,
+                    "audit_id": audit_id,
+                }),
+                now,
+            );
+            self.pending_messages.push(NewMessage {
+                role: "tool",
+                content: Some(content),
+                tool_calls: None,
+                tool_call_id: Some(call.id),
+            });
+        }
+    }
+
+    pub(crate) fn progress(&self, now: i64) -> RunProgress<'_> {
+        RunProgress {
+            run_id: &self.run_id,
+            session_id: &self.session_id,
+            messages: &self.pending_messages,
+            events: &self.pending_events,
+            tokens_used: self.tokens_used,
+            steps: self.steps,
+            now,
+        }
+    }
+}
