@@ -199,7 +199,7 @@ impl App {
             .observability
             .metrics_token
             .as_ref()
-            .map(crate::observability::metrics::token_digest);
+            .map(crate::door::token_digest);
         announce_auth(&config);
         let door = crate::door::Door::new(
             config.auth_mode,

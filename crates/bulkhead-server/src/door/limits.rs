@@ -22,6 +22,8 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
+use crate::observability::metrics::LIMIT_ERRORS;
+
 /// Which limit a request ran into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
@@ -331,7 +333,7 @@ impl Shared {
             until.is_some_and(|t| std::time::Instant::now() < t)
         };
         if resting(&self.resting_until.lock().unwrap_or_else(|e| e.into_inner())) {
-            metrics::counter!("bulkhead_limit_errors_total").increment(1);
+            metrics::counter!(LIMIT_ERRORS).increment(1);
             return None;
         }
         let attempt = async {
@@ -343,7 +345,7 @@ impl Shared {
             Ok(Err(e)) => format!("{:?}", e.kind()),
             Err(_) => "no answer in time".to_string(),
         };
-        metrics::counter!("bulkhead_limit_errors_total").increment(1);
+        metrics::counter!(LIMIT_ERRORS).increment(1);
         let mut until = self.resting_until.lock().unwrap_or_else(|e| e.into_inner());
         if !resting(&until) {
             // Once per rest, not once per request.

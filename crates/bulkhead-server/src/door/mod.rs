@@ -36,6 +36,7 @@ use limits::{Counters, Over, Standing};
 
 use crate::app::AppState;
 use crate::error::ApiError;
+use crate::observability::metrics::{AUTH_FAILURES, RATE_LIMITED};
 
 /// `AUTH_MODE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +95,7 @@ impl Door {
                 Some(client) => Counters::shared(client),
                 None => Counters::local(),
             },
-            admin_token: admin_token.map(|t| Sha256::digest(t.expose_secret().as_bytes()).into()),
+            admin_token: admin_token.map(token_digest),
         }
     }
 
@@ -223,15 +224,38 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
     response
 }
 
+/// The token of an `Authorization: Bearer <token>` value (the scheme in
+/// any case).
+fn bearer(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// The digest a secret token (the admin token, the metrics token) is kept
+/// as, so that comparing it takes the same time whatever is presented.
+pub(crate) fn token_digest(token: &SecretString) -> [u8; 32] {
+    Sha256::digest(token.expose_secret().as_bytes()).into()
+}
+
+/// Whether `Authorization: Bearer <token>` carries the token whose digest
+/// is `expected`, compared in constant time.
+pub(crate) fn bearer_matches(headers: &HeaderMap, expected: &[u8; 32]) -> bool {
+    let Some(presented) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
+    else {
+        return false;
+    };
+    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    digest.ct_eq(expected).into()
+}
+
 /// The key from `Authorization: Bearer <key>` or `x-api-key: <key>`.
 fn presented_key(headers: &HeaderMap) -> Result<&str, Refused> {
     if let Some(value) = headers.get(header::AUTHORIZATION) {
         let value = value.to_str().map_err(|_| Refused::Malformed)?;
-        let (scheme, token) = value.split_once(' ').ok_or(Refused::Malformed)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(Refused::Malformed);
-        }
-        return Ok(token.trim());
+        return bearer(value).ok_or(Refused::Malformed);
     }
     if let Some(value) = headers.get("x-api-key") {
         return value
@@ -253,20 +277,10 @@ fn admin_refusal(door: &Door, headers: &HeaderMap) -> Option<Response> {
             .into_response(),
         );
     };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    let matches = presented.is_some_and(|token| {
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        bool::from(digest.ct_eq(expected))
-    });
-    if matches {
+    if bearer_matches(headers, expected) {
         return None;
     }
-    metrics::counter!("bulkhead_auth_failures_total", "reason" => "admin_token").increment(1);
+    metrics::counter!(AUTH_FAILURES, "reason" => "admin_token").increment(1);
     let mut response = ApiError::new(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
@@ -281,7 +295,7 @@ fn admin_refusal(door: &Door, headers: &HeaderMap) -> Option<Response> {
 }
 
 fn unauthorized(refused: Refused) -> Response {
-    metrics::counter!("bulkhead_auth_failures_total", "reason" => refused.reason()).increment(1);
+    metrics::counter!(AUTH_FAILURES, "reason" => refused.reason()).increment(1);
     let (message, challenge) = match refused {
         Refused::Missing => (
             "this route needs an API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
@@ -311,7 +325,7 @@ fn whole_seconds(duration: Duration) -> u64 {
 }
 
 fn rate_limited(over: Over) -> Response {
-    metrics::counter!("bulkhead_rate_limited_total", "limit" => over.limit.name()).increment(1);
+    metrics::counter!(RATE_LIMITED, "limit" => over.limit.name()).increment(1);
     let retry_after = whole_seconds(over.retry_after);
     let what = match over.limit {
         limits::Limit::RequestsPerMinute => "requests per minute",
@@ -355,6 +369,24 @@ fn rate_headers(headers: &mut HeaderMap, standing: &Standing) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_bearer_token_matches() {
+        let expected = token_digest(&SecretString::from("s3cret-metrics-token"));
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+            bearer_matches(&headers, &expected)
+        };
+        assert!(with("Bearer s3cret-metrics-token"));
+        assert!(with("bearer  s3cret-metrics-token "));
+        assert!(!with("Bearer s3cret-metrics-toke"));
+        assert!(!with("Basic s3cret-metrics-token"));
+        assert!(!with("s3cret-metrics-token"));
+        assert!(!bearer_matches(&HeaderMap::new(), &expected));
+    }
+
     /// The door lets in without a key exactly what the OpenAPI document
     /// says is open, so neither can drift from the other.
     #[test]
