@@ -99,10 +99,6 @@ impl Door {
         }
     }
 
-    pub fn mode(&self) -> AuthMode {
-        self.mode
-    }
-
     pub fn keys(&self) -> &KeyBook {
         &self.keys
     }
