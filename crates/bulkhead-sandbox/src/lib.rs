@@ -264,6 +264,86 @@ pub struct Probe {
     pub details: Vec<String>,
 }
 
+/// A long-lived program to host in a sandbox with its stdin and stdout
+/// connected to the caller (an MCP server speaking JSON-RPC over stdio).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    /// A program and its arguments; a bare name is looked up in PATH.
+    pub argv: Vec<String>,
+    /// Set in the program's environment, over the sandbox's own (PATH,
+    /// HOME…). Values may be secrets: never logged.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for ProcessSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("ProcessSpec")
+            .field("argv", &self.argv)
+            .field("env", &names)
+            .finish()
+    }
+}
+
+impl ProcessSpec {
+    /// Refuses requests no backend can carry out.
+    pub fn validate(&self) -> Result<(), SandboxError> {
+        Operation::Exec {
+            argv: self.argv.clone(),
+            timeout: None,
+        }
+        .validate()?;
+        for (name, value) in &self.env {
+            if name.is_empty() || name.contains('=') || name.contains('\0') || value.contains('\0')
+            {
+                return Err(SandboxError::Invalid(format!(
+                    "invalid environment variable name {name:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a hosted process ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessExit {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Why the sandbox stopped it, if it did (memory, pids, disk, output).
+    pub killed_reason: Option<KilledReason>,
+    #[serde(default)]
+    pub limits_hit: Vec<KilledReason>,
+    /// What it wrote to stderr, capped like an operation's output.
+    pub stderr: CapturedOutput,
+}
+
+/// A program running in a sandbox, its stdio connected to the caller.
+///
+/// The sandbox's limits apply to it (memory, pids, CPU, disk, no network
+/// but the egress gate) except the per-operation timeout: it runs until it
+/// exits, until this is dropped, or until its sandbox is destroyed. Dropping
+/// it kills the program and everything it started.
+pub struct SandboxProcess {
+    /// The program's stdin. Closing it is how a polite caller asks the
+    /// program to end.
+    pub stdin: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+    /// The program's stdout, as raw bytes. Unbounded: the caller caps what
+    /// it reads.
+    pub stdout: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
+    /// Resolves once the program has ended.
+    pub exited: BoxFuture<'static, ProcessExit>,
+    /// Holds whatever keeps the program alive; dropped, it kills it.
+    pub guard: Box<dyn Send + Sync>,
+}
+
+impl std::fmt::Debug for SandboxProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxProcess").finish_non_exhaustive()
+    }
+}
+
 /// One session's sandbox.
 pub trait Sandbox: Send + Sync {
     fn backend(&self) -> &'static str;
@@ -272,6 +352,20 @@ pub trait Sandbox: Send + Sync {
         &'a self,
         operation: &'a Operation,
     ) -> BoxFuture<'a, Result<ExecResult, SandboxError>>;
+    /// Starts a long-lived program with its stdio connected (see
+    /// [`SandboxProcess`]). Returns once the program has been started.
+    fn spawn<'a>(
+        &'a self,
+        spec: &'a ProcessSpec,
+    ) -> BoxFuture<'a, Result<SandboxProcess, SandboxError>> {
+        let _ = spec;
+        let backend = self.backend();
+        Box::pin(async move {
+            Err(SandboxError::Unavailable(format!(
+                "the {backend} backend cannot host long-lived programs"
+            )))
+        })
+    }
     /// Removes the sandbox and its workspace.
     fn destroy(&self) -> BoxFuture<'_, Result<(), SandboxError>>;
 }
