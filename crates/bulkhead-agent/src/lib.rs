@@ -7,6 +7,8 @@
 //! them: a client that goes away does not lose its run, and shutdown can
 //! wait for all of them and interrupt the ones that outlast the grace.
 
+mod agents;
+mod approvals;
 mod planner;
 pub mod roles;
 mod run;
@@ -20,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bulkhead_model::{ChatMessage, Completion, Model, ModelError, ToolCall};
+use bulkhead_model::{ChatMessage, Completion, ModelError, ToolCall};
 use bulkhead_store::{
     BeginRun, BeginRunError, DeleteOutcome, FinishRun, NewEvent, NewMessage, NewToolExecution,
     RunProgress, RunStatus, SessionRef, Store, StoreError, ToolExecutionEnd,
@@ -33,6 +35,8 @@ use tracing::Instrument;
 
 use run_state::{OpenCall, RunState};
 
+pub use agents::{Agent, Agents, ApprovalPolicy, DEFAULT_AGENT, ToolPolicy};
+pub use approvals::{DecideError, Decision, PendingApproval};
 pub use roles::{PeerClient, Peers, RoleKind};
 pub use sandboxes::SandboxManager;
 pub use telemetry::SpanSettings;
@@ -40,10 +44,8 @@ pub use tools::{Tool, ToolContext, ToolError, ToolOutput, ToolRegistry};
 
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
-    /// Model calls allowed in one run.
-    pub max_steps: u32,
-    /// Prepended to every conversation sent to the model, when set.
-    pub system_prompt: Option<String>,
+    /// How long a tool call waits for a person before it counts as denied.
+    pub approval_timeout: Duration,
     /// A session lock not refreshed for this long is presumed abandoned
     /// (its holder crashed) and may be taken over.
     pub lock_ttl: Duration,
@@ -70,8 +72,20 @@ pub struct EventRecord {
 /// How a run ended.
 #[derive(Debug, Clone)]
 pub enum RunOutcome {
-    Completed { response: String, tokens_used: i64 },
-    Failed { failure: Failure, tokens_used: i64 },
+    Completed {
+        response: String,
+        tokens_used: i64,
+    },
+    Failed {
+        failure: Failure,
+        tokens_used: i64,
+    },
+    /// Paused before a tool call until a person decides on it (or the
+    /// wait expires); its session stays held.
+    AwaitingApproval {
+        approval: PendingApproval,
+        tokens_used: i64,
+    },
 }
 
 /// Why a run did not complete.
@@ -104,6 +118,10 @@ pub enum StartError {
     ShuttingDown,
     #[error("session not found")]
     SessionNotFound,
+    #[error("no agent has the id {0:?}")]
+    UnknownAgent(String),
+    #[error("the session belongs to agent {agent:?}")]
+    WrongAgent { agent: String },
     #[error("session {session_id} already has a run in progress ({active_run_id})")]
     SessionBusy {
         session_id: String,
@@ -125,6 +143,10 @@ pub struct RunHandle {
 
 pub struct StartRun {
     pub session_id: Option<String>,
+    /// The agent to run: a new session's, or the one an existing session
+    /// is expected to belong to. `None`: the default agent for a new
+    /// session, whichever agent an existing one has.
+    pub agent: Option<String>,
     pub message: String,
     /// Stream the model's text as it is produced (and hand out the events).
     pub stream: bool,
@@ -139,6 +161,7 @@ impl std::fmt::Debug for StartRun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StartRun")
             .field("session_id", &self.session_id)
+            .field("agent", &self.agent)
             .field("stream", &self.stream)
             .field("owner", &self.owner)
             .finish_non_exhaustive()
@@ -156,8 +179,7 @@ pub trait RunAccount: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct Engine {
     store: Store,
-    model: Arc<Model>,
-    tools: ToolRegistry,
+    agents: Agents,
     sandboxes: Option<Arc<SandboxManager>>,
     settings: EngineSettings,
     runs: TaskTracker,
@@ -185,15 +207,13 @@ pub fn now_ms() -> i64 {
 impl Engine {
     pub fn new(
         store: Store,
-        model: Arc<Model>,
-        tools: ToolRegistry,
+        agents: Agents,
         sandboxes: Option<Arc<SandboxManager>>,
         settings: EngineSettings,
     ) -> Engine {
         Engine {
             store,
-            model,
-            tools,
+            agents,
             sandboxes,
             settings,
             runs: TaskTracker::new(),
@@ -206,8 +226,8 @@ impl Engine {
         &self.store
     }
 
-    pub fn model(&self) -> &Model {
-        &self.model
+    pub fn agents(&self) -> &Agents {
+        &self.agents
     }
 
     pub fn sandboxes(&self) -> Option<&SandboxManager> {

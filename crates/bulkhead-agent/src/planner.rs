@@ -12,7 +12,18 @@ impl Engine {
         state: &mut RunState,
         peers: &PeerClient,
     ) -> Result<String, Failure> {
-        let plan = self.agent_loop(state).await?;
+        let conversation = self.opening_conversation(state).await?;
+        let plan = match self.agent_loop(state, conversation, None).await? {
+            run::LoopEnd::Answer(plan) => plan,
+            // A planner is offered no tools, so none of its calls can wait.
+            run::LoopEnd::Paused(_) => {
+                return Err(Failure {
+                    kind: FailureKind::Internal,
+                    code: "internal_error",
+                    message: "a planner's run cannot wait for an approval".into(),
+                });
+            }
+        };
         let (mut steps, dropped) = roles::parse_steps(&plan, peers.peers().max_steps);
         if steps.is_empty() {
             steps.push(state.input.clone());

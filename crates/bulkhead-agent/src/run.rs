@@ -18,8 +18,27 @@ impl Engine {
             Some(id) => (id, false),
             None => (new_id(), true),
         };
+        // The agent asked for, or for a new session the default one; a
+        // session that is continued without naming one runs the agent it
+        // belongs to (known once it is locked).
+        let asked = match &start.agent {
+            Some(id) => Some(Arc::clone(
+                self.agents
+                    .get(id)
+                    .ok_or_else(|| StartError::UnknownAgent(id.clone()))?,
+            )),
+            None => None,
+        };
+        let agent = asked
+            .clone()
+            .unwrap_or_else(|| Arc::clone(self.agents.default_agent()));
         let now = now_ms();
-        let mut state = RunState::new(run_id.clone(), session_id.clone(), start.stream);
+        let mut state = RunState::new(
+            run_id.clone(),
+            session_id.clone(),
+            start.stream,
+            Arc::clone(&agent),
+        );
         state.input = start.message;
         state.owner = start.owner;
         state.account = start.account;
@@ -39,7 +58,7 @@ impl Engine {
         let span = telemetry::run_span(
             spans,
             self.settings.role.as_str(),
-            &self.model,
+            &agent.model,
             &run_id,
             &session_id,
         );
@@ -60,6 +79,11 @@ impl Engine {
                     .begin_run(&BeginRun {
                         session,
                         owner: state.owner.as_deref(),
+                        agent: if state.new_session {
+                            Some(state.agent.id.as_str())
+                        } else {
+                            asked.as_ref().map(|agent| agent.id.as_str())
+                        },
                         run_id: &state.run_id,
                         input: &state.input,
                         now,
@@ -67,42 +91,39 @@ impl Engine {
                         first_event: started,
                     })
                     .await;
-                let opened = begun.is_ok();
-                let _ = begun_tx.send(begun);
-                if !opened {
-                    return;
-                }
-                let run_metrics = telemetry::RunMetrics::start(begun_at);
-                tracing::info!("run started");
-                let outcome = engine.drive(&mut state).await;
-                let (status, failure) = match &outcome {
-                    RunOutcome::Completed { .. } => ("completed", None),
-                    RunOutcome::Failed { failure, .. } => (
-                        if failure.kind == FailureKind::Interrupted {
-                            "interrupted"
-                        } else {
-                            "failed"
-                        },
-                        Some((failure.code, failure.message.as_str())),
-                    ),
-                };
-                run_metrics.finish(status);
-                telemetry::run_ended(&tracing::Span::current(), spans, failure);
-                match &outcome {
-                    RunOutcome::Completed { tokens_used, .. } => {
-                        tracing::info!(tokens_used, steps = state.steps, "run completed")
+                let session_agent = match begun {
+                    Ok(agent) => {
+                        let _ = begun_tx.send(Ok(()));
+                        agent
                     }
-                    RunOutcome::Failed {
-                        failure,
-                        tokens_used,
-                    } => tracing::warn!(
-                        tokens_used,
-                        steps = state.steps,
-                        code = failure.code,
-                        error = %failure.message,
-                        "run did not complete"
-                    ),
-                }
+                    Err(e) => {
+                        let _ = begun_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let run_metrics = telemetry::RunMetrics::start(begun_at);
+                tracing::info!(agent = %session_agent, "run started");
+                let outcome = match engine.agents.get(&session_agent) {
+                    Some(agent) => {
+                        state.agent = Arc::clone(agent);
+                        engine.drive(&mut state).await
+                    }
+                    None => {
+                        engine
+                            .close(
+                                &mut state,
+                                Err(Failure {
+                                    kind: FailureKind::Internal,
+                                    code: "agent_not_configured",
+                                    message: format!(
+                                        "this session belongs to agent {session_agent:?}, which this server no longer runs"
+                                    ),
+                                }),
+                            )
+                            .await
+                    }
+                };
+                engine.report(&state, &outcome, run_metrics, spans);
                 let _ = outcome_tx.send(outcome);
             }
             .instrument(span),
@@ -110,6 +131,9 @@ impl Engine {
         match begun_rx.await {
             Ok(Ok(())) => {}
             Ok(Err(BeginRunError::SessionNotFound)) => return Err(StartError::SessionNotFound),
+            Ok(Err(BeginRunError::WrongAgent { agent })) => {
+                return Err(StartError::WrongAgent { agent });
+            }
             Ok(Err(BeginRunError::SessionBusy { active_run_id })) => {
                 return Err(StartError::SessionBusy {
                     session_id,
@@ -131,10 +155,81 @@ impl Engine {
         })
     }
 
+    /// Logs, counts and closes the span of a run's outcome.
+    pub(crate) fn report(
+        &self,
+        state: &RunState,
+        outcome: &RunOutcome,
+        run_metrics: telemetry::RunMetrics,
+        spans: SpanSettings,
+    ) {
+        let (status, failure) = match outcome {
+            RunOutcome::Completed { .. } => ("completed", None),
+            RunOutcome::AwaitingApproval { .. } => ("awaiting_approval", None),
+            RunOutcome::Failed { failure, .. } => (
+                if failure.kind == FailureKind::Interrupted {
+                    "interrupted"
+                } else {
+                    "failed"
+                },
+                Some((failure.code, failure.message.as_str())),
+            ),
+        };
+        run_metrics.finish(status);
+        telemetry::run_ended(&tracing::Span::current(), spans, failure);
+        match outcome {
+            RunOutcome::Completed { tokens_used, .. } => {
+                tracing::info!(tokens_used, steps = state.steps, "run completed")
+            }
+            RunOutcome::AwaitingApproval {
+                approval,
+                tokens_used,
+            } => tracing::info!(
+                tokens_used,
+                steps = state.steps,
+                tool = %approval.tool,
+                call_id = %approval.call_id,
+                "run paused: a tool call awaits approval"
+            ),
+            RunOutcome::Failed {
+                failure,
+                tokens_used,
+            } => tracing::warn!(
+                tokens_used,
+                steps = state.steps,
+                code = failure.code,
+                error = %failure.message,
+                "run did not complete"
+            ),
+        }
+    }
+
     pub(crate) async fn drive(&self, state: &mut RunState) -> RunOutcome {
-        let outcome = match (self.settings.role, &self.settings.peers) {
-            (RoleKind::Planner, Some(peers)) => self.planned_run(state, peers).await,
-            _ => self.agent_loop(state).await,
+        let ended = match (self.settings.role, &self.settings.peers) {
+            (RoleKind::Planner, Some(peers)) => {
+                self.planned_run(state, peers).await.map(LoopEnd::Answer)
+            }
+            _ => {
+                let conversation = match self.opening_conversation(state).await {
+                    Ok(conversation) => conversation,
+                    Err(failure) => return self.close(state, Err(failure)).await,
+                };
+                self.agent_loop(state, conversation, None).await
+            }
+        };
+        self.close(state, ended).await
+    }
+
+    /// Records how a run ended (or that it paused) and says so.
+    pub(crate) async fn close(
+        &self,
+        state: &mut RunState,
+        ended: Result<LoopEnd, Failure>,
+    ) -> RunOutcome {
+        let outcome = match ended {
+            Ok(LoopEnd::Answer(response)) => Ok(response),
+            Ok(LoopEnd::Paused(approval)) => return self.pause(state, approval).await,
+            Err(failure) => Err(failure),
         };
         let (status, output, error) = match &outcome {
             Ok(response) => (RunStatus::Completed, Some(response.as_str()), None),
@@ -209,8 +304,12 @@ impl Engine {
         }
     }
 
-    /// Model, tools, model… until a text answer. Returns that answer.
-    pub(crate) async fn agent_loop(&self, state: &mut RunState) -> Result<String, Failure> {
+    /// The conversation a new run starts from: the agent's prompt, the
+    /// stored history (answered where a call lost its result), the input.
+    pub(crate) async fn opening_conversation(
+        &self,
+        state: &RunState,
+    ) -> Result<Vec<ChatMessage>, Failure> {
         // A session this run opened holds nothing but the run's input: no
         // need to read it back.
         let stored = if state.new_session {
@@ -221,24 +320,10 @@ impl Engine {
                 .await
                 .map_err(|e| internal("could not load the conversation", &e))?
         };
-        let mut conversation: Vec<ChatMessage> = Vec::with_capacity(stored.len() + 2);
-        if let Some(prompt) = &self.settings.system_prompt {
-            conversation.push(ChatMessage::text("system", prompt.clone()));
-        }
-        let (history, repaired) = bulkhead_model::history::repair(
-            stored
-                .into_iter()
-                .map(|m| ChatMessage {
-                    role: m.role,
-                    content: m.content,
-                    tool_calls: m
-                        .tool_calls
-                        .as_deref()
-                        .and_then(|calls| serde_json::from_str(calls).ok()),
-                    tool_call_id: m.tool_call_id,
-                })
-                .collect(),
-        );
+        let mut conversation = self.system_prompt(state);
+        conversation.reserve(stored.len() + 1);
+        let (history, repaired) =
+            bulkhead_model::history::repair(stored.into_iter().map(chat_message).collect());
         if repaired > 0 {
             // Recorded by a release that left interrupted calls unanswered;
             // sent as it is, a strict endpoint would refuse this session
@@ -252,8 +337,42 @@ impl Engine {
         if state.new_session {
             conversation.push(ChatMessage::text("user", state.input.clone()));
         }
+        Ok(conversation)
+    }
 
-        for step in 1..=self.settings.max_steps {
+    /// The agent's system prompt as the conversation's first message.
+    pub(crate) fn system_prompt(&self, state: &RunState) -> Vec<ChatMessage> {
+        let prompt = state
+            .agent
+            .system_prompt
+            .clone()
+            .or_else(|| self.settings.role.default_prompt().map(str::to_string));
+        prompt
+            .map(|prompt| ChatMessage::text("system", prompt))
+            .into_iter()
+            .collect()
+    }
+
+    /// Model, tools, model… until a text answer, or a call that must wait
+    /// for a person. `resumed`: the calls of the last step still to run
+    /// (the first of them decided), when a paused run goes on.
+    pub(crate) async fn agent_loop(
+        &self,
+        state: &mut RunState,
+        mut conversation: Vec<ChatMessage>,
+        resumed: Option<(Vec<ToolCall>, Decision)>,
+    ) -> Result<LoopEnd, Failure> {
+        if let Some((calls, decision)) = resumed {
+            if let Some(approval) = self
+                .run_calls(state, &mut conversation, calls, Some(decision))
+                .await?
+            {
+                return Ok(LoopEnd::Paused(approval));
+            }
+            self.record_progress(state).await?;
+        }
+        let max_steps = state.agent.max_steps;
+        for step in (state.steps as u32 + 1)..=max_steps {
             state.steps = step as i64;
             let completion = self.call_model(state, &conversation).await?;
             state.tokens_used += completion
@@ -261,17 +380,22 @@ impl Engine {
                 .map(|u| u.total_tokens as i64)
                 .unwrap_or_default();
             if completion.tool_calls.is_empty() {
-                return Ok(sanitize(completion.content));
+                return Ok(LoopEnd::Answer(sanitize(completion.content)));
             }
-            self.run_tools(state, &mut conversation, completion).await?;
+            let calls = self.record_calls(state, &mut conversation, completion);
+            if let Some(approval) = self
+                .run_calls(state, &mut conversation, calls, None)
+                .await?
+            {
+                return Ok(LoopEnd::Paused(approval));
+            }
             self.record_progress(state).await?;
         }
         Err(Failure {
             kind: FailureKind::MaxSteps,
             code: "max_steps_exceeded",
             message: format!(
-                "the model was still calling tools after {} steps (MAX_STEPS)",
-                self.settings.max_steps
+                "the model was still calling tools after {max_steps} steps (the agent's max_steps)"
             ),
         })
     }
@@ -296,11 +420,12 @@ impl Engine {
         let spans = self.settings.spans;
         let span = telemetry::chat_span(
             spans,
-            &self.model,
+            &state.agent.model,
             &state.session_id,
             conversation,
             &self.settings.secrets,
         );
+        let agent = Arc::clone(&state.agent);
         let result = {
             let mut sink = |text: &str| {
                 let now = now_ms();
@@ -308,9 +433,9 @@ impl Engine {
             };
             let deltas: Option<&mut bulkhead_model::DeltaSink<'_>> =
                 if streaming { Some(&mut sink) } else { None };
-            let call = self
+            let call = agent
                 .model
-                .complete(conversation, self.tools.specs(), deltas);
+                .complete(conversation, agent.tools.specs(), deltas);
             tokio::select! {
                 result = call.instrument(span.clone()) => result,
                 () = self.interrupt.cancelled() => return Err(interrupted()),
@@ -339,5 +464,24 @@ impl Engine {
             );
         }
         Ok(completion)
+    }
+}
+
+/// How the agent loop stopped, short of a failure.
+pub(crate) enum LoopEnd {
+    Answer(String),
+    Paused(PendingApproval),
+}
+
+/// A stored message as the model takes it.
+pub(crate) fn chat_message(m: bulkhead_store::Message) -> ChatMessage {
+    ChatMessage {
+        role: m.role,
+        content: m.content,
+        tool_calls: m
+            .tool_calls
+            .as_deref()
+            .and_then(|calls| serde_json::from_str(calls).ok()),
+        tool_call_id: m.tool_call_id,
     }
 }

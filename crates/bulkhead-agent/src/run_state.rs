@@ -14,6 +14,8 @@ pub(crate) struct OpenCall {
 pub(crate) struct RunState {
     pub(crate) run_id: String,
     pub(crate) session_id: String,
+    /// The agent the run's session belongs to.
+    pub(crate) agent: Arc<Agent>,
     /// The user's message that started the run.
     pub(crate) input: String,
     /// The run opened its session: the conversation is its input alone.
@@ -33,7 +35,12 @@ pub(crate) struct RunState {
 }
 
 impl RunState {
-    pub(crate) fn new(run_id: String, session_id: String, streaming: bool) -> RunState {
+    pub(crate) fn new(
+        run_id: String,
+        session_id: String,
+        streaming: bool,
+        agent: Arc<Agent>,
+    ) -> RunState {
         let (sender, receiver) = if streaming {
             let (tx, rx) = mpsc::unbounded_channel();
             (Some(tx), Some(rx))
@@ -43,6 +50,7 @@ impl RunState {
         RunState {
             run_id,
             session_id,
+            agent,
             input: String::new(),
             new_session: false,
             owner: None,

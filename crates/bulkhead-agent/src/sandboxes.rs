@@ -50,6 +50,7 @@ impl SandboxManager {
         self.backend.name()
     }
 
+    /// The server's limits: the ceiling of every agent's.
     pub fn limits(&self) -> &Limits {
         &self.limits
     }
@@ -103,13 +104,19 @@ impl SandboxManager {
 
     /// The session's sandbox, made if needed. Refuses when the backend
     /// failed its probe: nothing ever runs unsandboxed.
-    pub async fn for_session(&self, session_id: &str) -> Result<Arc<dyn Sandbox>, SandboxError> {
+    /// `limits`: the session's agent's, within the server's (see
+    /// [`SandboxManager::limits`]); a sandbox keeps those it was made with.
+    pub async fn for_session(
+        &self,
+        session_id: &str,
+        limits: &Limits,
+    ) -> Result<Arc<dyn Sandbox>, SandboxError> {
         self.availability()
             .await
             .map_err(SandboxError::Unavailable)?;
         self.sessions
             .get_or_create(session_id.to_string(), || async {
-                let sandbox = self.backend.create(session_id, &self.limits).await?;
+                let sandbox = self.backend.create(session_id, limits).await?;
                 crate::telemetry::sandbox_created(self.backend.name());
                 Ok(sandbox)
             })

@@ -33,6 +33,8 @@ pub enum ToolError {
 pub struct ToolContext<'a> {
     pub session_id: &'a str,
     pub sandboxes: Option<&'a SandboxManager>,
+    /// The limits of the session's sandbox (its agent's).
+    pub limits: &'a bulkhead_sandbox::Limits,
 }
 
 /// A tool's answer, and the sandboxed execution behind it if there was one.
@@ -98,6 +100,25 @@ impl ToolRegistry {
         registry.register(Arc::new(ListDir));
         registry.register(Arc::new(HttpFetch { egress }));
         registry
+    }
+
+    /// The tools named in `names`, in that order. A name the registry does
+    /// not have is the error.
+    pub fn subset<S: AsRef<str>>(&self, names: &[S]) -> Result<ToolRegistry, String> {
+        let mut subset = ToolRegistry::default();
+        for name in names {
+            let tool = self
+                .tools
+                .get(name.as_ref())
+                .ok_or_else(|| name.as_ref().to_string())?;
+            subset.register(Arc::clone(tool));
+        }
+        Ok(subset)
+    }
+
+    /// The names of the tools, in the order they are offered.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.specs.iter().map(|spec| spec.function.name.as_str())
     }
 
     /// Whether a tool of that name is registered.
@@ -215,7 +236,7 @@ async fn in_sandbox(
         ToolError::Refused("no sandbox is configured; the tool was not run".into())
     })?;
     let sandbox = manager
-        .for_session(context.session_id)
+        .for_session(context.session_id, context.limits)
         .await
         .map_err(|e| ToolError::Refused(format!("{e}; the tool was not run")))?;
     let started = std::time::Instant::now();

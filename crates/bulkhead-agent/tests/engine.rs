@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulkhead_agent::{Engine, EngineSettings, RoleKind, StartRun, ToolRegistry};
+use bulkhead_agent::{
+    Agent, Agents, ApprovalPolicy, Engine, EngineSettings, RoleKind, StartRun, ToolRegistry,
+};
 use bulkhead_model::{MockModel, Model};
 use bulkhead_store::{Store, StoreOptions};
 
@@ -13,14 +15,23 @@ async fn engine(dir: &tempfile::TempDir) -> Arc<Engine> {
         .await
         .unwrap();
     store.migrate().await.unwrap();
+    let agent = Agent {
+        id: "default".into(),
+        name: "default".into(),
+        description: String::new(),
+        system_prompt: None,
+        model: Arc::new(Model::Mock(MockModel::new(Duration::ZERO))),
+        tools: ToolRegistry::with_builtins(),
+        limits: Default::default(),
+        max_steps: 4,
+        approval: ApprovalPolicy::default(),
+    };
     Arc::new(Engine::new(
         store,
-        Arc::new(Model::Mock(MockModel::new(Duration::ZERO))),
-        ToolRegistry::with_builtins(),
+        Agents::new(vec![agent]).unwrap(),
         None,
         EngineSettings {
-            max_steps: 4,
-            system_prompt: None,
+            approval_timeout: Duration::from_secs(60),
             lock_ttl: Duration::from_secs(600),
             secrets: Vec::new(),
             role: RoleKind::General,
@@ -40,6 +51,7 @@ async fn a_run_whose_caller_hangs_up_while_it_opens_still_ends() {
     let first = engine
         .start_run(StartRun {
             session_id: None,
+            agent: None,
             message: "first".into(),
             stream: false,
             owner: None,
@@ -53,6 +65,7 @@ async fn a_run_whose_caller_hangs_up_while_it_opens_still_ends() {
     for i in 0..20 {
         let start = engine.start_run(StartRun {
             session_id: Some(session_id.clone()),
+            agent: None,
             message: format!("abandoned {i}"),
             stream: false,
             owner: None,

@@ -8,6 +8,8 @@
 //! - the last user message is `fail:<status>` (400–599) → that HTTP error;
 //! - the last user message is `say:<text>` → exactly `<text>` (newlines
 //!   kept: how a test scripts a planner's plan);
+//! - the last user message is `whoami` → `model: <the model asked for>;
+//!   system: <the system prompt, or none>` (which agent is answering);
 //! - anything else → `echo: <last user message>`.
 //!
 //! Usage counts whitespace-separated words: the prompt's message contents,
@@ -68,6 +70,11 @@ impl MockModel {
 
     /// The mock's answer to a conversation.
     pub fn reply(messages: &[ChatMessage]) -> MockReply {
+        Self::reply_as(MOCK_MODEL_NAME, messages)
+    }
+
+    /// The mock's answer to a conversation sent to model `model`.
+    pub fn reply_as(model: &str, messages: &[ChatMessage]) -> MockReply {
         if let Some(last) = messages.last()
             && last.role == "tool"
         {
@@ -105,6 +112,14 @@ impl MockModel {
             && (status.is_client_error() || status.is_server_error())
         {
             return MockReply::Fail(status);
+        }
+        if user.trim() == "whoami" {
+            let system = messages
+                .iter()
+                .find(|m| m.role == "system")
+                .and_then(|m| m.content.as_deref())
+                .unwrap_or("none");
+            return MockReply::Text(format!("model: {model}; system: {system}"));
         }
         if let Some(text) = user.strip_prefix("say:") {
             return MockReply::Text(text.to_string());
@@ -277,7 +292,7 @@ async fn chat_completions(State(mock): State<Arc<MockModel>>, body: Bytes) -> Re
     if !mock.latency.is_zero() {
         tokio::time::sleep(mock.latency).await;
     }
-    let reply = MockModel::reply(&request.messages);
+    let reply = MockModel::reply_as(&request.model, &request.messages);
     let usage = MockModel::usage(&request.messages, &reply);
     let id = format!("chatcmpl-mock-{}", fastrand::u64(..));
     let created = unix_seconds();

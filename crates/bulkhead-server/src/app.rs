@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bulkhead_agent::{Engine, EngineSettings, PeerClient, SandboxManager, ToolRegistry};
+use bulkhead_agent::{
+    Agent, Agents, Engine, EngineSettings, PeerClient, SandboxManager, ToolPolicy, ToolRegistry,
+};
 use bulkhead_model::{MockModel, Model, ModelSettings, OpenAiClient};
 use bulkhead_store::{Store, StoreOptions};
 use secrecy::ExposeSecret;
@@ -97,37 +99,6 @@ impl App {
             }
         };
         let (store, sandboxes) = tokio::try_join!(database, sandboxes)?;
-        let model = match &config.model.endpoint {
-            Some(endpoint) => Model::Remote({
-                tracing::info!(
-                    endpoint = %crate::config::redact_url_password(endpoint),
-                    model = %config.model.name,
-                    api_key = if config.model.api_key.is_some() { "set" } else { "not set" },
-                    "model endpoint"
-                );
-                OpenAiClient::new(ModelSettings {
-                    endpoint: endpoint.clone(),
-                    model: config.model.name.clone(),
-                    api_key: config.model.api_key.clone(),
-                    temperature: config.model.temperature,
-                    max_tokens: config.model.max_tokens,
-                    timeout: config.model.timeout,
-                    max_retries: config.model.max_retries,
-                    retry_base: Duration::from_millis(250),
-                    retry_cap: Duration::from_secs(8),
-                })
-                .context("could not set up the model client")?
-            }),
-            None => {
-                debug_assert_eq!(config.mode, AgentMode::Development);
-                tracing::warn!(
-                    "NO MODEL CONFIGURED: AGENT_MODE=development and MODEL_ENDPOINT is unset, so the built-in \
-                     MOCK MODEL answers (it echoes). Set MODEL_ENDPOINT for a real model."
-                );
-                tracing::info!(endpoint = "built-in", model = "mock", "model endpoint");
-                Model::Mock(MockModel::new(config.model.mock_latency))
-            }
-        };
         let redis = match &config.redis_url {
             None => None,
             Some(url) => {
@@ -141,7 +112,7 @@ impl App {
                 )
             }
         };
-        let model = Arc::new(model);
+        let agents = build_agents(&config)?;
         // A session lock outlives the longest silence of a healthy run: one
         // model call with all its retries, plus room for a tool call.
         let lock_ttl = config.model.timeout * (config.model.max_retries + 1)
@@ -154,6 +125,9 @@ impl App {
             None => None,
         };
         let mut secrets: Vec<String> = Vec::new();
+        for agent in &config.agents {
+            secrets.extend(agent_secrets(agent));
+        }
         if let Some(key) = &config.model.api_key {
             secrets.push(key.expose_secret().to_string());
         }
@@ -167,19 +141,10 @@ impl App {
         }
         let engine = Engine::new(
             store,
-            model,
-            if role.uses_tools() {
-                ToolRegistry::with_sandbox_tools(Arc::new(config.sandbox.egress.clone()))
-            } else {
-                ToolRegistry::default()
-            },
+            agents,
             sandboxes,
             EngineSettings {
-                max_steps: config.max_steps,
-                system_prompt: config
-                    .system_prompt
-                    .clone()
-                    .or_else(|| role.default_prompt().map(str::to_string)),
+                approval_timeout: config.approval_timeout,
                 lock_ttl,
                 secrets,
                 role,
@@ -207,9 +172,11 @@ impl App {
             redis.clone(),
             config.admin_token.as_ref(),
         );
+        let engine = Arc::new(engine);
+        spawn_approval_expiry(&engine);
         Ok(App {
             config,
-            engine: Arc::new(engine),
+            engine,
             door,
             model_probe: Mutex::new(None),
             redis,
@@ -253,26 +220,51 @@ impl App {
     }
 
     /// Whether the model endpoint answers, cached for a few seconds.
+    /// Whether every agent's model is the in-process mock.
+    pub fn uses_only_mock_models(&self) -> bool {
+        self.engine
+            .agents()
+            .iter()
+            .all(|agent| agent.model.is_mock())
+    }
+
+    /// Probes each distinct model endpoint the agents use (one probe per
+    /// endpoint, not per agent); the first failure is the answer.
     pub async fn probe_model(&self) -> Result<(), String> {
-        let Model::Remote(client) = self.engine.model() else {
-            return Ok(());
-        };
         let mut cached = self.model_probe.lock().await;
         if let Some((at, result)) = cached.as_ref()
             && at.elapsed() < PROBE_TTL
         {
             return result.clone();
         }
-        let result = client.probe(PROBE_TIMEOUT).await.map_err(|e| {
-            tracing::warn!(error = %e, "model endpoint probe failed");
-            match e {
-                bulkhead_model::ModelError::Status { message, .. } => message,
-                bulkhead_model::ModelError::Timeout(_) => {
-                    "the model endpoint did not answer in time".into()
-                }
-                _ => "the model endpoint is unreachable".into(),
+        let mut probed: Vec<&str> = Vec::new();
+        let mut result = Ok(());
+        for agent in self.engine.agents().iter() {
+            let Model::Remote(client) = &*agent.model else {
+                continue;
+            };
+            let endpoint = client.settings().endpoint.as_str();
+            if probed.contains(&endpoint) {
+                continue;
             }
-        });
+            probed.push(endpoint);
+            if let Err(e) = client.probe(PROBE_TIMEOUT).await {
+                tracing::warn!(error = %e, agent = %agent.id, "model endpoint probe failed");
+                let message = match e {
+                    bulkhead_model::ModelError::Status { message, .. } => message,
+                    bulkhead_model::ModelError::Timeout(_) => {
+                        "the model endpoint did not answer in time".into()
+                    }
+                    _ => "the model endpoint is unreachable".into(),
+                };
+                result = Err(if self.engine.agents().iter().count() > 1 {
+                    format!("agent {}: {message}", agent.id)
+                } else {
+                    message
+                });
+                break;
+            }
+        }
         *cached = Some((Instant::now(), result.clone()));
         result
     }
@@ -280,6 +272,111 @@ impl App {
 
 /// Says at start who may call this server, loudly when the answer is
 /// "anyone who can reach it".
+/// The engine's agents, from their configuration: a model client each (the
+/// mock shared by those without an endpoint), the built-in tools each may
+/// use (none for roles that run no tools; none its policy denies).
+fn build_agents(config: &Config) -> anyhow::Result<Agents> {
+    let role = config.role;
+    let all_tools = if role.uses_tools() {
+        ToolRegistry::with_sandbox_tools(Arc::new(config.sandbox.egress.clone()))
+    } else {
+        ToolRegistry::default()
+    };
+    let mut mock: Option<Arc<Model>> = None;
+    let mut agents = Vec::with_capacity(config.agents.len());
+    for agent in &config.agents {
+        let model = match &agent.model.endpoint {
+            Some(endpoint) => {
+                tracing::info!(
+                    agent = %agent.id,
+                    endpoint = %crate::config::redact_url_password(endpoint),
+                    model = %agent.model.name,
+                    api_key = if agent.model.api_key.is_some() { "set" } else { "not set" },
+                    "model endpoint"
+                );
+                Arc::new(Model::Remote(
+                    OpenAiClient::new(ModelSettings {
+                        endpoint: endpoint.clone(),
+                        model: agent.model.name.clone(),
+                        api_key: agent.model.api_key.clone(),
+                        temperature: agent.model.temperature,
+                        max_tokens: agent.model.max_tokens,
+                        timeout: agent.model.timeout,
+                        max_retries: agent.model.max_retries,
+                        retry_base: Duration::from_millis(250),
+                        retry_cap: Duration::from_secs(8),
+                    })
+                    .with_context(|| {
+                        format!("agent {}: could not set up the model client", agent.id)
+                    })?,
+                ))
+            }
+            None => {
+                debug_assert_eq!(config.mode, AgentMode::Development);
+                Arc::clone(mock.get_or_insert_with(|| {
+                    tracing::warn!(
+                        "NO MODEL CONFIGURED: AGENT_MODE=development and MODEL_ENDPOINT is unset, so the built-in \
+                         MOCK MODEL answers (it echoes). Set MODEL_ENDPOINT for a real model."
+                    );
+                    Arc::new(Model::Mock(MockModel::new(config.model.mock_latency)))
+                }))
+            }
+        };
+        if agent.model.endpoint.is_none() {
+            tracing::info!(agent = %agent.id, endpoint = "built-in", model = "mock", "model endpoint");
+        }
+        let names: Vec<String> = match &agent.tools {
+            Some(names) if role.uses_tools() => names.clone(),
+            Some(_) => {
+                tracing::warn!(agent = %agent.id, role = role.as_str(), "this role runs no tools: the agent's `tools` are ignored");
+                Vec::new()
+            }
+            None => all_tools.names().map(str::to_string).collect(),
+        };
+        let offered: Vec<&String> = names
+            .iter()
+            .filter(|name| agent.approval.for_tool(name) != ToolPolicy::Deny)
+            .collect();
+        let tools = all_tools
+            .subset(&offered)
+            .map_err(|name| anyhow::anyhow!("agent {}: no built-in tool {name:?}", agent.id))?;
+        agents.push(Agent {
+            id: agent.id.clone(),
+            name: agent.name.clone(),
+            description: agent.description.clone(),
+            system_prompt: agent.system_prompt.clone(),
+            model,
+            tools,
+            limits: agent.limits.clone(),
+            max_steps: agent.max_steps,
+            approval: agent.approval.clone(),
+        });
+    }
+    if let Some(file) = &config.agents_file {
+        tracing::info!(file = %file.display(), agents = agents.len(), "agents from AGENTS_FILE");
+    }
+    Agents::new(agents).map_err(|e| anyhow::anyhow!("AGENTS_FILE: {e}"))
+}
+
+/// Values an agent holds that must never reach the audit trail.
+fn agent_secrets(agent: &crate::config::AgentConfig) -> Vec<String> {
+    use crate::config::McpTransportSpec;
+    let mut secrets: Vec<String> = agent
+        .model
+        .api_key
+        .iter()
+        .map(|key| key.expose_secret().to_string())
+        .collect();
+    for server in &agent.mcp_servers {
+        let values = match &server.transport {
+            McpTransportSpec::Stdio { secret_env, .. } => secret_env,
+            McpTransportSpec::Http { secret_headers, .. } => secret_headers,
+        };
+        secrets.extend(values.iter().map(|(_, v)| v.expose_secret().to_string()));
+    }
+    secrets
+}
+
 fn announce_auth(config: &Config) {
     use crate::door::AuthMode;
     match config.auth_mode {
@@ -354,6 +451,25 @@ async fn start_sandboxes(config: &Config) -> anyhow::Result<Arc<SandboxManager>>
         }
     });
     Ok(sandboxes)
+}
+
+/// Denies, every second, the tool calls whose wait for a person is over.
+/// Any replica may: a call is decided once. Ends with the engine.
+fn spawn_approval_expiry(engine: &Arc<Engine>) {
+    let engine = Arc::downgrade(engine);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(engine) = engine.upgrade() else {
+                break;
+            };
+            if engine.is_accepting() {
+                engine.expire_approvals().await;
+            }
+        }
+    });
 }
 
 /// The password of a `scheme://user:password@host/…` URL.

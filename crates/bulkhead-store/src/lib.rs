@@ -165,7 +165,8 @@ macro_rules! with_reader {
     };
 }
 
-// After the macros above, which it uses.
+// After the macros above, which they use.
+mod approvals;
 mod keys;
 
 /// SQLite caps bound parameters per statement; stay well under it.
@@ -330,10 +331,7 @@ impl Store {
             .execute(&mut *tx)
             .await?
             .rows_affected();
-            sqlx::query(
-                "UPDATE sessions SET active_run_id = NULL, locked_at = NULL \
-                 WHERE active_run_id IS NOT NULL",
-            )
+            sqlx::query(RELEASE_ABANDONED_SESSIONS)
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
@@ -346,7 +344,9 @@ impl Store {
     /// by one run at a time; a lock older than `lock_stale_before` is taken
     /// over (its holder is presumed dead) and the run that held it is marked
     /// interrupted.
-    pub async fn begin_run(&self, begin: &BeginRun<'_>) -> Result<(), BeginRunError> {
+    ///
+    /// Answers the agent the session belongs to.
+    pub async fn begin_run(&self, begin: &BeginRun<'_>) -> Result<String, BeginRunError> {
         let pool = match &self.pools {
             Pools::Sqlite { writer, .. } => {
                 let owned = OwnedBeginRun::from(begin);
@@ -367,8 +367,8 @@ impl Store {
             let event = &begin.first_event;
             sqlx::query(
                 "WITH session AS (\
-                   INSERT INTO sessions (id, created_at, updated_at, active_run_id, locked_at, owner) \
-                   VALUES ($1, $2, $2, $3, $2, $9)), \
+                   INSERT INTO sessions (id, created_at, updated_at, active_run_id, locked_at, owner, agent) \
+                   VALUES ($1, $2, $2, $3, $2, $9, $10)), \
                  run AS (\
                    INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at) \
                    VALUES ($3, $1, 'running', $4, 0, 0, $2)), \
@@ -387,65 +387,47 @@ impl Store {
             .bind(&event.data)
             .bind(event.created_at)
             .bind(begin.owner)
+            .bind(new_session_agent(begin)?)
             .execute(pool)
             .await
             .map_err(StoreError::from)?;
-            return Ok(());
+            return Ok(new_session_agent(begin)?.to_owned());
         }
         {
             let mut tx = pool.begin().await.map_err(StoreError::from)?;
-            let (session_id, created) = match begin.session {
-                SessionRef::New(id) => {
-                    sqlx::query(
-                        "INSERT INTO sessions (id, created_at, updated_at, active_run_id, locked_at, owner) \
-                         VALUES ($1, $2, $2, $3, $2, $4)",
-                    )
-                    .bind(id)
-                    .bind(begin.now)
-                    .bind(begin.run_id)
-                    .bind(begin.owner)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::from)?;
-                    (id, true)
-                }
-                SessionRef::Existing(id) => {
-                    let locked = sqlx::query(
-                        "UPDATE sessions SET active_run_id = $1, locked_at = $2, updated_at = $2 \
-                         WHERE id = $3 AND (active_run_id IS NULL OR locked_at < $4) \
-                         AND ($5::text IS NULL OR owner = $5)",
-                    )
-                    .bind(begin.run_id)
-                    .bind(begin.now)
-                    .bind(id)
-                    .bind(begin.lock_stale_before)
-                    .bind(begin.owner)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::from)?
-                    .rows_affected();
-                    if locked == 0 {
-                        let holder: Option<(Option<String>, Option<String>)> = sqlx::query_as(
-                            "SELECT active_run_id, owner FROM sessions WHERE id = $1",
-                        )
-                        .bind(id)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(StoreError::from)?;
-                        return Err(match holder {
-                            None => BeginRunError::SessionNotFound,
-                            Some((_, owner)) if !reaches(begin.owner, owner.as_deref()) => {
-                                BeginRunError::SessionNotFound
-                            }
-                            Some((active_run_id, _)) => BeginRunError::SessionBusy {
-                                active_run_id: active_run_id.unwrap_or_default(),
-                            },
-                        });
-                    }
-                    (id, false)
-                }
+            // A new session was opened above, in one statement.
+            let SessionRef::Existing(id) = begin.session else {
+                return Err(BeginRunError::Store(StoreError::WriterFailed(
+                    "unreachable: a new session".into(),
+                )));
             };
-            if !created {
+            let locked: Option<(String,)> = sqlx::query_as(
+                "UPDATE sessions SET active_run_id = $1, locked_at = $2, updated_at = $2 \
+                 WHERE id = $3 AND (active_run_id IS NULL OR locked_at < $4) \
+                 AND ($5::text IS NULL OR owner = $5) AND ($6::text IS NULL OR agent = $6) \
+                 RETURNING agent",
+            )
+            .bind(begin.run_id)
+            .bind(begin.now)
+            .bind(id)
+            .bind(begin.lock_stale_before)
+            .bind(begin.owner)
+            .bind(begin.agent)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+            let Some((agent,)) = locked else {
+                let holder: Option<(Option<String>, Option<String>, String)> = sqlx::query_as(
+                    "SELECT active_run_id, owner, agent FROM sessions WHERE id = $1",
+                )
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+                return Err(refusal(begin.owner, begin.agent, holder));
+            };
+            let session_id = id;
+            {
                 // A run that lost its lock to staleness never finished, nor
                 // did the call it was making (looked for only then: this is
                 // every run's path).
@@ -453,7 +435,7 @@ impl Store {
                     "UPDATE runs SET status = 'interrupted', finished_at = $1, \
                      error_code = 'lock_expired', \
                      error_message = 'the run stopped reporting progress and its session was taken over' \
-                     WHERE session_id = $2 AND status = 'running'",
+                     WHERE session_id = $2 AND status IN ('running', 'awaiting_approval')",
                 )
                 .bind(begin.now)
                 .bind(session_id)
@@ -465,7 +447,7 @@ impl Store {
                     sqlx::query(
                         "UPDATE tool_executions SET status = 'interrupted', finished_at = $1, \
                          error = 'the run stopped reporting progress and its session was taken over' \
-                         WHERE session_id = $2 AND status = 'running'",
+                         WHERE session_id = $2 AND status IN ('running', 'awaiting_approval')",
                     )
                     .bind(begin.now)
                     .bind(session_id)
@@ -498,7 +480,7 @@ impl Store {
             .map_err(StoreError::from)?;
             insert_events!(tx, begin.run_id, std::slice::from_ref(&begin.first_event));
             tx.commit().await.map_err(StoreError::from)?;
-            Ok(())
+            Ok(agent)
         }
     }
 
@@ -584,8 +566,10 @@ impl Store {
         write_with!(self, sqlite: (call = OwnedToolExecution::from(call)) |c| sqlite_writes::start_tool_execution(c, &call), postgres: |pool| {
             sqlx::query(
                 "INSERT INTO tool_executions \
-                 (id, session_id, run_id, call_id, tool, arguments, backend, limits, status, started_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'running', $9)",
+                 (id, session_id, run_id, call_id, tool, arguments, backend, limits, status, \
+                 started_at, approval_expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
+                 CASE WHEN $10::bigint IS NULL THEN 'running' ELSE 'awaiting_approval' END, $9, $10)",
             )
             .bind(call.id)
             .bind(call.session_id)
@@ -596,6 +580,7 @@ impl Store {
             .bind(call.backend)
             .bind(call.limits)
             .bind(call.started_at)
+            .bind(call.approval_expires_at)
             .execute(pool)
             .await?;
             Ok(())
@@ -647,7 +632,9 @@ impl Store {
                 "SELECT id, session_id, run_id, call_id, tool, arguments, backend, limits, status, \
                  started_at, finished_at, exit_code, signal, killed_reason, limits_hit, stdout_bytes, \
                  stderr_bytes, stdout_truncated, stderr_truncated, stdout_sha256, stderr_sha256, \
-                 duration_ms, error, egress_refusals FROM tool_executions WHERE session_id = $1 ORDER BY started_at, id",
+                 duration_ms, error, egress_refusals, approval_expires_at, approval_decision, \
+                 approval_decided_by, approval_decided_at, approval_comment \
+                 FROM tool_executions WHERE session_id = $1 ORDER BY started_at, id",
             )
             .bind(session_id)
             .fetch_all(pool)
@@ -658,7 +645,7 @@ impl Store {
     pub async fn session(&self, id: &str) -> Result<Option<Session>, StoreError> {
         with_reader!(self, |pool| {
             Ok(sqlx::query_as::<_, Session>(
-                "SELECT id, created_at, updated_at, active_run_id, owner FROM sessions WHERE id = $1",
+                "SELECT id, created_at, updated_at, active_run_id, owner, agent FROM sessions WHERE id = $1",
             )
             .bind(id)
             .fetch_optional(pool)
@@ -746,6 +733,50 @@ impl Store {
         })
     }
 }
+
+/// Inserts a step's messages and events inside a PostgreSQL transaction.
+pub(crate) async fn insert_messages_pg(
+    tx: &mut sqlx::PgConnection,
+    step: &RunProgress<'_>,
+) -> Result<(), StoreError> {
+    insert_messages!(tx, step.session_id, step.run_id, step.messages, step.now);
+    insert_events!(tx, step.run_id, step.events);
+    Ok(())
+}
+
+/// The agent a new session is opened for: always named by the engine.
+fn new_session_agent<'a>(begin: &BeginRun<'a>) -> Result<&'a str, BeginRunError> {
+    begin.agent.ok_or_else(|| {
+        BeginRunError::Store(StoreError::WriterFailed(
+            "a new session needs an agent".into(),
+        ))
+    })
+}
+
+/// Why an existing session could not be locked, from what holds it
+/// (`active_run_id`, `owner`, `agent`; `None`: no such session).
+pub(crate) fn refusal(
+    caller: Option<&str>,
+    agent: Option<&str>,
+    holder: Option<(Option<String>, Option<String>, String)>,
+) -> BeginRunError {
+    match holder {
+        None => BeginRunError::SessionNotFound,
+        Some((_, owner, _)) if !reaches(caller, owner.as_deref()) => BeginRunError::SessionNotFound,
+        Some((_, _, held_by)) if agent.is_some_and(|a| a != held_by) => {
+            BeginRunError::WrongAgent { agent: held_by }
+        }
+        Some((active_run_id, _, _)) => BeginRunError::SessionBusy {
+            active_run_id: active_run_id.unwrap_or_default(),
+        },
+    }
+}
+
+/// Frees the sessions of runs a previous process left, except those held
+/// by a run waiting for a person: that pause outlives restarts.
+pub(crate) const RELEASE_ABANDONED_SESSIONS: &str = "UPDATE sessions SET active_run_id = NULL, locked_at = NULL \
+     WHERE active_run_id IS NOT NULL \
+     AND active_run_id NOT IN (SELECT id FROM runs WHERE status = 'awaiting_approval')";
 
 /// Whether a caller of tenant `caller` (`None`: authentication off) may
 /// reach a session owned by `owner`.
@@ -901,6 +932,7 @@ mod tests {
             .begin_run(&BeginRun {
                 session: SessionRef::New("s1"),
                 owner: None,
+                agent: Some("default"),
                 run_id: "r1",
                 input: "hello",
                 now: 1,
@@ -958,7 +990,7 @@ mod tests {
         let store = Store::connect(&url, &StoreOptions::default())
             .await
             .unwrap();
-        assert_eq!(store.migrate().await.unwrap(), 5);
+        assert_eq!(store.migrate().await.unwrap(), 6);
         let run = store.run("r1").await.unwrap().unwrap();
         // A call recorded before egress refusals were kept has none.
         let calls = store.tool_executions("s1").await.unwrap();

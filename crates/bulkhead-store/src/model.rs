@@ -14,6 +14,8 @@ pub struct Session {
     /// The tenant the session belongs to; `None` when it was made with
     /// authentication off.
     pub owner: Option<String>,
+    /// The agent the session belongs to, for life.
+    pub agent: String,
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -45,6 +47,8 @@ pub enum RunStatus {
     Completed,
     Failed,
     Interrupted,
+    /// Paused before a tool call until a person decides on it.
+    AwaitingApproval,
 }
 
 impl RunStatus {
@@ -54,6 +58,7 @@ impl RunStatus {
             RunStatus::Completed => "completed",
             RunStatus::Failed => "failed",
             RunStatus::Interrupted => "interrupted",
+            RunStatus::AwaitingApproval => "awaiting_approval",
         }
     }
 }
@@ -107,6 +112,9 @@ pub struct BeginRun<'a> {
     /// one of another tenant is refused as if it did not exist. `None`
     /// (authentication off) makes unowned sessions and reaches any.
     pub owner: Option<&'a str>,
+    /// The agent a new session gets; for an existing session, the agent the
+    /// caller expects it to belong to (`None`: whichever it has).
+    pub agent: Option<&'a str>,
     pub run_id: &'a str,
     pub input: &'a str,
     pub now: i64,
@@ -121,6 +129,9 @@ pub enum BeginRunError {
     SessionNotFound,
     #[error("session is busy with run {active_run_id}")]
     SessionBusy { active_run_id: String },
+    /// The session belongs to another agent than the one asked for.
+    #[error("session belongs to agent {agent}")]
+    WrongAgent { agent: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -167,6 +178,9 @@ pub struct NewToolExecution<'a> {
     /// JSON of the limits applied, for sandboxed tools.
     pub limits: Option<&'a str>,
     pub started_at: i64,
+    /// Set when the call waits for a person's approval until then: the row
+    /// is recorded `awaiting_approval` instead of `running`.
+    pub approval_expires_at: Option<i64>,
 }
 
 /// How a recorded tool call ended.
@@ -218,4 +232,25 @@ pub struct ToolExecution {
     pub duration_ms: Option<i64>,
     pub error: Option<String>,
     pub egress_refusals: Option<String>,
+    pub approval_expires_at: Option<i64>,
+    /// `approve`, `deny` or `expired`.
+    pub approval_decision: Option<String>,
+    /// A key id, `anonymous` (AUTH_MODE=none) or `expiry`.
+    pub approval_decided_by: Option<String>,
+    pub approval_decided_at: Option<i64>,
+    pub approval_comment: Option<String>,
+}
+
+/// A person's (or the clock's) answer to a call awaiting approval.
+#[derive(Debug, Clone)]
+pub struct ApprovalDecision<'a> {
+    /// The call's audit record.
+    pub audit_id: &'a str,
+    pub run_id: &'a str,
+    pub approve: bool,
+    /// `approve`, `deny` or `expired`.
+    pub decision: &'a str,
+    pub decided_by: &'a str,
+    pub comment: Option<&'a str>,
+    pub now: i64,
 }

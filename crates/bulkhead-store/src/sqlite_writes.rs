@@ -13,6 +13,7 @@ pub(crate) struct OwnedBeginRun {
     pub new_session: bool,
     pub session_id: String,
     pub owner: Option<String>,
+    pub agent: Option<String>,
     pub run_id: String,
     pub input: String,
     pub now: i64,
@@ -30,6 +31,7 @@ impl OwnedBeginRun {
             new_session,
             session_id: session_id.to_owned(),
             owner: begin.owner.map(str::to_owned),
+            agent: begin.agent.map(str::to_owned),
             run_id: begin.run_id.to_owned(),
             input: begin.input.to_owned(),
             now: begin.now,
@@ -75,11 +77,8 @@ pub(crate) fn recover_abandoned_runs(c: &Connection, now: i64) -> Result<u64, St
              WHERE status = 'running'",
         )?
         .execute(params![now])?;
-    c.prepare_cached(
-        "UPDATE sessions SET active_run_id = NULL, locked_at = NULL \
-         WHERE active_run_id IS NOT NULL",
-    )?
-    .execute([])?;
+    c.prepare_cached(crate::RELEASE_ABANDONED_SESSIONS)?
+        .execute([])?;
     Ok(runs as u64)
 }
 
@@ -92,49 +91,61 @@ const INTERRUPT_CALLS_OF_RUNNING_RUNS: &str = "UPDATE tool_executions SET status
 const INTERRUPT_CALLS_OF_TAKEN_OVER_SESSION: &str = "UPDATE tool_executions SET status = 'interrupted', \
      finished_at = ?1, \
      error = 'the run stopped reporting progress and its session was taken over' \
-     WHERE session_id = ?2 AND status = 'running'";
+     WHERE session_id = ?2 AND status IN ('running', 'awaiting_approval')";
 
 /// Opens a run; `Ok(Err(_))` is a refusal, made before anything is written.
 pub(crate) fn begin_run(
     c: &Connection,
     begin: &OwnedBeginRun,
-) -> Result<Result<(), BeginRunError>, StoreError> {
+) -> Result<Result<String, BeginRunError>, StoreError> {
     let session_id = begin.session_id.as_str();
+    let agent: String;
     if begin.new_session {
+        let Some(new_agent) = begin.agent.clone() else {
+            return Ok(Err(BeginRunError::Store(StoreError::WriterFailed(
+                "a new session needs an agent".into(),
+            ))));
+        };
         c.prepare_cached(
-            "INSERT INTO sessions (id, created_at, updated_at, active_run_id, locked_at, owner) \
-             VALUES (?1, ?2, ?2, ?3, ?2, ?4)",
+            "INSERT INTO sessions (id, created_at, updated_at, active_run_id, locked_at, owner, agent) \
+             VALUES (?1, ?2, ?2, ?3, ?2, ?4, ?5)",
         )?
-        .execute(params![session_id, begin.now, begin.run_id, begin.owner])?;
+        .execute(params![session_id, begin.now, begin.run_id, begin.owner, new_agent])?;
+        agent = new_agent;
     } else {
-        let locked = c
+        let locked: Option<String> = c
             .prepare_cached(
                 "UPDATE sessions SET active_run_id = ?1, locked_at = ?2, updated_at = ?2 \
                  WHERE id = ?3 AND (active_run_id IS NULL OR locked_at < ?4) \
-                 AND (?5 IS NULL OR owner = ?5)",
+                 AND (?5 IS NULL OR owner = ?5) AND (?6 IS NULL OR agent = ?6) \
+                 RETURNING agent",
             )?
-            .execute(params![
-                begin.run_id,
-                begin.now,
-                session_id,
-                begin.lock_stale_before,
-                begin.owner
-            ])?;
-        if locked == 0 {
-            let holder: Option<(Option<String>, Option<String>)> = c
-                .prepare_cached("SELECT active_run_id, owner FROM sessions WHERE id = ?1")?
-                .query_row(params![session_id], |row| Ok((row.get(0)?, row.get(1)?)))
+            .query_row(
+                params![
+                    begin.run_id,
+                    begin.now,
+                    session_id,
+                    begin.lock_stale_before,
+                    begin.owner,
+                    begin.agent
+                ],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let Some(locked) = locked else {
+            let holder: Option<(Option<String>, Option<String>, String)> = c
+                .prepare_cached("SELECT active_run_id, owner, agent FROM sessions WHERE id = ?1")?
+                .query_row(params![session_id], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })
                 .optional()?;
-            return Ok(Err(match holder {
-                None => BeginRunError::SessionNotFound,
-                Some((_, owner)) if !crate::reaches(begin.owner.as_deref(), owner.as_deref()) => {
-                    BeginRunError::SessionNotFound
-                }
-                Some((active_run_id, _)) => BeginRunError::SessionBusy {
-                    active_run_id: active_run_id.unwrap_or_default(),
-                },
-            }));
-        }
+            return Ok(Err(crate::refusal(
+                begin.owner.as_deref(),
+                begin.agent.as_deref(),
+                holder,
+            )));
+        };
+        agent = locked;
         // A run that lost its lock to staleness never finished, nor did the
         // call it was making (looked for only then: this is every run's
         // path).
@@ -143,7 +154,7 @@ pub(crate) fn begin_run(
                 "UPDATE runs SET status = 'interrupted', finished_at = ?1, \
                  error_code = 'lock_expired', \
                  error_message = 'the run stopped reporting progress and its session was taken over' \
-                 WHERE session_id = ?2 AND status = 'running'",
+                 WHERE session_id = ?2 AND status IN ('running', 'awaiting_approval')",
             )?
             .execute(params![begin.now, session_id])?;
         if taken_over > 0 {
@@ -162,7 +173,7 @@ pub(crate) fn begin_run(
     )?
     .execute(params![session_id, begin.run_id, begin.input, begin.now])?;
     insert_events(c, &begin.run_id, std::slice::from_ref(&begin.first_event))?;
-    Ok(Ok(()))
+    Ok(Ok(agent))
 }
 
 fn insert_events(c: &Connection, run_id: &str, events: &[NewEvent]) -> Result<(), StoreError> {
@@ -274,6 +285,7 @@ pub(crate) struct OwnedToolExecution {
     pub backend: String,
     pub limits: Option<String>,
     pub started_at: i64,
+    pub approval_expires_at: Option<i64>,
 }
 
 impl OwnedToolExecution {
@@ -288,6 +300,7 @@ impl OwnedToolExecution {
             backend: call.backend.to_owned(),
             limits: call.limits.map(str::to_owned),
             started_at: call.started_at,
+            approval_expires_at: call.approval_expires_at,
         }
     }
 }
@@ -298,8 +311,10 @@ pub(crate) fn start_tool_execution(
 ) -> Result<(), StoreError> {
     c.prepare_cached(
         "INSERT INTO tool_executions \
-         (id, session_id, run_id, call_id, tool, arguments, backend, limits, status, started_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'running', ?9)",
+         (id, session_id, run_id, call_id, tool, arguments, backend, limits, status, \
+         started_at, approval_expires_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, \
+         CASE WHEN ?10 IS NULL THEN 'running' ELSE 'awaiting_approval' END, ?9, ?10)",
     )?
     .execute(params![
         call.id,
@@ -310,7 +325,8 @@ pub(crate) fn start_tool_execution(
         call.arguments,
         call.backend,
         call.limits,
-        call.started_at
+        call.started_at,
+        call.approval_expires_at
     ])?;
     Ok(())
 }
@@ -362,4 +378,73 @@ pub(crate) fn delete_session(c: &Connection, id: &str) -> Result<DeleteOutcome, 
     } else {
         DeleteOutcome::NotFound
     })
+}
+
+/// Records what a run did up to a call that waits for a person, and parks
+/// the run: `awaiting_approval`, its session held until `until` (past it,
+/// the expiry decides; a lock that old is stale only once the lock's TTL
+/// has passed too).
+pub(crate) fn pause_run(
+    c: &Connection,
+    step: &OwnedProgress,
+    until: i64,
+) -> Result<(), StoreError> {
+    insert_messages(c, step)?;
+    insert_events(c, &step.run_id, &step.events)?;
+    c.prepare_cached(
+        "UPDATE runs SET tokens_used = ?1, steps = ?2, status = 'awaiting_approval' WHERE id = ?3",
+    )?
+    .execute(params![step.tokens_used, step.steps, step.run_id])?;
+    c.prepare_cached("UPDATE sessions SET locked_at = ?1 WHERE id = ?2 AND active_run_id = ?3")?
+        .execute(params![until, step.session_id, step.run_id])?;
+    Ok(())
+}
+
+/// A [`crate::ApprovalDecision`] the writer thread can own.
+pub(crate) struct OwnedDecision {
+    pub audit_id: String,
+    pub run_id: String,
+    pub approve: bool,
+    pub decision: String,
+    pub decided_by: String,
+    pub comment: Option<String>,
+    pub now: i64,
+}
+
+impl OwnedDecision {
+    pub(crate) fn from(d: &crate::ApprovalDecision<'_>) -> OwnedDecision {
+        OwnedDecision {
+            audit_id: d.audit_id.to_owned(),
+            run_id: d.run_id.to_owned(),
+            approve: d.approve,
+            decision: d.decision.to_owned(),
+            decided_by: d.decided_by.to_owned(),
+            comment: d.comment.map(str::to_owned),
+            now: d.now,
+        }
+    }
+}
+
+pub(crate) fn decide_approval(c: &Connection, d: &OwnedDecision) -> Result<bool, StoreError> {
+    let decided = c
+        .prepare_cached(crate::approvals::DECIDE_SQLITE)?
+        .execute(params![
+            if d.approve { "running" } else { "denied" },
+            d.decision,
+            d.decided_by,
+            d.now,
+            d.comment,
+            d.audit_id,
+            d.run_id
+        ])?;
+    if decided == 0 {
+        return Ok(false);
+    }
+    c.prepare_cached(
+        "UPDATE runs SET status = 'running' WHERE id = ?1 AND status = 'awaiting_approval'",
+    )?
+    .execute(params![d.run_id])?;
+    c.prepare_cached("UPDATE sessions SET locked_at = ?1 WHERE active_run_id = ?2")?
+        .execute(params![d.now, d.run_id])?;
+    Ok(true)
 }

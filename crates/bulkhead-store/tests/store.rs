@@ -1,9 +1,9 @@
 //! The store against real SQLite and real PostgreSQL.
 
 use bulkhead_store::{
-    ApiKey, BeginRun, BeginRunError, DeleteOutcome, FinishRun, NewEvent, NewMessage,
-    NewToolExecution, RevokeOutcome, RunProgress, RunStatus, SessionRef, Store, StoreOptions,
-    ToolExecutionEnd,
+    ApiKey, ApprovalDecision, BeginRun, BeginRunError, DeleteOutcome, FinishRun, NewEvent,
+    NewMessage, NewToolExecution, RevokeOutcome, RunProgress, RunStatus, SessionRef, Store,
+    StoreOptions, ToolExecutionEnd,
 };
 use bulkhead_testing::{DbKind, TestDb, on_both_databases};
 
@@ -33,6 +33,10 @@ fn begin<'a>(
     BeginRun {
         session,
         owner: None,
+        agent: match session {
+            SessionRef::New(_) => Some("default"),
+            SessionRef::Existing(_) => None,
+        },
         run_id,
         input: "hello",
         now,
@@ -54,6 +58,7 @@ async fn call_started(store: &Store, id: &str, session_id: &str, run_id: &str, a
             backend: "namespace",
             limits: None,
             started_at: at,
+            approval_expires_at: None,
         })
         .await
         .unwrap();
@@ -105,7 +110,7 @@ async fn finish(store: &Store, session_id: &str, run_id: &str, now: i64) {
 async fn migrations_apply_once_and_are_idempotent(kind: DbKind) {
     let db = TestDb::new(kind).await;
     let store = open(&db).await;
-    assert_eq!(store.migrate().await.unwrap(), 5);
+    assert_eq!(store.migrate().await.unwrap(), 6);
     store.ping().await.unwrap();
     if kind == DbKind::Sqlite {
         assert!(
@@ -450,6 +455,167 @@ async fn writes_made_together_succeed_or_fail_alone(kind: DbKind) {
     );
 }
 
+/// A run paused for a person keeps its session through a restart's
+/// recovery and past the lock's staleness while its wait lasts; exactly one
+/// decision is taken; the expiry finds what waits too long.
+async fn a_paused_run_waits_for_one_decision(kind: DbKind) {
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    let agent = store
+        .begin_run(&begin(SessionRef::New("s1"), "r1", 1_000, 0))
+        .await
+        .unwrap();
+    assert_eq!(agent, "default");
+    store
+        .start_tool_execution(&NewToolExecution {
+            id: "a1",
+            session_id: "s1",
+            run_id: "r1",
+            call_id: "call_1",
+            tool: "shell",
+            arguments: "{}",
+            backend: "namespace",
+            limits: None,
+            started_at: 1_100,
+            approval_expires_at: Some(50_000),
+        })
+        .await
+        .unwrap();
+    let events = [NewEvent {
+        seq: 2,
+        kind: "approval_requested",
+        data: "{}".into(),
+        created_at: 1_100,
+    }];
+    store
+        .pause_run(
+            &RunProgress {
+                run_id: "r1",
+                session_id: "s1",
+                messages: &[],
+                events: &events,
+                tokens_used: 5,
+                steps: 1,
+                now: 1_100,
+            },
+            50_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.run("r1").await.unwrap().unwrap().status,
+        "awaiting_approval"
+    );
+    assert_eq!(store.last_event_seq("r1").await.unwrap(), 2);
+    if kind == DbKind::Sqlite {
+        assert_eq!(store.recover_abandoned_runs(2_000).await.unwrap(), 0);
+    }
+    // Held: a new run is refused even where a running run's lock (taken at
+    // 1 100) would be stale by now.
+    let busy = store
+        .begin_run(&begin(SessionRef::Existing("s1"), "r2", 3_000, 2_000))
+        .await;
+    assert!(
+        matches!(busy, Err(BeginRunError::SessionBusy { .. })),
+        "{busy:?}"
+    );
+    assert!(
+        store
+            .expired_approvals(49_999, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let expired = store.expired_approvals(50_000, 10).await.unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(
+        store
+            .awaiting_approval("r1")
+            .await
+            .unwrap()
+            .unwrap()
+            .call_id,
+        "call_1"
+    );
+    let decision = |decision: &'static str, by: &'static str| ApprovalDecision {
+        audit_id: "a1",
+        run_id: "r1",
+        approve: decision == "approve",
+        decision,
+        decided_by: by,
+        comment: Some("looks fine"),
+        now: 4_000,
+    };
+    assert!(
+        store
+            .decide_approval(&decision("approve", "key-1"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .decide_approval(&decision("deny", "key-2"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .expired_approvals(60_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let run = store.run("r1").await.unwrap().unwrap();
+    assert_eq!(run.status, "running");
+    let call = &store.tool_executions("s1").await.unwrap()[0];
+    assert_eq!(
+        (
+            call.status.as_str(),
+            call.approval_decision.as_deref(),
+            call.approval_decided_by.as_deref(),
+            call.approval_decided_at,
+            call.approval_comment.as_deref(),
+        ),
+        (
+            "running",
+            Some("approve"),
+            Some("key-1"),
+            Some(4_000),
+            Some("looks fine")
+        )
+    );
+}
+
+/// A session belongs to the agent it was opened for: continuing it under
+/// another is refused, under its own (or none named) is not.
+async fn a_session_stays_with_its_agent(kind: DbKind) {
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    let as_agent = |session, run, agent| BeginRun {
+        agent,
+        ..begin(session, run, 1_000, 0)
+    };
+    store
+        .begin_run(&as_agent(SessionRef::New("s1"), "r1", Some("support")))
+        .await
+        .unwrap();
+    assert_eq!(store.session("s1").await.unwrap().unwrap().agent, "support");
+    finish(&store, "s1", "r1", 1_100).await;
+    let other = store
+        .begin_run(&as_agent(SessionRef::Existing("s1"), "r2", Some("coder")))
+        .await;
+    assert!(
+        matches!(&other, Err(BeginRunError::WrongAgent { agent }) if agent == "support"),
+        "{other:?}"
+    );
+    assert!(store.run("r2").await.unwrap().is_none());
+    let agent = store
+        .begin_run(&as_agent(SessionRef::Existing("s1"), "r3", None))
+        .await
+        .unwrap();
+    assert_eq!(agent, "support");
+}
+
 on_both_databases!(
     migrations_apply_once_and_are_idempotent,
     keys_are_kept_revoked_and_touched,
@@ -460,6 +626,8 @@ on_both_databases!(
     deleting_a_session_removes_its_history,
     runs_left_running_are_recovered,
     writes_made_together_succeed_or_fail_alone,
+    a_paused_run_waits_for_one_decision,
+    a_session_stays_with_its_agent,
 );
 
 /// Another process holding SQLite's write lock past the busy timeout (10 s):

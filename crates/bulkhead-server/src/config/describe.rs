@@ -92,6 +92,13 @@ impl Config {
             "MODEL_TIMEOUT_SECONDS" => seconds(self.model.timeout),
             "MODEL_MAX_RETRIES" => json!(self.model.max_retries),
             "SYSTEM_PROMPT" => optional(self.system_prompt.as_ref()),
+            "AGENTS_FILE" => optional(
+                self.agents_file
+                    .as_ref()
+                    .map(|path| path.display().to_string())
+                    .as_ref(),
+            ),
+            "APPROVAL_TIMEOUT_SECONDS" => seconds(self.approval_timeout),
             "AUTH_MODE" => json!(self.auth_mode.as_str()),
             "ADMIN_TOKEN" => secret(&self.admin_token),
             "HOST" => json!(self.host.to_string()),

@@ -7,6 +7,7 @@
 //! `sandbox.rs` the sandbox settings `serve` and `sandboxd` share;
 //! `describe.rs` what `bulkhead config` shows.
 
+pub mod agents;
 mod describe;
 mod observability;
 mod reader;
@@ -23,6 +24,7 @@ use bulkhead_agent::RoleKind;
 use bulkhead_store::Backend;
 use secrecy::{ExposeSecret, SecretString};
 
+pub use agents::{AgentConfig, McpServerSpec, McpTransportSpec};
 pub use describe::{Described, redact_url_password};
 pub use observability::ObservabilityConfig;
 pub use reader::{ConfigError, ConfigWarning, Environment, Source};
@@ -100,6 +102,12 @@ pub struct Config {
     /// `MAX_PLAN_STEPS` say, whatever the role (they are checked always).
     pub team: Team,
     pub system_prompt: Option<String>,
+    /// The agents this server runs: those of `AGENTS_FILE`, or one,
+    /// `default`, made of the settings above.
+    pub agents: Vec<AgentConfig>,
+    pub agents_file: Option<std::path::PathBuf>,
+    /// How long a call waits for a person before it is denied.
+    pub approval_timeout: Duration,
     pub enable_streaming: bool,
     pub enable_tracing: bool,
     pub max_steps: u32,
@@ -465,6 +473,31 @@ impl Config {
         };
 
         let observability = observability::read(&mut r, mode)?;
+        let system_prompt = r.raw("SYSTEM_PROMPT");
+        let max_steps = r.parse("MAX_STEPS", "a whole number from 1 to 100", |n: &u32| {
+            (1..=100).contains(n)
+        })?;
+        let approval_timeout = r.seconds("APPROVAL_TIMEOUT_SECONDS", 30.0 * 86_400.0)?;
+        let agents_file = r.raw("AGENTS_FILE").map(std::path::PathBuf::from);
+        let builtin_tools: Vec<String> = bulkhead_agent::ToolRegistry::with_sandbox_tools(
+            std::sync::Arc::new(sandbox.egress.clone()),
+        )
+        .names()
+        .map(str::to_string)
+        .collect();
+        let defaults = agents::Defaults {
+            env,
+            mode,
+            model: &model,
+            system_prompt: system_prompt.as_ref(),
+            max_steps,
+            limits: &sandbox.limits,
+            builtin_tools: &builtin_tools,
+        };
+        let agents = match &agents_file {
+            None => vec![agents::default_agent(&defaults)],
+            Some(path) => agents::read_file(path, &defaults)?,
+        };
         let config = Config {
             mode,
             auth_mode,
@@ -482,12 +515,13 @@ impl Config {
             role,
             peers,
             team,
-            system_prompt: r.raw("SYSTEM_PROMPT"),
+            system_prompt,
+            agents,
+            agents_file,
+            approval_timeout,
             enable_streaming: r.flag("ENABLE_STREAMING")?,
             enable_tracing: r.flag("ENABLE_TRACING")?,
-            max_steps: r.parse("MAX_STEPS", "a whole number from 1 to 100", |n: &u32| {
-                (1..=100).contains(n)
-            })?,
+            max_steps,
             max_body_bytes: r.parse(
                 "MAX_BODY_BYTES",
                 "a number of bytes from 1024 to 1073741824",

@@ -210,6 +210,20 @@ pub const SETTINGS: &[Setting] = &[
         scope: Scope::Server,
     },
     Setting {
+        name: "AGENTS_FILE",
+        default: Default::None,
+        meaning: "a YAML file declaring the server's agents, each with its prompt, model, tools, MCP servers, sandbox limits, step budget and approval policy ([Agents](#agents)); unset: one agent, `default`, made of the settings above",
+        secret: false,
+        scope: Scope::Server,
+    },
+    Setting {
+        name: "APPROVAL_TIMEOUT_SECONDS",
+        default: Default::Literal("3600"),
+        meaning: "how long a tool call an agent's policy marks `ask` waits for a person; unanswered, it is denied",
+        secret: false,
+        scope: Scope::Server,
+    },
+    Setting {
         name: "AUTH_MODE",
         default: Default::Note("`keys` in production, `none` in development"),
         meaning: "`keys`: every route but the probes, `/metrics`, `/openapi.json` and `/docs` needs an API key (`bulkhead keys create`); `none`: no authentication (production accepts it only when set explicitly)",

@@ -25,6 +25,7 @@ use crate::extract::{json_body, parse_id};
 struct AgentRequest {
     message: String,
     session_id: Option<String>,
+    agent: Option<String>,
     stream: Option<bool>,
 }
 
@@ -46,9 +47,66 @@ pub struct AgentRequestBody {
     /// A session to continue; `null` or absent starts a new one.
     #[schema(format = Uuid)]
     session_id: Option<String>,
+    /// The agent (`GET /agents`) to run. A new session belongs to it for
+    /// life; absent, the default agent. For a session continued, absent
+    /// means the agent it belongs to, and another one is refused (409).
+    #[schema(pattern = "^[a-z0-9][a-z0-9_-]{0,63}$", example = "default")]
+    agent: Option<String>,
     /// Answer as Server-Sent Events. Absent: `Accept: text/event-stream`
     /// decides.
     stream: Option<bool>,
+}
+
+/// A run paused before a tool call until a person decides on it
+/// (`POST /runs/{run_id}/approvals`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AwaitingApprovalResponse {
+    /// Always `awaiting_approval`.
+    #[schema(example = "awaiting_approval")]
+    status: &'static str,
+    #[schema(format = Uuid)]
+    session_id: String,
+    #[schema(format = Uuid)]
+    run_id: String,
+    tokens_used: i64,
+    approval: ApprovalRequest,
+}
+
+/// The call a paused run waits on, as `approval_requested` carries it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApprovalRequest {
+    /// What a decision names.
+    call_id: String,
+    tool: String,
+    /// The call's arguments, as the model wrote them (JSON text).
+    arguments: String,
+    /// The call's record in `GET /sessions/{session_id}/audit`.
+    #[schema(format = Uuid)]
+    audit_id: String,
+    /// When it will be denied if nobody answers (RFC 3339).
+    expires_at: String,
+}
+
+impl ApprovalRequest {
+    pub(crate) fn from(approval: &bulkhead_agent::PendingApproval) -> ApprovalRequest {
+        ApprovalRequest {
+            call_id: approval.call_id.clone(),
+            tool: approval.tool.clone(),
+            arguments: approval.arguments.clone(),
+            audit_id: approval.audit_id.clone(),
+            expires_at: crate::routes::timestamp(approval.expires_at),
+        }
+    }
+
+    pub(crate) fn from_record(call: &bulkhead_store::ToolExecution) -> ApprovalRequest {
+        ApprovalRequest {
+            call_id: call.call_id.clone(),
+            tool: call.tool.clone(),
+            arguments: call.arguments.clone(),
+            audit_id: call.id.clone(),
+            expires_at: crate::routes::timestamp(call.approval_expires_at.unwrap_or_default()),
+        }
+    }
 }
 
 /// A finished run.
@@ -91,6 +149,8 @@ pub enum EventKind {
     ToolResult,
     RunCompleted,
     RunFailed,
+    ApprovalRequested,
+    ApprovalDecided,
     Plan,
     Delegated,
     DelegateResult,
@@ -126,6 +186,18 @@ impl AgentRequest {
             )?),
             Some(_) => return Err(field_error("`session_id` must be a string or null")),
         };
+        let agent = match body.remove("agent") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(agent)) if crate::config::agents::valid_agent_id(&agent) => {
+                Some(agent)
+            }
+            Some(Value::String(_)) => {
+                return Err(field_error(
+                    "`agent` must be an agent id: 1 to 64 lowercase letters, digits, `-` or `_` (see GET /agents)",
+                ));
+            }
+            Some(_) => return Err(field_error("`agent` must be a string or null")),
+        };
         let stream = match body.remove("stream") {
             None | Some(Value::Null) => None,
             Some(Value::Bool(stream)) => Some(stream),
@@ -134,12 +206,13 @@ impl AgentRequest {
         Ok(AgentRequest {
             message,
             session_id,
+            agent,
             stream,
         })
     }
 }
 
-fn wants_event_stream(headers: &HeaderMap) -> bool {
+pub(crate) fn wants_event_stream(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::ACCEPT)
         .iter()
@@ -158,6 +231,7 @@ fn wants_event_stream(headers: &HeaderMap) -> bool {
     request_body(content = AgentRequestBody, content_type = "application/json",
         description = "Read as JSON whatever its `Content-Type` (`curl -d` sends a form type)"),
     responses(
+        (status = 202, description = "The run paused before a tool call that waits for a person (`POST /runs/{run_id}/approvals`)", body = AwaitingApprovalResponse),
         (status = 200, description = "The run completed (JSON), or its events (`stream`)", content(
             (AgentResponse = "application/json"),
             (StreamEvent = "text/event-stream"),
@@ -178,8 +252,8 @@ fn wants_event_stream(headers: &HeaderMap) -> bool {
                 parameters(("run_id" = "$response.body#/run_id")))),
         )),
         (status = 400, description = "`invalid_json`, `invalid_utf8`, `invalid_body`: the body is not a JSON document; `streaming_disabled`: `stream` asked of a server with ENABLE_STREAMING=false", body = ErrorBody),
-        (status = 404, description = "`session_not_found`: no session has this `session_id`", body = ErrorBody),
-        (status = 409, description = "`session_busy`: the session has a run in progress (`active_run_id`)", body = ErrorBody),
+        (status = 404, description = "`session_not_found`: no session has this `session_id`; `agent_not_found`: no agent has this `agent`", body = ErrorBody),
+        (status = 409, description = "`session_busy`: the session has a run in progress or waiting for an approval (`active_run_id`); `wrong_agent`: the session belongs to another agent (`agent`)", body = ErrorBody),
         (status = 413, description = "`body_too_large`: larger than MAX_BODY_BYTES", body = ErrorBody),
         (status = 422, description = "`invalid_request`, `invalid_session_id`: a field is missing or wrong", body = ErrorBody),
         (status = 500, description = "`internal_error` (logged)", body = ErrorBody),
@@ -214,6 +288,7 @@ pub async fn post_agent(
         .engine
         .start_run(StartRun {
             session_id: request.session_id,
+            agent: request.agent,
             message: request.message,
             stream,
             owner: caller.tenant().map(str::to_string),
@@ -238,6 +313,18 @@ fn start_error(error: StartError) -> ApiError {
         StartError::SessionNotFound => {
             ApiError::not_found("session_not_found", "no session has this session_id")
         }
+        StartError::UnknownAgent(agent) => ApiError::not_found(
+            "agent_not_found",
+            format!("this server runs no agent {agent:?} (GET /agents lists them)"),
+        ),
+        StartError::WrongAgent { agent } => ApiError::new(
+            StatusCode::CONFLICT,
+            "wrong_agent",
+            format!(
+                "this session belongs to agent {agent:?} for life; leave `agent` out or send {agent:?}"
+            ),
+        )
+        .with("agent", agent),
         StartError::SessionBusy {
             session_id,
             active_run_id,
@@ -252,7 +339,8 @@ fn start_error(error: StartError) -> ApiError {
     }
 }
 
-async fn finished(handle: RunHandle) -> Result<Response, ApiError> {
+/// The answer to a run that has ended or paused, as JSON.
+pub(crate) async fn finished(handle: RunHandle) -> Result<Response, ApiError> {
     let RunHandle {
         run_id,
         session_id,
@@ -270,6 +358,20 @@ async fn finished(handle: RunHandle) -> Result<Response, ApiError> {
             run_id,
         })
         .into_response()),
+        Ok(RunOutcome::AwaitingApproval {
+            approval,
+            tokens_used,
+        }) => Ok((
+            StatusCode::ACCEPTED,
+            Json(AwaitingApprovalResponse {
+                status: "awaiting_approval",
+                session_id,
+                run_id,
+                tokens_used,
+                approval: ApprovalRequest::from(&approval),
+            }),
+        )
+            .into_response()),
         Ok(RunOutcome::Failed { failure, .. }) => {
             let status = match failure.kind {
                 FailureKind::Upstream | FailureKind::MaxSteps => StatusCode::BAD_GATEWAY,
@@ -285,7 +387,9 @@ async fn finished(handle: RunHandle) -> Result<Response, ApiError> {
     }
 }
 
-fn event_stream(handle: RunHandle) -> Response {
+/// A run's events, live, as Server-Sent Events; the stream ends when the
+/// run ends or pauses.
+pub(crate) fn event_stream(handle: RunHandle) -> Response {
     let Some(events) = handle.events else {
         return ApiError::internal(&"a streaming run has no event channel").into_response();
     };

@@ -149,7 +149,7 @@ async fn readiness(state: &AppState, gate: Gate) -> (StatusCode, Json<Readiness>
         check("redis", true, redis.map(|()| json!({})));
     }
 
-    let model = if state.engine.model().is_mock() {
+    let model = if state.uses_only_mock_models() {
         Ok(json!({"kind": "mock"}))
     } else {
         state

@@ -2,6 +2,8 @@
 //! shape the answer; they never run the agent loop or a tool themselves.
 
 mod agent;
+mod agents;
+mod approvals;
 mod health;
 mod sessions;
 
@@ -30,6 +32,9 @@ use crate::openapi;
 pub(crate) fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(agent::post_agent))
+        .routes(routes!(agents::list_agents))
+        .routes(routes!(agents::get_agent))
+        .routes(routes!(approvals::decide))
         .routes(routes!(health::health))
         .routes(routes!(health::ready))
         .routes(routes!(health::ready_replica))

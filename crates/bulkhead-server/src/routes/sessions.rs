@@ -25,6 +25,8 @@ pub struct SessionBody {
     /// The run in progress, if any: the session takes no other until it ends.
     #[schema(format = Uuid)]
     active_run_id: Option<String>,
+    /// The agent the session belongs to (`GET /agents/{agent_id}`).
+    agent: String,
     /// Oldest first: user, assistant, tool calls and tool results.
     messages: Vec<MessageBody>,
 }
@@ -52,7 +54,8 @@ pub struct RunBody {
     run_id: String,
     #[schema(format = Uuid)]
     session_id: String,
-    /// `running`, `completed`, `failed` or `interrupted`.
+    /// `running`, `awaiting_approval`, `completed`, `failed` or
+    /// `interrupted`.
     status: String,
     input: String,
     output: Option<String>,
@@ -63,6 +66,9 @@ pub struct RunBody {
     created_at: String,
     #[schema(format = DateTime)]
     finished_at: Option<String>,
+    /// The call the run waits on, when it is `awaiting_approval`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approval: Option<super::agent::ApprovalRequest>,
 }
 
 /// Why a run did not complete.
@@ -119,8 +125,10 @@ pub struct AuditRecord {
     arguments: Value,
     backend: String,
     limits: Value,
-    /// `running`, `completed` (it ran), `failed` (it could not run), or
-    /// `refused`.
+    /// `running`, `completed` (it ran), `failed` (it could not run),
+    /// `refused` (no sandbox, or the agent's policy denies the tool),
+    /// `awaiting_approval`, `denied` (by a person, or unanswered: see
+    /// `approval`), or `interrupted`.
     status: String,
     #[schema(format = DateTime)]
     started_at: String,
@@ -135,6 +143,25 @@ pub struct AuditRecord {
     duration_ms: Option<i64>,
     error: Option<String>,
     egress_refusals: Value,
+    /// For a call its agent's policy made wait for a person: until when,
+    /// and what was decided, by whom, when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approval: Option<ApprovalRecord>,
+}
+
+/// A person's decision on a call, as audited.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApprovalRecord {
+    #[schema(format = DateTime)]
+    expires_at: Option<String>,
+    /// `approve`, `deny` or `expired`; absent while it waits.
+    decision: Option<String>,
+    /// The API key that decided (its id), `anonymous` (authentication
+    /// off) or `expiry`.
+    decided_by: Option<String>,
+    #[schema(format = DateTime)]
+    decided_at: Option<String>,
+    comment: Option<String>,
 }
 
 /// What a program wrote to one stream; the audit keeps its size and
@@ -173,7 +200,7 @@ fn session_id(raw: &str) -> Result<String, ApiError> {
     )
 }
 
-fn run_id(raw: &str) -> Result<String, ApiError> {
+pub(crate) fn run_id(raw: &str) -> Result<String, ApiError> {
     parse_id(raw, "the run id", "invalid_run_id", StatusCode::BAD_REQUEST)
 }
 
@@ -194,7 +221,11 @@ async fn owned_session(state: &AppState, caller: &Caller, id: &str) -> Result<Se
 }
 
 /// The run, if it exists and belongs to a session the caller owns.
-async fn owned_run(state: &AppState, caller: &Caller, id: &str) -> Result<Run, ApiError> {
+pub(crate) async fn owned_run(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<Run, ApiError> {
     let store = state.engine.store();
     let run = store.run(id).await?.ok_or_else(run_not_found)?;
     if caller.tenant().is_some() {
@@ -244,6 +275,7 @@ pub async fn get_session(
         created_at: timestamp(session.created_at),
         updated_at: timestamp(session.updated_at),
         active_run_id: session.active_run_id,
+        agent: session.agent,
         messages,
     }))
 }
@@ -296,6 +328,7 @@ fn run_body(run: Run) -> RunBody {
         error,
         created_at: timestamp(run.created_at),
         finished_at: run.finished_at.map(timestamp),
+        approval: None,
     }
 }
 
@@ -343,7 +376,12 @@ pub async fn get_run(
 ) -> Result<Json<RunBody>, ApiError> {
     let id = run_id(&raw)?;
     let run = owned_run(&state, &caller, &id).await?;
-    Ok(Json(run_body(run)))
+    let awaiting = run.status == "awaiting_approval";
+    let mut body = run_body(run);
+    if awaiting && let Some(call) = state.engine.store().awaiting_approval(&id).await? {
+        body.approval = Some(super::agent::ApprovalRequest::from_record(&call));
+    }
+    Ok(Json(body))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -453,6 +491,13 @@ pub async fn session_audit(
             duration_ms: x.duration_ms,
             error: x.error,
             egress_refusals: parse(x.egress_refusals),
+            approval: x.approval_expires_at.map(|expires_at| ApprovalRecord {
+                expires_at: Some(timestamp(expires_at)),
+                decision: x.approval_decision,
+                decided_by: x.approval_decided_by,
+                decided_at: x.approval_decided_at.map(timestamp),
+                comment: x.approval_comment,
+            }),
         })
         .collect();
     Ok(Json(SessionAudit {

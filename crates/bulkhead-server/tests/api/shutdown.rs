@@ -137,6 +137,7 @@ async fn a_stored_call_without_its_result_does_not_poison_the_session(kind: DbKi
         .begin_run(&BeginRun {
             session: SessionRef::Existing(session),
             owner: None,
+            agent: Some("default"),
             run_id: run,
             input: "tool:shell {}",
             now,
