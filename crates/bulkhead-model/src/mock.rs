@@ -9,7 +9,8 @@
 //! - the last user message is `say:<text>` → exactly `<text>` (newlines
 //!   kept: how a test scripts a planner's plan);
 //! - the last user message is `whoami` → `model: <the model asked for>;
-//!   system: <the system prompt, or none>` (which agent is answering);
+//!   endpoint: <the address it was sent to, or built-in>; system: <the
+//!   system prompt, or none>` (which agent is answering, and through what);
 //! - anything else → `echo: <last user message>`.
 //!
 //! Usage counts whitespace-separated words: the prompt's message contents,
@@ -70,11 +71,12 @@ impl MockModel {
 
     /// The mock's answer to a conversation.
     pub fn reply(messages: &[ChatMessage]) -> MockReply {
-        Self::reply_as(MOCK_MODEL_NAME, messages)
+        Self::reply_as(MOCK_MODEL_NAME, "built-in", messages)
     }
 
-    /// The mock's answer to a conversation sent to model `model`.
-    pub fn reply_as(model: &str, messages: &[ChatMessage]) -> MockReply {
+    /// The mock's answer to a conversation sent to model `model` at
+    /// `endpoint`.
+    pub fn reply_as(model: &str, endpoint: &str, messages: &[ChatMessage]) -> MockReply {
         if let Some(last) = messages.last()
             && last.role == "tool"
         {
@@ -119,7 +121,9 @@ impl MockModel {
                 .find(|m| m.role == "system")
                 .and_then(|m| m.content.as_deref())
                 .unwrap_or("none");
-            return MockReply::Text(format!("model: {model}; system: {system}"));
+            return MockReply::Text(format!(
+                "model: {model}; endpoint: {endpoint}; system: {system}"
+            ));
         }
         if let Some(text) = user.strip_prefix("say:") {
             return MockReply::Text(text.to_string());
@@ -259,7 +263,11 @@ async fn models() -> Json<serde_json::Value> {
     }))
 }
 
-async fn chat_completions(State(mock): State<Arc<MockModel>>, body: Bytes) -> Response {
+async fn chat_completions(
+    State(mock): State<Arc<MockModel>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
     let request: ChatRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(e) => {
@@ -292,7 +300,11 @@ async fn chat_completions(State(mock): State<Arc<MockModel>>, body: Bytes) -> Re
     if !mock.latency.is_zero() {
         tokio::time::sleep(mock.latency).await;
     }
-    let reply = MockModel::reply_as(&request.model, &request.messages);
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .unwrap_or("unknown");
+    let reply = MockModel::reply_as(&request.model, host, &request.messages);
     let usage = MockModel::usage(&request.messages, &reply);
     let id = format!("chatcmpl-mock-{}", fastrand::u64(..));
     let created = unix_seconds();

@@ -674,3 +674,122 @@ fn observability_settings() {
     .unwrap_err();
     assert_eq!(error.variable, "METRICS_TOKEN");
 }
+
+/// Loads an agents file; the error's one line, if it is refused.
+fn agents_error(yaml: &str, extra: &[(&str, &str)]) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agents.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let path = path.display().to_string();
+    let mut pairs = vec![("AGENTS_FILE", path.as_str()), ("SANDBOX_MEMORY", "256m")];
+    pairs.extend_from_slice(extra);
+    let error = load(&pairs).expect_err("the file is refused").to_string();
+    (path, error)
+}
+
+#[test]
+fn a_bad_agents_file_is_refused_in_one_line_naming_the_file_the_agent_and_the_field() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "agents:\n  - id: support\n    model:\n      temprature: 0.2\n",
+            "agent \"support\": model.temprature: unknown field `temprature`, expected one of",
+        ),
+        (
+            "agents:\n  - id: support\n    model:\n      temperature: 5\n",
+            "agent \"support\": model.temperature: expected a number from 0 to 2",
+        ),
+        (
+            "agents:\n  - id: support\n    tools: [shell, nope]\n",
+            "agent \"support\": tools: no built-in tool is called \"nope\"",
+        ),
+        (
+            "agents:\n  - id: support\n    sandbox:\n      memory_mb: 1024\n",
+            "agent \"support\": sandbox.memory_mb: 1024 is not above 0 and within the server's SANDBOX_MEMORY (256 MB)",
+        ),
+        (
+            "agents:\n  - id: support\n    approval:\n      tools:\n        shell: sometimes\n",
+            "agent \"support\": approval.tools.shell: expected auto, ask or deny, got \"sometimes\"",
+        ),
+        (
+            "agents:\n  - id: support\n    mcp_servers:\n      - name: time\n",
+            "agent \"support\": mcp_servers[0].command: give `command`",
+        ),
+        (
+            "agents:\n  - id: support\n    mcp_servers:\n      - name: Bad__Name\n        command: [x]\n",
+            "agent \"support\": mcp_servers[0].name: \"Bad__Name\" is not a valid MCP server name",
+        ),
+        (
+            "agents:\n  - id: support\n    model:\n      api_key_secret: MISSING_KEY\n",
+            "agent \"support\": model.api_key_secret: no secret \"MISSING_KEY\" is set",
+        ),
+        (
+            "agents:\n  - id: a\n  - id: a\n",
+            "agent \"a\": id: another agent has this id",
+        ),
+        (
+            "agents:\n  - name: nameless\n",
+            "agent #1: missing field `id`",
+        ),
+        ("agents: []\n", "`agents` is empty"),
+        ("agents: [", "not an agents file"),
+    ];
+    for (yaml, expected) in cases {
+        let (path, error) = agents_error(yaml, &[]);
+        assert!(
+            error.starts_with(&format!("AGENTS_FILE: {path}: ")),
+            "{yaml:?}: {error}"
+        );
+        assert!(error.contains(expected), "{yaml:?}: {error}");
+        assert!(!error.contains('\n'), "one line: {error:?}");
+    }
+    let (_, error) = agents_error(
+        "agents:\n  - id: x\n",
+        &[("AGENTS_FILE", "/nonexistent/agents.yaml")],
+    );
+    assert!(error.contains("cannot read it"), "{error}");
+}
+
+#[test]
+fn an_agent_inherits_what_it_does_not_set_and_never_another_providers_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agents.yaml");
+    std::fs::write(
+        &path,
+        "agents:\n  - id: same\n  - id: other\n    model:\n      endpoint: https://api.example.com/v1\n  - id: keyed\n    model:\n      endpoint: https://api.example.com/v1\n      api_key_secret: EXAMPLE_KEY\n    sandbox:\n      memory_mb: 64\n      pids: 16\n    max_steps: 2\n",
+    )
+    .unwrap();
+    let path = path.display().to_string();
+    let config = load(&[
+        ("AGENTS_FILE", &path),
+        ("MODEL_ENDPOINT", "https://api.openai.com/v1"),
+        ("OPENAI_API_KEY", "sk-server-key-1234"),
+        ("EXAMPLE_KEY", "ex-key-5678"),
+        ("SYSTEM_PROMPT", "Be brief."),
+    ])
+    .unwrap();
+    let [same, other, keyed] = &config.agents[..] else {
+        panic!("{:?}", config.agents);
+    };
+    assert_eq!(
+        same.model.endpoint.as_deref(),
+        Some("https://api.openai.com/v1")
+    );
+    assert_eq!(
+        same.model.api_key.as_ref().unwrap().expose_secret(),
+        "sk-server-key-1234"
+    );
+    assert_eq!(same.system_prompt.as_deref(), Some("Be brief."));
+    assert_eq!(same.max_steps, 8);
+    assert!(
+        other.model.api_key.is_none(),
+        "the server's key stays with its endpoint"
+    );
+    assert_eq!(
+        keyed.model.api_key.as_ref().unwrap().expose_secret(),
+        "ex-key-5678"
+    );
+    assert_eq!(keyed.limits.memory_bytes, 64 << 20);
+    assert_eq!(keyed.limits.pids, 16);
+    assert_eq!(keyed.limits.cpus, config.sandbox.limits.cpus);
+    assert_eq!(keyed.max_steps, 2);
+}

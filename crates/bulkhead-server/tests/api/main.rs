@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+mod agents;
+mod approvals;
 mod containment;
 mod conversation;
 mod model;
@@ -24,13 +26,17 @@ mod tools;
 struct TestApp {
     base: String,
     client: reqwest::Client,
-    _db: TestDb,
+    db: Option<TestDb>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 async fn spawn_app(kind: DbKind, env: &[(&str, &str)]) -> TestApp {
-    let db = TestDb::new(kind).await;
+    start_on(TestDb::new(kind).await, env).await
+}
+
+/// A server on `db`, which may hold what an earlier server recorded.
+async fn start_on(db: TestDb, env: &[(&str, &str)]) -> TestApp {
     let secrets = db.dir.path().join("no-secrets");
     let mut vars: std::collections::HashMap<String, String> = [
         ("DATABASE_URL", db.url.clone()),
@@ -64,7 +70,7 @@ async fn spawn_app(kind: DbKind, env: &[(&str, &str)]) -> TestApp {
     TestApp {
         base,
         client: reqwest::Client::new(),
-        _db: db,
+        db: Some(db),
         stop: Some(stop),
         server: Some(server),
     }
@@ -137,6 +143,12 @@ impl TestApp {
                 .starts_with("text/event-stream")
         );
         collect_events(response).await
+    }
+
+    /// Stops the server and starts another on the same database.
+    async fn restart(mut self, env: &[(&str, &str)]) -> TestApp {
+        self.shut_down().await.unwrap();
+        start_on(self.db.take().unwrap(), env).await
     }
 
     /// Signals shutdown and waits for the server to stop.

@@ -51,7 +51,7 @@ async fn shutdown_drains_runs_in_flight(kind: DbKind) {
         .expect("clean stop");
 
     // The record survived the stop: reopen the same database.
-    let db = std::mem::replace(&mut app._db, TestDb::new(DbKind::Sqlite).await);
+    let db = app.db.take().unwrap();
     let store = bulkhead_store::Store::connect(&db.url, &Default::default())
         .await
         .unwrap();
@@ -98,7 +98,7 @@ async fn shutdown_interrupts_runs_past_the_grace(kind: DbKind) {
         "run_interrupted",
     );
 
-    let db = std::mem::replace(&mut app._db, TestDb::new(DbKind::Sqlite).await);
+    let db = app.db.take().unwrap();
     let store = bulkhead_store::Store::connect(&db.url, &Default::default())
         .await
         .unwrap();
@@ -126,7 +126,7 @@ async fn a_stored_call_without_its_result_does_not_poison_the_session(kind: DbKi
     assert_eq!(status, StatusCode::OK, "{first}");
     let session = first["session_id"].as_str().unwrap();
 
-    let store = bulkhead_store::Store::connect(&app._db.url, &Default::default())
+    let store = bulkhead_store::Store::connect(&app.db.as_ref().unwrap().url, &Default::default())
         .await
         .unwrap();
     let (run, now) = (

@@ -213,7 +213,14 @@ async fn deleting_a_session_destroys_its_workspace(kind: DbKind) {
     )
     .await;
     let session = body["session_id"].as_str().unwrap();
-    let workspace = app._db.dir.path().join("sandboxes").join(session);
+    let workspace = app
+        .db
+        .as_ref()
+        .unwrap()
+        .dir
+        .path()
+        .join("sandboxes")
+        .join(session);
     assert!(workspace.exists());
     let response = app
         .client
@@ -262,9 +269,16 @@ async fn an_unrecorded_tool_call_does_not_run() {
     let app = spawn_app(DbKind::Sqlite, &[]).await;
     let (body, _) = call_tool(&app, None, "shell", json!({"command": "echo ready"})).await;
     let session = body["session_id"].as_str().unwrap().to_string();
-    let workspace = app._db.dir.path().join("sandboxes").join(&session);
+    let workspace = app
+        .db
+        .as_ref()
+        .unwrap()
+        .dir
+        .path()
+        .join("sandboxes")
+        .join(&session);
     // Break the audit trail under the running server.
-    let database = app._db.dir.path().join("bulkhead.db");
+    let database = app.db.as_ref().unwrap().dir.path().join("bulkhead.db");
     let status = std::process::Command::new("python3")
         .args([
             "-c",
