@@ -1,6 +1,10 @@
 //! `bulkhead chat`: a terminal client for a running server. Reads a line,
 //! streams the reply as it comes, keeps the session across lines.
 //!
+//! A tool call the agent's policy makes wait for a person is shown with its
+//! arguments and asked about (y/n); the answer is sent as the decision and
+//! the reply goes on.
+//!
 //! Ctrl-C while a reply streams stops that reply and returns to the prompt;
 //! at the prompt it quits. The server has no way to cancel a run, so a
 //! stopped reply's run still finishes there (and is kept in the session):
@@ -14,7 +18,7 @@ use std::time::Duration;
 use eventsource_stream::Eventsource;
 use futures_util::{FutureExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines, Stdin};
 use tokio::signal::unix::{SignalKind, signal};
 
 const HELP: &str = "Type a message and press Enter. Commands: /new (new session), \
@@ -28,6 +32,7 @@ pub async fn run(
     url: Option<String>,
     session: Option<String>,
     api_key: Option<String>,
+    agent: Option<String>,
 ) -> ExitCode {
     let base = url.unwrap_or_else(|| {
         let port = std::env::var("PORT").ok().filter(|p| !p.trim().is_empty());
@@ -113,7 +118,7 @@ pub async fn run(
             _ => {}
         }
         let sent = tokio::select! {
-            sent = send(&client, &base, message, &mut session) => sent,
+            sent = send(&client, &base, message, &mut session, agent.as_deref(), &mut lines) => sent,
             _ = interrupts.recv() => {
                 // Dropping the request closes its stream; the run goes on
                 // on the server, which keeps whatever it answers.
@@ -198,12 +203,18 @@ async fn send(
     base: &str,
     message: &str,
     session: &mut Option<String>,
+    agent: Option<&str>,
+    lines: &mut Lines<BufReader<Stdin>>,
 ) -> anyhow::Result<()> {
+    // A session continued runs its own agent; only a new one is told which.
+    let agent = if session.is_some() { None } else { agent };
     let response = loop {
         let response = client
             .post(format!("{base}/agent"))
             .header(reqwest::header::ACCEPT, "text/event-stream")
-            .json(&json!({"message": message, "session_id": session, "stream": true}))
+            .json(
+                &json!({"message": message, "session_id": session, "agent": agent, "stream": true}),
+            )
             .send()
             .await
             .map_err(|e| anyhow::anyhow!("cannot reach {base}: {}", describe(&e)))?;
@@ -225,10 +236,19 @@ async fn send(
             body.pointer("/error/active_run_id").and_then(Value::as_str),
         ) {
             ("streaming_disabled", _) => {
-                return send_plain(client, base, message, session).await;
+                return send_plain(client, base, message, session, agent, lines).await;
             }
-            // Most often the run of a reply stopped with Ctrl-C.
+            // Most often the run of a reply stopped with Ctrl-C, or one
+            // left waiting for a decision.
             ("session_busy", Some(run)) => {
+                if let Some(approval) = waiting_approval(client, base, run).await? {
+                    eprintln!("(the session's previous run waits for a decision first)");
+                    let mut pending = Some(approval);
+                    while let Some(approval) = pending {
+                        pending = decide(client, base, &approval, lines, session).await?;
+                    }
+                    continue;
+                }
                 eprintln!(
                     "(waiting for the session's previous run to finish; Ctrl-C to stop waiting)"
                 );
@@ -237,9 +257,23 @@ async fn send(
             _ => anyhow::bail!("{status}: {text}"),
         }
     };
+    let mut pending = follow(response, session).await?;
+    while let Some(approval) = pending {
+        pending = decide(client, base, &approval, lines, session).await?;
+    }
+    Ok(())
+}
+
+/// Prints a run's events as they come. Returns the approval the run
+/// paused for, if it did.
+async fn follow(
+    response: reqwest::Response,
+    session: &mut Option<String>,
+) -> anyhow::Result<Option<Value>> {
     let mut events = response.bytes_stream().eventsource();
     let mut stdout = std::io::stdout();
     let mut printed = false;
+    let mut paused = None;
     while let Some(event) = events.next().await {
         let event = event.map_err(|e| anyhow::anyhow!("the stream broke: {e}"))?;
         let data: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
@@ -270,6 +304,19 @@ async fn send(
             "tool_result" => {
                 eprintln!("  [result {}]", data["content"].as_str().unwrap_or(""));
             }
+            "approval_decided" => {
+                eprintln!(
+                    "  [{} by {}]",
+                    match data["decision"].as_str() {
+                        Some("approve") => "approved",
+                        Some("deny") => "denied",
+                        Some("expired") => "expired",
+                        _ => "decided",
+                    },
+                    data["decided_by"].as_str().unwrap_or("?")
+                );
+            }
+            "approval_requested" => paused = Some(data),
             "run_completed" => {
                 if printed {
                     writeln!(stdout)?;
@@ -290,7 +337,74 @@ async fn send(
             _ => {}
         }
     }
-    Ok(())
+    Ok(paused)
+}
+
+/// Shows a call waiting for approval, asks y/n, sends the answer and
+/// follows the run from there. Returns the next approval it pauses for.
+async fn decide(
+    client: &reqwest::Client,
+    base: &str,
+    approval: &Value,
+    lines: &mut Lines<BufReader<Stdin>>,
+    session: &mut Option<String>,
+) -> anyhow::Result<Option<Value>> {
+    let (Some(run), Some(call)) = (approval["run_id"].as_str(), approval["call_id"].as_str())
+    else {
+        anyhow::bail!("the server asked for an approval without naming the call");
+    };
+    eprint!(
+        "  [approval needed] {} {}\n  run it? [y/N] ",
+        approval["tool"].as_str().unwrap_or("?"),
+        approval["arguments"].as_str().unwrap_or("")
+    );
+    let _ = std::io::stderr().flush();
+    let answer = lines.next_line().await?.unwrap_or_default();
+    let approve = matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes");
+    let response = client
+        .post(format!("{base}/runs/{run}/approvals"))
+        .header(reqwest::header::ACCEPT, "text/event-stream")
+        .json(&json!({
+            "call_id": call,
+            "decision": if approve { "approve" } else { "deny" },
+            "stream": true,
+        }))
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {base}: {}", describe(&e)))?;
+    if !response.status().is_success() {
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        anyhow::bail!(
+            "{status}: {}",
+            body.pointer("/error/message")
+                .and_then(Value::as_str)
+                .unwrap_or("no details")
+        );
+    }
+    follow(response, session).await
+}
+
+/// The approval `run` waits for, if it waits for one.
+async fn waiting_approval(
+    client: &reqwest::Client,
+    base: &str,
+    run: &str,
+) -> anyhow::Result<Option<Value>> {
+    let body: Value = client
+        .get(format!("{base}/runs/{run}"))
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {base}: {}", describe(&e)))?
+        .json()
+        .await
+        .unwrap_or(Value::Null);
+    if body["status"] != "awaiting_approval" {
+        return Ok(None);
+    }
+    let mut approval = body["approval"].clone();
+    approval["run_id"] = body["run_id"].clone();
+    Ok(Some(approval))
 }
 
 /// Waits until `run` is no longer running.
@@ -315,15 +429,41 @@ async fn send_plain(
     base: &str,
     message: &str,
     session: &mut Option<String>,
+    agent: Option<&str>,
+    lines: &mut Lines<BufReader<Stdin>>,
 ) -> anyhow::Result<()> {
     let response = client
         .post(format!("{base}/agent"))
-        .json(&json!({"message": message, "session_id": session, "stream": false}))
+        .json(&json!({"message": message, "session_id": session, "agent": agent, "stream": false}))
         .send()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach {base}: {}", describe(&e)))?;
-    let status = response.status();
-    let body: Value = response.json().await.unwrap_or(Value::Null);
+    let mut status = response.status();
+    let mut body: Value = response.json().await.unwrap_or(Value::Null);
+    while status == reqwest::StatusCode::ACCEPTED && body["status"] == "awaiting_approval" {
+        let approval = &body["approval"];
+        eprint!(
+            "  [approval needed] {} {}\n  run it? [y/N] ",
+            approval["tool"].as_str().unwrap_or("?"),
+            approval["arguments"].as_str().unwrap_or("")
+        );
+        let _ = std::io::stderr().flush();
+        let answer = lines.next_line().await?.unwrap_or_default();
+        let approve = matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes");
+        let run = body["run_id"].as_str().unwrap_or_default();
+        let response = client
+            .post(format!("{base}/runs/{run}/approvals"))
+            .json(&json!({
+                "call_id": approval["call_id"],
+                "decision": if approve { "approve" } else { "deny" },
+                "stream": false,
+            }))
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach {base}: {}", describe(&e)))?;
+        status = response.status();
+        body = response.json().await.unwrap_or(Value::Null);
+    }
     if !status.is_success() {
         let text = body
             .pointer("/error/message")

@@ -99,6 +99,10 @@ enum Command {
         /// requires one.
         #[arg(long, env = "BULKHEAD_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// The agent new sessions belong to (`GET /agents`); default: the
+        /// server's default agent.
+        #[arg(long)]
+        agent: Option<String>,
     },
 }
 
@@ -144,9 +148,10 @@ fn main() -> ExitCode {
             url,
             session,
             api_key,
+            agent,
         } => {
             let runtime = runtime(false);
-            let code = runtime.block_on(chat::run(url, session, api_key));
+            let code = runtime.block_on(chat::run(url, session, api_key, agent));
             // A read of stdin still pending (chat quit on Ctrl-C at the
             // prompt) holds a blocking thread until a line comes: not waited for.
             runtime.shutdown_background();

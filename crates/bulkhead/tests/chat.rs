@@ -57,6 +57,82 @@ async fn chat_streams_replies_and_keeps_the_session() {
     );
 }
 
+/// A call the agent's policy makes wait: chat shows it, asks y/n, and the
+/// answer decides it; with keys, the audit names the key that decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_asks_before_a_call_that_needs_approval() {
+    let dir = tempfile::tempdir().unwrap();
+    let agents = dir.path().join("agents.yaml");
+    std::fs::write(
+        &agents,
+        "agents:\n  - id: careful\n    tools: [current_time]\n    approval:\n      tools:\n        current_time: ask\n",
+    )
+    .unwrap();
+    let agents = agents.display().to_string();
+    let env = [("AUTH_MODE", "keys"), ("AGENTS_FILE", agents.as_str())];
+    let key = create_key(dir.path(), &env, &["--name", "person"]);
+    let (_server, url) = serve(dir.path(), &env);
+    let mut chat = bulkhead(dir.path())
+        .args([
+            "chat",
+            "--url",
+            &url,
+            "--agent",
+            "careful",
+            "--api-key",
+            &key,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    chat.stdin
+        .take()
+        .unwrap()
+        .write_all(b"tool:current_time {}\ny\ntool:current_time {}\nn\n/quit\n")
+        .unwrap();
+    let output = chat.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("[approval needed] current_time {}"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("run it? [y/N]"), "{stderr}");
+    assert!(stdout.contains("agent> tool result: 20"), "{stdout}");
+    assert!(
+        stdout.contains("agent> tool result: error: not run: denied by a person"),
+        "{stdout}"
+    );
+    let session = session_shown(&stderr).unwrap_or_else(|| panic!("{stderr}"));
+    let client = reqwest::Client::new();
+    let audit: Value = client
+        .get(format!("{url}/sessions/{session}/audit"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let decisions: Vec<(&str, &str)> = audit["tool_calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["approval"]["decision"].as_str().unwrap(),
+                c["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(decisions, [("approve", "completed"), ("deny", "denied")]);
+    let key_id = key.split('_').nth(1).unwrap();
+    assert_eq!(audit["tool_calls"][0]["approval"]["decided_by"], key_id);
+}
+
 /// Against a server that requires keys, chat says at once when it has
 /// none (or a bad one), and works with one from `BULKHEAD_API_KEY` or
 /// `--api-key`.

@@ -400,3 +400,33 @@ fn an_unauthenticated_server_listens_on_loopback_and_says_so() {
     assert!(said(&events, "INFO", "API keys required"), "{events:?}");
     assert!(!said(&events, "WARN", "AUTHENTICATION IS OFF"));
 }
+
+/// A bad agents file stops start-up at once, with one line naming the
+/// file, the agent and the field, and what was expected there.
+#[test]
+fn a_bad_agents_file_stops_start_up_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agents.yaml");
+    std::fs::write(
+        &file,
+        "agents:\n  - id: support\n    model:\n      temperature: 7\n",
+    )
+    .unwrap();
+    let file = file.display().to_string();
+    let mut command = bulkhead(dir.path());
+    command.arg("serve");
+    let started = Instant::now();
+    let (process, status) =
+        serve_expecting_exit(command, &[("AGENTS_FILE", &file)], Duration::from_secs(5));
+    assert!(!status.success(), "{}", process.all_output());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let line = stderr_line(&process);
+    for expected in [
+        file.as_str(),
+        "agent \"support\"",
+        "model.temperature",
+        "expected a number from 0 to 2",
+    ] {
+        assert!(line.contains(expected), "{expected:?} in {line}");
+    }
+}
