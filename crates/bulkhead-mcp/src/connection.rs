@@ -199,16 +199,21 @@ async fn broken(
             limit: MAX_MESSAGE_BYTES,
         };
     }
-    if let Some(process) = process
-        && let Some(exit) = process.exit_within(EXIT_REPORT_WAIT).await
-    {
-        return McpError::Exited {
+    let Some(process) = process else {
+        return error;
+    };
+    match process.exit_within(EXIT_REPORT_WAIT).await {
+        Some(Ok(exit)) => McpError::Exited {
             server: server.to_string(),
             status: stdio::status(&exit),
             stderr: stdio::tail(&exit.stderr.text),
-        };
+        },
+        Some(Err(lost)) => McpError::Disconnected {
+            server: server.to_string(),
+            reason: format!("its process in the sandbox was lost ({lost})"),
+        },
+        None => error,
     }
-    error
 }
 
 /// A server that was too slow is killed; what it wrote to stderr often

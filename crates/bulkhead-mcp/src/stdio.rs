@@ -23,7 +23,9 @@ pub(crate) type Writer = Pin<Box<dyn AsyncWrite + Send>>;
 /// ended once it has.
 pub(crate) struct Process {
     guard: Mutex<Option<Box<dyn Send + Sync>>>,
-    exit: watch::Receiver<Option<ProcessExit>>,
+    /// How it ended, or why that cannot be known (the helper or sandboxd
+    /// broke off).
+    exit: watch::Receiver<Option<Result<ProcessExit, String>>>,
     watcher: tokio::task::AbortHandle,
 }
 
@@ -37,7 +39,7 @@ impl Process {
 
     /// How the program ended, if it has or does within `wait`: the end of
     /// stdout comes before the sandbox has reaped the program.
-    pub(crate) async fn exit_within(&self, wait: Duration) -> Option<ProcessExit> {
+    pub(crate) async fn exit_within(&self, wait: Duration) -> Option<Result<ProcessExit, String>> {
         let mut exit = self.exit.clone();
         let ended = tokio::time::timeout(wait, exit.wait_for(Option::is_some)).await;
         match ended {
@@ -51,6 +53,7 @@ impl Process {
         self.exit
             .borrow()
             .as_ref()
+            .and_then(|exit| exit.as_ref().ok())
             .map(|exit| tail(&exit.stderr.text))
             .filter(|tail| !tail.is_empty())
     }
@@ -108,7 +111,7 @@ pub(crate) async fn spawn(
     let (report, exit) = watch::channel(None);
     let exited = process.exited;
     let watcher = tokio::spawn(async move {
-        let exit = exited.await;
+        let exit = exited.await.map_err(|e| e.to_string());
         let _ = report.send(Some(exit));
     })
     .abort_handle();
