@@ -1,6 +1,8 @@
 # Test only: the sandbox image with the MCP servers that bulkhead-mcp's
 # tests run over stdio in a docker sandbox, at the pins scripts/ensure-tools
-# installs for the namespace sandbox. scripts/ensure-images builds it as
+# installs for the namespace sandbox, and at the same path
+# (/usr/local/lib/bulkhead-test-mcp/venv), so that a test names a server
+# the same way on both backends. scripts/ensure-images builds it as
 # bulkhead-sandbox-mcp:test; nothing ships it. Its build context holds
 # this file and a `certs/` folder with the CA certificates the building
 # machine trusts (empty where it needs none), so that pip reaches PyPI
@@ -19,11 +21,10 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 COPY certs/ /usr/local/share/ca-certificates/
 RUN update-ca-certificates \
- && python3 -m venv /opt/mcp \
- && /opt/mcp/bin/pip install --no-cache-dir --disable-pip-version-check \
+ && python3 -m venv /usr/local/lib/bulkhead-test-mcp/venv \
+ && /usr/local/lib/bulkhead-test-mcp/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
       --cert /etc/ssl/certs/ca-certificates.crt \
       mcp-server-time==2026.10.19 fastmcp==4.2.3
-ENV PATH=/opt/mcp/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 USER 1000:1000
 WORKDIR /workspace
