@@ -346,3 +346,56 @@ async fn the_egress_policy_decides_which_servers_are_reached() {
         )
     );
 }
+
+/// A server that answers every POST with one SSE event that never ends.
+fn flooding_server(address: Ipv4Addr) -> u16 {
+    let listener = TcpListener::bind((address, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            std::thread::spawn(move || {
+                let mut request = [0u8; 8192];
+                let _ = std::io::Read::read(&mut stream, &mut request);
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: ";
+                if stream.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let chunk = vec![b'x'; 64 << 10];
+                // Until the client hangs up.
+                while stream.write_all(&chunk).is_ok() {}
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_server_that_floods_its_answer_is_cut_off() {
+    let address = bulkhead_testing::outside_address();
+    let port = flooding_server(address);
+    let url = url::Url::parse(&format!("http://{address}:{port}/mcp")).unwrap();
+    let config = McpServerConfig::http("flood", url, vec![])
+        .unwrap()
+        .with_timeouts(Duration::from_secs(20), Duration::from_secs(5))
+        .unwrap();
+    let policy = EgressPolicy::parse(&format!("{address}:{port}")).unwrap();
+    let session = McpSession::new(vec![config], policy)
+        .unwrap()
+        .with_retry_backoff(Duration::ZERO);
+    let started = Instant::now();
+    assert!(session.tools(&NoSandbox).await.is_empty());
+    let error = session
+        .call(&NoSandbox, "flood__anything", serde_json::Map::new())
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        error.to_string(),
+        "the MCP server `flood` sent a message larger than 4 MiB; it was stopped"
+    );
+}
