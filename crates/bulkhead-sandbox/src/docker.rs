@@ -8,7 +8,10 @@
 //! memory (no swap), CPU and pids limits, and
 //! `SANDBOX_RUNTIME` (e.g. `runsc`) when set. Operations are `docker exec`s
 //! in it; each runs as the leader of its own process group so that a
-//! timeout kills the whole group.
+//! timeout kills the whole group. Hosted programs are execs too (see
+//! `docker/process.rs`).
+
+mod process;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,7 +33,10 @@ use tokio::sync::{Mutex, OnceCell};
 use crate::egress::{EgressGate, EgressProxy};
 use crate::output::OutputCapture;
 use crate::paths::{WORKSPACE, workspace_path};
-use crate::{Backend, ExecResult, KilledReason, Limits, Operation, Probe, Sandbox, SandboxError};
+use crate::{
+    Backend, ExecResult, KilledReason, Limits, Operation, Probe, ProcessSpec, Sandbox,
+    SandboxError, SandboxProcess,
+};
 
 /// Every container and volume the backend makes carries this label.
 pub const LABEL: &str = "dev.bulkhead.sandbox";
@@ -423,7 +429,7 @@ impl Backend for DockerBackend {
                 let _ = remove(docker, &name, &volume).await;
                 return Err(unavailable("cannot start the sandbox container", e));
             }
-            Ok(Arc::new(DockerSandbox {
+            Ok(Arc::new_cyclic(|me| DockerSandbox {
                 inner: Arc::clone(&self.inner),
                 name,
                 id,
@@ -433,6 +439,8 @@ impl Backend for DockerBackend {
                 limits: limits.clone(),
                 counters: Mutex::new(Counters::default()),
                 pending_hits: Mutex::new(Vec::new()),
+                me: me.clone(),
+                destroyed: std::sync::atomic::AtomicBool::new(false),
             }) as Arc<dyn Sandbox>)
         })
     }
@@ -521,6 +529,11 @@ struct DockerSandbox {
     counters: Mutex<Counters>,
     /// Limits seen struck before a kill, for the result being assembled.
     pending_hits: Mutex<Vec<KilledReason>>,
+    /// Itself, for the hosted programs that hold it while they run.
+    me: std::sync::Weak<DockerSandbox>,
+    /// Its container is removed: a hosted program that ended with it has
+    /// nothing left to inspect.
+    destroyed: std::sync::atomic::AtomicBool,
 }
 
 const READ_SCRIPT: &str = r#"p=$(realpath -e -- "$1") || exit 1
@@ -1106,9 +1119,25 @@ impl Sandbox for DockerSandbox {
         }))
     }
 
+    fn spawn<'a>(
+        &'a self,
+        spec: &'a ProcessSpec,
+    ) -> BoxFuture<'a, Result<SandboxProcess, SandboxError>> {
+        Box::pin(async move {
+            let sandbox = self
+                .me
+                .upgrade()
+                .ok_or_else(|| SandboxError::Unavailable("the sandbox is being dropped".into()))?;
+            process::spawn(sandbox, spec).await
+        })
+    }
+
     fn destroy(&self) -> BoxFuture<'_, Result<(), SandboxError>> {
         Box::pin(async move {
             let docker = self.inner.client().await?;
+            // Hosted programs die with the container.
+            self.destroyed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             remove(docker, &self.name, &self.volume)
                 .await
                 .map_err(|e| unavailable("cannot remove the sandbox container", e))

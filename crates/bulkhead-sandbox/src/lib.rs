@@ -27,6 +27,7 @@ mod output;
 mod paths;
 pub mod pool;
 pub mod seccomp_policy;
+mod stdin;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -324,17 +325,25 @@ pub struct ProcessExit {
 /// The sandbox's limits apply to it (memory, pids, CPU, disk, no network
 /// but the egress gate) except the per-operation timeout: it runs until it
 /// exits, until this is dropped, or until its sandbox is destroyed. Dropping
-/// it kills the program and everything it started.
+/// it kills the program and everything it started. While it runs it holds
+/// its sandbox, so a [`pool::SandboxPool`] does not reap the sandbox as idle.
+///
+/// A program that cannot be found or executed is still started: it exits
+/// at once with 127 or 126 and says why on stderr, as in a shell.
 pub struct SandboxProcess {
-    /// The program's stdin. Closing it is how a polite caller asks the
-    /// program to end.
+    /// The program's stdin. Dropping it or shutting it down closes it,
+    /// which is how a polite caller asks the program to end.
     pub stdin: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
     /// The program's stdout, as raw bytes. Unbounded: the caller caps what
-    /// it reads.
+    /// it reads. It ends when the program and everything it started are
+    /// gone.
     pub stdout: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
-    /// Resolves once the program has ended.
-    pub exited: BoxFuture<'static, ProcessExit>,
-    /// Holds whatever keeps the program alive; dropped, it kills it.
+    /// Resolves once the program has ended; an error when how it ended
+    /// cannot be known (the helper or the connection to sandboxd broke
+    /// off), in which case the program is gone or being killed.
+    pub exited: BoxFuture<'static, Result<ProcessExit, SandboxError>>,
+    /// Holds whatever keeps the program alive; dropped, it kills it and
+    /// everything it started.
     pub guard: Box<dyn Send + Sync>,
 }
 

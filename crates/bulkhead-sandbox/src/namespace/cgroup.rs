@@ -91,16 +91,9 @@ pub(crate) fn remove_orphans(group: &str) -> usize {
                 continue;
             }
             let path = entry.path();
-            let orphan = if version() == Some(1) {
-                Cgroup::V1 {
-                    memory: Path::new(ROOT).join("memory").join(group).join(&name),
-                    pids: Path::new(ROOT).join("pids").join(group).join(&name),
-                    cpu: Path::new(ROOT).join("cpu").join(group).join(&name),
-                }
-            } else {
-                Cgroup::V2 { path: path.clone() }
-            };
-            orphan.remove();
+            if let Some(orphan) = Cgroup::existing(group, &name) {
+                orphan.remove();
+            }
             if !path.exists() {
                 removed += 1;
             }
@@ -197,6 +190,27 @@ impl Cgroup {
                 io::ErrorKind::Unsupported,
                 "no usable cgroup hierarchy under /sys/fs/cgroup (need memory, pids and cpu controllers)",
             )),
+        }
+    }
+
+    /// The cgroup `name` in `group` as [`Cgroup::create`] made it, for
+    /// removing it when its helper could not.
+    pub(crate) fn existing(group: &str, name: &str) -> Option<Cgroup> {
+        let group = group.trim_matches('/');
+        match version() {
+            Some(1) => {
+                let dir =
+                    |controller: &str| Path::new(ROOT).join(controller).join(group).join(name);
+                Some(Cgroup::V1 {
+                    memory: dir("memory"),
+                    pids: dir("pids"),
+                    cpu: dir("cpu"),
+                })
+            }
+            Some(2) => Some(Cgroup::V2 {
+                path: Path::new(ROOT).join(group).join(name),
+            }),
+            _ => None,
         }
     }
 

@@ -20,42 +20,115 @@ use nix::sys::wait::waitpid;
 use nix::unistd::{ForkResult, Pid, fork, pipe2};
 
 use super::cgroup::Cgroup;
+use super::hosting;
 use super::inside::{self, InitStatus};
-use super::{HelperReport, HelperRequest};
+use super::process::{MAX_REQUEST, PROCESS_MARK, ProcessReport};
+use super::{HelperReport, HelperRequest, Task};
 use crate::output::OutputCapture;
 use crate::{ExecResult, KilledReason, Operation};
 
-/// Entry point of the helper process: reads a request on stdin, prints one
-/// report on stdout, exits.
+/// Entry point of the helper process: reads a request on stdin and either
+/// runs an operation (one report on stdout) or hosts a program (reports on
+/// stderr, see `process.rs`), then exits.
 pub fn helper_main() -> ! {
-    let report = match read_request() {
-        Ok(request) => match run(&request) {
-            Ok(result) => HelperReport::Finished(result),
-            Err(reason) => HelperReport::Unavailable(reason),
-        },
-        Err(reason) => HelperReport::Unavailable(reason),
-    };
-    let mut stdout = std::io::stdout().lock();
-    let _ = serde_json::to_writer(&mut stdout, &report);
-    let _ = stdout.flush();
-    std::process::exit(0)
+    match read_request() {
+        Incoming::Process(Ok(request)) => hosting::host(&request),
+        Incoming::Process(Err(reason)) => {
+            hosting::send(&ProcessReport::Unavailable(reason));
+            std::process::exit(0)
+        }
+        Incoming::Operation(request) => {
+            let report = match request {
+                Ok(request) => match run(&request) {
+                    Ok(result) => HelperReport::Finished(result),
+                    Err(reason) => HelperReport::Unavailable(reason),
+                },
+                Err(reason) => HelperReport::Unavailable(reason),
+            };
+            let mut stdout = std::io::stdout().lock();
+            let _ = serde_json::to_writer(&mut stdout, &report);
+            let _ = stdout.flush();
+            std::process::exit(0)
+        }
+    }
 }
 
-fn read_request() -> Result<HelperRequest, String> {
-    let mut body = Vec::new();
-    std::io::stdin()
-        .read_to_end(&mut body)
-        .map_err(|e| format!("cannot read the request: {e}"))?;
-    serde_json::from_slice(&body).map_err(|e| format!("invalid request: {e}"))
+enum Incoming {
+    Operation(Result<HelperRequest, String>),
+    Process(Result<HelperRequest, String>),
 }
 
-fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
+/// Reads stdin byte by byte where it matters: in process mode, what follows
+/// the request is the program's input and must be left unread.
+fn read_request() -> Incoming {
+    let mut first = [0u8; 1];
+    if let Err(e) = read_exact_unbuffered(&mut first) {
+        return Incoming::Operation(Err(format!("cannot read the request: {e}")));
+    }
+    if first[0] != PROCESS_MARK {
+        let mut body = first.to_vec();
+        let request = std::io::stdin()
+            .read_to_end(&mut body)
+            .map_err(|e| format!("cannot read the request: {e}"))
+            .and_then(|_| {
+                serde_json::from_slice(&body).map_err(|e| format!("invalid request: {e}"))
+            });
+        return Incoming::Operation(request);
+    }
+    Incoming::Process(read_process_request())
+}
+
+fn read_process_request() -> Result<HelperRequest, String> {
+    let mut digits = String::new();
+    loop {
+        let mut byte = [0u8; 1];
+        read_exact_unbuffered(&mut byte).map_err(|e| format!("cannot read the request: {e}"))?;
+        match byte[0] {
+            b'\n' => break,
+            digit @ b'0'..=b'9' if digits.len() < 10 => digits.push(digit as char),
+            _ => return Err("invalid request header".into()),
+        }
+    }
+    let length: usize = digits
+        .parse()
+        .map_err(|_| "invalid request header".to_string())?;
+    if length > MAX_REQUEST {
+        return Err(format!("the request is over {MAX_REQUEST} bytes"));
+    }
+    let mut body = vec![0u8; length];
+    read_exact_unbuffered(&mut body).map_err(|e| format!("cannot read the request: {e}"))?;
+    let request: HelperRequest =
+        serde_json::from_slice(&body).map_err(|e| format!("invalid request: {e}"))?;
+    if !matches!(request.task, Task::Process(_)) {
+        return Err("a process request that names no program".into());
+    }
+    Ok(request)
+}
+
+/// `read_exact` on fd 0 itself, past std's buffered `Stdin`.
+fn read_exact_unbuffered(mut buffer: &mut [u8]) -> std::io::Result<()> {
+    let stdin = std::io::stdin();
+    while !buffer.is_empty() {
+        match nix::unistd::read(stdin.as_fd(), buffer) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => buffer = &mut buffer[n..],
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
     pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
 }
 
 /// The file descriptors the child side needs, by raw number (they are
 /// inherited across fork; the child owns its copies).
 pub(crate) struct ChildFds {
+    /// A hosted program's input (the helper's own stdin); operations get
+    /// /dev/null.
+    pub stdin: Option<RawFd>,
     pub stdout: RawFd,
     pub stderr: RawFd,
     /// Init reports the program's status here.
@@ -127,14 +200,29 @@ pub(crate) struct Mounts {
 }
 
 fn run(request: &HelperRequest) -> Result<ExecResult, String> {
+    in_sandbox(request, |cgroup, mounts| {
+        run_with_root(request, cgroup, mounts)
+    })
+}
+
+/// Runs `body` with the request's cgroup made and its mounts taken hold of;
+/// removes them after.
+pub(super) fn in_sandbox<T>(
+    request: &HelperRequest,
+    body: impl FnOnce(&Cgroup, &Mounts) -> Result<T, String>,
+) -> Result<T, String> {
     let cgroup = Cgroup::create(&request.cgroup, &request.run_id, &request.limits)
         .map_err(|e| no_cgroup(&request.cgroup, &e))?;
-    let result = run_in(request, &cgroup);
+    let result = with_root(request, &cgroup, body);
     cgroup.remove();
     result
 }
 
-fn run_in(request: &HelperRequest, cgroup: &Cgroup) -> Result<ExecResult, String> {
+fn with_root<T>(
+    request: &HelperRequest,
+    cgroup: &Cgroup,
+    body: impl FnOnce(&Cgroup, &Mounts) -> Result<T, String>,
+) -> Result<T, String> {
     let name = format!("root-{}", request.run_id);
     let root = request.state_dir.join(&name);
     let mounts = Mounts {
@@ -147,28 +235,40 @@ fn run_in(request: &HelperRequest, cgroup: &Cgroup) -> Result<ExecResult, String
             .transpose()?,
     };
     std::fs::create_dir_all(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
-    let result = run_with_root(request, cgroup, &mounts);
+    let result = body(cgroup, &mounts);
     let _ = std::fs::remove_dir(&root);
     result
 }
 
-fn run_with_root(
+/// The helper's ends of a sandbox it has started.
+pub(super) struct Launched {
+    pub child: Pid,
+    /// The program's stdout, for an operation (a hosted program has the
+    /// helper's own).
+    pub stdout: Option<OwnedFd>,
+    pub stderr: OwnedFd,
+    pub status: OwnedFd,
+}
+
+/// Forks the child that unshares the namespaces, maps its ids, puts it in
+/// the cgroup and lets it go on to start init and the program. `hosted`:
+/// the program gets the helper's own stdin and stdout.
+pub(super) fn launch(
     request: &HelperRequest,
     cgroup: &Cgroup,
     mounts: &Mounts,
-) -> Result<ExecResult, String> {
-    let (stdout_r, stdout_w) = pipe()?;
+    hosted: bool,
+) -> Result<Launched, String> {
+    let (stdout_r, stdout_w) = if hosted {
+        (None, None)
+    } else {
+        let (r, w) = pipe()?;
+        (Some(r), Some(w))
+    };
     let (stderr_r, stderr_w) = pipe()?;
     let (status_r, status_w) = pipe()?;
     let (unshared_r, unshared_w) = pipe()?;
     let (mapped_r, mapped_w) = pipe()?;
-    let started = Instant::now();
-    let timeout = match &request.operation {
-        Operation::Exec {
-            timeout: Some(t), ..
-        } => (*t).min(request.limits.timeout),
-        _ => request.limits.timeout,
-    };
 
     // SAFETY: the helper is single-threaded (no runtime, no threads), so the
     // child may do anything after fork.
@@ -176,7 +276,8 @@ fn run_with_root(
         ForkResult::Child => {
             drop((stdout_r, stderr_r, status_r, unshared_r, mapped_w));
             let fds = ChildFds {
-                stdout: stdout_w.as_raw_fd(),
+                stdin: hosted.then_some(0),
+                stdout: stdout_w.as_ref().map_or(1, |fd| fd.as_raw_fd()),
                 stderr: stderr_w.as_raw_fd(),
                 status: status_w.as_raw_fd(),
                 unshared: unshared_w.as_raw_fd(),
@@ -204,7 +305,33 @@ fn run_with_root(
         let _ = waitpid(child, None);
         return Err(reason);
     }
-    drop(mapped_w);
+    Ok(Launched {
+        child,
+        stdout: stdout_r,
+        stderr: stderr_r,
+        status: status_r,
+    })
+}
+
+fn run_with_root(
+    request: &HelperRequest,
+    cgroup: &Cgroup,
+    mounts: &Mounts,
+) -> Result<ExecResult, String> {
+    let started = Instant::now();
+    let timeout = match &request.task {
+        Task::Operation(Operation::Exec {
+            timeout: Some(t), ..
+        }) => (*t).min(request.limits.timeout),
+        _ => request.limits.timeout,
+    };
+    let Launched {
+        child,
+        stdout: stdout_r,
+        stderr: stderr_r,
+        status: status_r,
+    } = launch(request, cgroup, mounts, false)?;
+    let stdout_r = stdout_r.expect("an operation's stdout pipe");
 
     let mut stdout = OutputCapture::new(request.limits.output_bytes);
     let mut stderr = OutputCapture::new(request.limits.output_bytes);
@@ -289,36 +416,12 @@ fn run_with_root(
     {
         match serde_json::from_slice::<InitStatus>(line) {
             Ok(InitStatus::SetupFailed { reason }) => return Err(reason),
+            Ok(InitStatus::Started) | Err(_) => {}
             Ok(other) => status = Some(other),
-            Err(_) => {}
         }
     }
-    let strikes = cgroup.strikes();
-    let (exit_code, signal, tmp_full) = match status {
-        Some(InitStatus::Exited { code, tmp_full }) => (Some(code), None, tmp_full),
-        Some(InitStatus::Signaled { signal, tmp_full }) => (None, Some(signal), tmp_full),
-        Some(InitStatus::SetupFailed { .. }) => unreachable!("returned above"),
-        // Killed (by us or by the OOM killer) before init could report.
-        None if killed.is_some() || strikes.oom_kills > 0 => (None, Some(libc::SIGKILL), false),
-        None => {
-            return Err(
-                "the sandbox ended before reporting (its setup was killed or crashed)".into(),
-            );
-        }
-    };
-    let workspace_full = nix::sys::statvfs::statvfs(&request.workspace)
-        .map(|s| crate::nearly_full(s.blocks_available() * s.fragment_size()))
-        .unwrap_or(false);
-    let mut limits_hit: Vec<KilledReason> = killed.into_iter().collect();
-    if strikes.oom_kills > 0 {
-        limits_hit.push(KilledReason::Oom);
-    }
-    if strikes.pids_refusals > 0 {
-        limits_hit.push(KilledReason::Pids);
-    }
-    if tmp_full || workspace_full || signal == Some(libc::SIGXFSZ) {
-        limits_hit.push(KilledReason::Disk);
-    }
+    let (exit_code, signal, tmp_full) = ending(status, killed.is_some(), cgroup)?;
+    let limits_hit = limits_hit(request, killed, cgroup, tmp_full, signal);
     // What stopped it: our kill, else the first limit that struck.
     let killed_reason = limits_hit.first().copied();
     Ok(ExecResult {
@@ -333,7 +436,48 @@ fn run_with_root(
     })
 }
 
-fn kill_everything(child: Pid, cgroup: &Cgroup) {
+/// Exit code, signal and whether /tmp was full, from init's last word.
+pub(super) fn ending(
+    status: Option<InitStatus>,
+    killed: bool,
+    cgroup: &Cgroup,
+) -> Result<(Option<i32>, Option<i32>, bool), String> {
+    match status {
+        Some(InitStatus::Exited { code, tmp_full }) => Ok((Some(code), None, tmp_full)),
+        Some(InitStatus::Signaled { signal, tmp_full }) => Ok((None, Some(signal), tmp_full)),
+        // Killed (by us or by the OOM killer) before init could report.
+        _ if killed || cgroup.strikes().oom_kills > 0 => Ok((None, Some(libc::SIGKILL), false)),
+        _ => Err("the sandbox ended before reporting (its setup was killed or crashed)".into()),
+    }
+}
+
+/// Our own kill first, then every limit the cgroup and the filesystems say
+/// struck.
+pub(super) fn limits_hit(
+    request: &HelperRequest,
+    killed: Option<KilledReason>,
+    cgroup: &Cgroup,
+    tmp_full: bool,
+    signal: Option<i32>,
+) -> Vec<KilledReason> {
+    let strikes = cgroup.strikes();
+    let workspace_full = nix::sys::statvfs::statvfs(&request.workspace)
+        .map(|s| crate::nearly_full(s.blocks_available() * s.fragment_size()))
+        .unwrap_or(false);
+    let mut limits_hit: Vec<KilledReason> = killed.into_iter().collect();
+    if strikes.oom_kills > 0 {
+        limits_hit.push(KilledReason::Oom);
+    }
+    if strikes.pids_refusals > 0 {
+        limits_hit.push(KilledReason::Pids);
+    }
+    if tmp_full || workspace_full || signal == Some(libc::SIGXFSZ) {
+        limits_hit.push(KilledReason::Disk);
+    }
+    limits_hit
+}
+
+pub(super) fn kill_everything(child: Pid, cgroup: &Cgroup) {
     // The child's death takes init (parent-death signal), and init's death
     // takes every process of its pid namespace; the cgroup sweep is for
     // anything in between.
@@ -341,7 +485,7 @@ fn kill_everything(child: Pid, cgroup: &Cgroup) {
     cgroup.kill_all();
 }
 
-fn wait_byte(fd: &OwnedFd, within: Duration) -> Result<(), String> {
+pub(super) fn wait_byte(fd: &OwnedFd, within: Duration) -> Result<(), String> {
     let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
     match poll(
         &mut fds,

@@ -24,7 +24,7 @@ use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
 use serde::{Deserialize, Serialize};
 
 use super::helper::{ChildFds, MountSource, Mounts, owned};
-use super::{HelperRequest, SANDBOX_UID, seccomp};
+use super::{HelperRequest, SANDBOX_UID, Task, seccomp};
 use crate::Operation;
 use crate::paths::{WORKSPACE, workspace_path};
 
@@ -32,9 +32,19 @@ use crate::paths::{WORKSPACE, workspace_path};
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub(crate) enum InitStatus {
-    Exited { code: i32, tmp_full: bool },
-    Signaled { signal: i32, tmp_full: bool },
-    SetupFailed { reason: String },
+    /// From a hosted program, confined and about to be executed.
+    Started,
+    Exited {
+        code: i32,
+        tmp_full: bool,
+    },
+    Signaled {
+        signal: i32,
+        tmp_full: bool,
+    },
+    SetupFailed {
+        reason: String,
+    },
 }
 
 const PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin";
@@ -78,6 +88,11 @@ fn die_with_parent() -> Result<(), String> {
 /// The helper's direct child: unshares, waits to be mapped, forks init.
 pub(crate) fn child_main(request: &HelperRequest, mounts: &Mounts, fds: &ChildFds) -> ! {
     let helper = nix::unistd::getppid();
+    // A hosting helper turns SIGTERM into its stop; here, and in init and
+    // the program, the signal means what it always does.
+    // SAFETY: restoring the default disposition installs no handler.
+    let _ =
+        unsafe { nix::sys::signal::signal(Signal::SIGTERM, nix::sys::signal::SigHandler::SigDfl) };
     let result = (|| -> Result<Pid, String> {
         die_with_parent()?;
         if nix::unistd::getppid() != helper {
@@ -134,7 +149,10 @@ pub(crate) fn child_main(request: &HelperRequest, mounts: &Mounts, fds: &ChildFd
     match result {
         Ok(init) => {
             // Only init and the program may hold the pipes open.
-            for fd in [fds.stdout, fds.stderr, fds.status] {
+            for fd in [fds.stdout, fds.stderr, fds.status]
+                .into_iter()
+                .chain(fds.stdin)
+            {
                 let _ = nix::unistd::close(fd);
             }
             let code = match waitpid(init, None) {
@@ -178,8 +196,9 @@ fn init_main(request: &HelperRequest, mounts: &Mounts, fds: &ChildFds) -> ! {
         Ok(ForkResult::Parent { child }) => child,
         Err(e) => fail(status_fd, format!("fork: {e}")),
     };
-    let _ = nix::unistd::close(fds.stdout);
-    let _ = nix::unistd::close(fds.stderr);
+    for fd in [fds.stdout, fds.stderr].into_iter().chain(fds.stdin) {
+        let _ = nix::unistd::close(fd);
+    }
     let status = loop {
         match waitpid(Pid::from_raw(-1), None) {
             Ok(WaitStatus::Exited(pid, code)) if pid == program => break Ok(code),
@@ -455,11 +474,19 @@ fn program_main(request: &HelperRequest, fds: &ChildFds) -> ! {
     if let Err(reason) = confine(request, fds) {
         fail(status_fd, reason);
     }
-    let code = match &request.operation {
-        Operation::Exec { argv, .. } => exec(argv),
-        Operation::ReadFile { path } => file_result(read_file(path)),
-        Operation::WriteFile { path, content } => file_result(write_workspace_file(path, content)),
-        Operation::ListDir { path } => file_result(list_dir(path)),
+    let code = match &request.task {
+        Task::Operation(Operation::Exec { argv, .. }) => exec(argv, &[]),
+        Task::Operation(Operation::ReadFile { path }) => file_result(read_file(path)),
+        Task::Operation(Operation::WriteFile { path, content }) => {
+            file_result(write_workspace_file(path, content))
+        }
+        Task::Operation(Operation::ListDir { path }) => file_result(list_dir(path)),
+        Task::Process(spec) => {
+            // The status pipe closes on exec; this is the helper's cue that
+            // the program's stdio is live.
+            report(status_fd, &InitStatus::Started);
+            exec(&spec.argv, &spec.env)
+        }
     };
     // `_exit` skips the buffered stdout's flush.
     let _ = std::io::stdout().flush();
@@ -476,9 +503,10 @@ fn confine(request: &HelperRequest, fds: &ChildFds) -> Result<(), String> {
         }
     }
     let null = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    let input = fds.stdin.unwrap_or(null.as_raw_fd());
     // SAFETY: as above.
     unsafe {
-        if libc::dup2(null.as_raw_fd(), 0) < 0 {
+        if libc::dup2(input, 0) < 0 {
             return Err("cannot set up the program's input".into());
         }
         // Nothing else this process holds may reach the program.
@@ -498,12 +526,16 @@ fn confine(request: &HelperRequest, fds: &ChildFds) -> Result<(), String> {
     set(Resource::RLIMIT_CORE, 0, 0)?;
     set(Resource::RLIMIT_NOFILE, 1024, 1024)?;
     set(Resource::RLIMIT_FSIZE, limits.disk_bytes, limits.disk_bytes)?;
-    let cpu_seconds = limits
-        .timeout
-        .as_secs()
-        .saturating_mul(limits.cpus.ceil().max(1.0) as u64)
-        + 2;
-    set(Resource::RLIMIT_CPU, cpu_seconds, cpu_seconds + 1)?;
+    // CPU time follows from an operation's timeout; a hosted program has
+    // none, and the cgroup's quota bounds its rate.
+    if let Task::Operation(_) = &request.task {
+        let cpu_seconds = limits
+            .timeout
+            .as_secs()
+            .saturating_mul(limits.cpus.ceil().max(1.0) as u64)
+            + 2;
+        set(Resource::RLIMIT_CPU, cpu_seconds, cpu_seconds + 1)?;
+    }
 
     nix::unistd::chdir(WORKSPACE).map_err(|e| format!("chdir {WORKSPACE}: {e}"))?;
     become_sandbox_user()?;
@@ -596,7 +628,8 @@ pub(crate) fn landlock_abi() -> i64 {
     version.max(0)
 }
 
-fn exec(argv: &[String]) -> i32 {
+/// Executes `argv` with the sandbox's environment, `extra` set over it.
+fn exec(argv: &[String], extra: &[(String, String)]) -> i32 {
     let program = if argv[0].contains('/') {
         Some(PathBuf::from(&argv[0]))
     } else {
@@ -615,18 +648,26 @@ fn exec(argv: &[String]) -> i32 {
     let to_c = |s: &str| CString::new(s).unwrap_or_default();
     let path = to_c(&program.to_string_lossy());
     let args: Vec<CString> = argv.iter().map(|a| to_c(a)).collect();
-    let env: Vec<CString> = [
-        format!("PATH={PATH}"),
-        format!("HOME={WORKSPACE}"),
-        "USER=sandbox".to_string(),
-        "LOGNAME=sandbox".to_string(),
-        "LANG=C.UTF-8".to_string(),
-        "TERM=dumb".to_string(),
-        "TMPDIR=/tmp".to_string(),
+    let mut env: Vec<(String, String)> = [
+        ("PATH", PATH),
+        ("HOME", WORKSPACE),
+        ("USER", "sandbox"),
+        ("LOGNAME", "sandbox"),
+        ("LANG", "C.UTF-8"),
+        ("TERM", "dumb"),
+        ("TMPDIR", "/tmp"),
     ]
     .iter()
-    .map(|v| to_c(v))
+    .map(|(name, value)| (name.to_string(), value.to_string()))
     .collect();
+    for (name, value) in extra {
+        env.retain(|(own, _)| own != name);
+        env.push((name.clone(), value.clone()));
+    }
+    let env: Vec<CString> = env
+        .iter()
+        .map(|(name, value)| to_c(&format!("{name}={value}")))
+        .collect();
     let error = nix::unistd::execve(&path, &args, &env).unwrap_err();
     let _ = writeln!(
         std::io::stderr(),

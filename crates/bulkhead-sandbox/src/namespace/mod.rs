@@ -11,7 +11,9 @@
 
 mod cgroup;
 mod helper;
+mod hosting;
 mod inside;
+mod process;
 mod seccomp;
 
 use std::path::{Path, PathBuf};
@@ -27,7 +29,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub use helper::helper_main;
 
 use crate::egress::{EgressGate, EgressProxy};
-use crate::{Backend, ExecResult, Limits, Operation, Probe, Sandbox, SandboxError};
+use crate::{
+    Backend, ExecResult, Limits, Operation, Probe, ProcessSpec, Sandbox, SandboxError,
+    SandboxProcess,
+};
 
 /// The uid (and gid) sandboxed programs have inside their namespaces.
 pub const SANDBOX_UID: u32 = 1000;
@@ -45,10 +50,10 @@ pub fn valid_cgroup(path: &str) -> bool {
             .all(|part| !part.is_empty() && part != "." && part != "..")
 }
 
-/// What the server hands the helper for one operation.
+/// What the server hands the helper for one operation or hosted program.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct HelperRequest {
-    pub operation: Operation,
+    pub task: Task,
     pub limits: Limits,
     /// Host folder mounted at /workspace.
     pub workspace: PathBuf,
@@ -70,6 +75,18 @@ pub(crate) struct HelperRequest {
 
 fn default_cgroup() -> String {
     DEFAULT_CGROUP.into()
+}
+
+/// What the helper runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Task {
+    /// Run to completion under the timeout, output captured; one
+    /// [`HelperReport`] on the helper's stdout.
+    Operation(Operation),
+    /// A long-lived program on the helper's own stdin and stdout; the
+    /// helper reports on its stderr (see `process.rs`).
+    Process(ProcessSpec),
 }
 
 /// The helper's answer.
@@ -131,8 +148,12 @@ struct Inner {
     privileged: bool,
     uid: u32,
     gid: u32,
-    counter: AtomicU64,
 }
+
+/// Numbers the runs of this process: a run's cgroup is named
+/// `<server pid>-<n>`, and one process may hold several backends (sandboxd
+/// has one per scope), whose runs must not share a name.
+static RUNS: AtomicU64 = AtomicU64::new(0);
 
 impl NamespaceBackend {
     pub fn new(config: NamespaceConfig) -> NamespaceBackend {
@@ -151,7 +172,6 @@ impl NamespaceBackend {
                 privileged,
                 uid,
                 gid,
-                counter: AtomicU64::new(0),
             }),
         }
     }
@@ -162,16 +182,17 @@ impl Inner {
         self.config.root.join(".state")
     }
 
-    async fn run_helper(
+    /// The request for `task` in the sandbox whose workspace is
+    /// `workspace`; `run_id` names its cgroup.
+    fn request(
         &self,
         workspace: &Path,
         limits: &Limits,
         egress_socket: Option<&Path>,
-        operation: &Operation,
-    ) -> Result<ExecResult, SandboxError> {
-        operation.validate()?;
-        let request = HelperRequest {
-            operation: operation.clone(),
+        task: Task,
+    ) -> HelperRequest {
+        HelperRequest {
+            task,
             limits: limits.clone(),
             workspace: workspace.to_path_buf(),
             state_dir: self.state_dir(),
@@ -180,11 +201,15 @@ impl Inner {
             run_id: format!(
                 "{}-{}",
                 std::process::id(),
-                self.counter.fetch_add(1, Ordering::Relaxed)
+                RUNS.fetch_add(1, Ordering::Relaxed)
             ),
             egress_socket: egress_socket.map(Path::to_path_buf),
             cgroup: self.config.cgroup.clone(),
-        };
+        }
+    }
+
+    /// Starts the helper with its stdio piped.
+    fn start_helper(&self) -> Result<tokio::process::Child, SandboxError> {
         let mut command = tokio::process::Command::new(&self.config.helper);
         command
             .args(&self.config.helper_args)
@@ -220,12 +245,29 @@ impl Inner {
                 Ok(())
             });
         }
-        let mut child = command.spawn().map_err(|e| {
+        command.spawn().map_err(|e| {
             SandboxError::Unavailable(format!(
                 "cannot start the sandbox helper {}: {e}",
                 self.config.helper.display()
             ))
-        })?;
+        })
+    }
+
+    async fn run_helper(
+        &self,
+        workspace: &Path,
+        limits: &Limits,
+        egress_socket: Option<&Path>,
+        operation: &Operation,
+    ) -> Result<ExecResult, SandboxError> {
+        operation.validate()?;
+        let request = self.request(
+            workspace,
+            limits,
+            egress_socket,
+            Task::Operation(operation.clone()),
+        );
+        let mut child = self.start_helper()?;
         let body = serde_json::to_vec(&request)
             .map_err(|e| SandboxError::Invalid(format!("cannot encode the request: {e}")))?;
         let mut stdin = child.stdin.take().expect("piped stdin");
@@ -390,11 +432,13 @@ impl Backend for NamespaceBackend {
                 })?),
                 None => None,
             };
-            Ok(Arc::new(NamespaceSandbox {
+            Ok(Arc::new_cyclic(|me| NamespaceSandbox {
                 inner: Arc::clone(inner),
                 workspace,
                 limits: limits.clone(),
                 gate,
+                me: me.clone(),
+                hosted: process::Hosted::default(),
             }) as Arc<dyn Sandbox>)
         })
     }
@@ -435,6 +479,10 @@ struct NamespaceSandbox {
     limits: Limits,
     /// Bound at [`crate::egress::SANDBOX_SOCKET`] in every operation.
     gate: Option<EgressGate>,
+    /// Itself, for the hosted programs that hold it while they run.
+    me: std::sync::Weak<NamespaceSandbox>,
+    /// The programs it hosts, killed when it is destroyed.
+    hosted: process::Hosted,
 }
 
 impl Sandbox for NamespaceSandbox {
@@ -462,8 +510,22 @@ impl Sandbox for NamespaceSandbox {
         ))
     }
 
+    fn spawn<'b>(
+        &'b self,
+        spec: &'b ProcessSpec,
+    ) -> BoxFuture<'b, Result<SandboxProcess, SandboxError>> {
+        Box::pin(async move {
+            let sandbox = self
+                .me
+                .upgrade()
+                .ok_or_else(|| SandboxError::Unavailable("the sandbox is being dropped".into()))?;
+            process::spawn(sandbox, spec).await
+        })
+    }
+
     fn destroy(&self) -> BoxFuture<'_, Result<(), SandboxError>> {
         Box::pin(async move {
+            self.hosted.kill_all().await;
             if self.inner.privileged {
                 let _ = nix::mount::umount2(&self.workspace, nix::mount::MntFlags::MNT_DETACH);
             }
