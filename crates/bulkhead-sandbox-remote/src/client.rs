@@ -1,10 +1,15 @@
 //! The `remote` backend: sandboxes that sandboxd makes and runs.
 
+mod process;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use bulkhead_sandbox::egress::{EgressGate, EgressProxy, remote_gate_name};
-use bulkhead_sandbox::{Backend, ExecResult, Limits, Operation, Probe, Sandbox, SandboxError};
+use bulkhead_sandbox::{
+    Backend, ExecResult, Limits, Operation, Probe, ProcessSpec, Sandbox, SandboxError,
+    SandboxProcess,
+};
 use futures_util::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
@@ -95,13 +100,7 @@ impl Inner {
             .timeout(timeout)
             .send()
             .await
-            .map_err(|e| {
-                SandboxError::Unavailable(format!(
-                    "cannot reach sandboxd at {}: {}",
-                    self.config.url,
-                    e.without_url()
-                ))
-            })?;
+            .map_err(|e| self.unreachable(e))?;
         let status = response.status();
         if status == reqwest::StatusCode::NO_CONTENT {
             return Ok(None);
@@ -114,16 +113,29 @@ impl Inner {
                 SandboxError::Unavailable(format!("sandboxd answered something unreadable: {e}"))
             });
         }
-        let message = serde_json::from_slice::<ErrorBody>(&body)
-            .map(|b| b.error.message)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&body).chars().take(200).collect());
-        Err(match status.as_u16() {
-            401 => SandboxError::Unavailable(
-                "sandboxd refused this server's token (check SANDBOXD_TOKEN on both sides)".into(),
-            ),
-            400 | 422 => SandboxError::Invalid(message),
-            _ => SandboxError::Unavailable(format!("sandboxd: {message}")),
-        })
+        Err(refusal(status, &body))
+    }
+
+    fn unreachable(&self, error: reqwest::Error) -> SandboxError {
+        SandboxError::Unavailable(format!(
+            "cannot reach sandboxd at {}: {}",
+            self.config.url,
+            error.without_url()
+        ))
+    }
+}
+
+/// An error answer of sandboxd as the variant a local backend would give.
+fn refusal(status: reqwest::StatusCode, body: &[u8]) -> SandboxError {
+    let message = serde_json::from_slice::<ErrorBody>(body)
+        .map(|b| b.error.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).chars().take(200).collect());
+    match status.as_u16() {
+        401 => SandboxError::Unavailable(
+            "sandboxd refused this server's token (check SANDBOXD_TOKEN on both sides)".into(),
+        ),
+        400 | 422 => SandboxError::Invalid(message),
+        _ => SandboxError::Unavailable(format!("sandboxd: {message}")),
     }
 }
 
@@ -191,11 +203,12 @@ impl Backend for RemoteBackend {
                 )
                 .await?
                 .ok_or_else(|| SandboxError::Unavailable("sandboxd sent no limits".into()))?;
-            Ok(Arc::new(RemoteSandbox {
+            Ok(Arc::new_cyclic(|me| RemoteSandbox {
                 inner: Arc::clone(&self.inner),
                 id: id.to_string(),
                 limits: applied,
                 gate,
+                me: me.clone(),
             }) as Arc<dyn Sandbox>)
         })
     }
@@ -220,6 +233,8 @@ struct RemoteSandbox {
     /// The limits sandboxd applied: the asked ones, capped by its own.
     limits: Limits,
     gate: Option<EgressGate>,
+    /// Itself, for the hosted programs that hold it while they run.
+    me: std::sync::Weak<RemoteSandbox>,
 }
 
 impl Sandbox for RemoteSandbox {
@@ -256,6 +271,19 @@ impl Sandbox for RemoteSandbox {
                     .ok_or_else(|| SandboxError::Unavailable("sandboxd sent no result".into()))
             },
         ))
+    }
+
+    fn spawn<'a>(
+        &'a self,
+        spec: &'a ProcessSpec,
+    ) -> BoxFuture<'a, Result<SandboxProcess, SandboxError>> {
+        Box::pin(async move {
+            let sandbox = self
+                .me
+                .upgrade()
+                .ok_or_else(|| SandboxError::Unavailable("the sandbox is being dropped".into()))?;
+            process::spawn(sandbox, spec).await
+        })
     }
 
     fn destroy(&self) -> BoxFuture<'_, Result<(), SandboxError>> {

@@ -3,10 +3,11 @@
 //!
 //! [`server`] is `bulkhead sandboxd`: the only process given the Docker
 //! Engine socket (or the privileges the namespace backend needs). It wraps a
-//! local [`Backend`](bulkhead_sandbox::Backend) and serves create, run and
-//! destroy to agent servers that present a shared token. [`client`] is the
-//! `remote` backend those agent servers use: it implements the same trait,
-//! so the agent loop cannot tell it from a local backend.
+//! local [`Backend`](bulkhead_sandbox::Backend) and serves create, run,
+//! hosting a program and destroy to agent servers that present a shared
+//! token. [`client`] is the `remote` backend those agent servers use: it
+//! implements the same trait, so the agent loop cannot tell it from a
+//! local backend.
 //!
 //! sandboxd treats its own limits as ceilings: a client may ask for less
 //! memory, CPU, pids, time, output or disk than sandboxd is configured
@@ -24,8 +25,14 @@
 //! | `GET /v1/scopes/{scope}/ping` | 204: sandboxd answers and takes the token |
 //! | `PUT /v1/scopes/{scope}/sandboxes/{id}` with [`Limits`](bulkhead_sandbox::Limits) | the limits applied (made if not held; a held one is kept) |
 //! | `POST /v1/scopes/{scope}/sandboxes/{id}/run` with a [`RunRequest`] | an [`ExecResult`](bulkhead_sandbox::ExecResult) |
+//! | `POST /v1/scopes/{scope}/sandboxes/{id}/processes` with a [`ProcessRequest`](stdio::ProcessRequest), `Connection: upgrade`, `Upgrade: bulkhead-stdio` | 101 once the program has started, then the program's stdio in [`stdio`] frames; 426 without the upgrade |
 //! | `DELETE /v1/scopes/{scope}/sandboxes/{id}` | 204 |
 //! | `DELETE /v1/scopes/{scope}/sandboxes` | `{"removed": n}`: the scope's leftovers |
+//!
+//! A hosted program lives as long as its connection: stdin and a "stdin
+//! closed" go one way, stdout and then how the program ended
+//! ([`ProcessExit`](bulkhead_sandbox::ProcessExit), stderr included) the
+//! other; a client that closes the connection has the program killed.
 //!
 //! A scope is one agent server's share of the engine (its `SANDBOX_SCOPE`):
 //! removing leftovers at one server's start leaves the others' sandboxes
@@ -35,6 +42,7 @@
 
 pub mod client;
 pub mod server;
+pub mod stdio;
 
 /// Whether `name` may name a scope, a sandbox on sandboxd, or the volume
 /// sandboxes share: 1 to 128 letters, digits, `-`, `_` or `.`, and not dots

@@ -1,6 +1,8 @@
 //! sandboxd: a local backend served over HTTP to agent servers that hold a
 //! shared token.
 
+mod process;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -153,6 +155,10 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
             put(create).delete(destroy),
         )
         .route("/v1/scopes/{scope}/sandboxes/{id}/run", post(run))
+        .route(
+            "/v1/scopes/{scope}/sandboxes/{id}/processes",
+            post(process::start),
+        )
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&daemon),
             require_token,

@@ -4,7 +4,9 @@
 //! [`Operation`]s (a command, or a file operation inside its workspace) and
 //! reports each as an [`ExecResult`]: exit code or signal, why it was
 //! stopped, and its output capped (head and tail kept, true size and sha256
-//! of the whole recorded).
+//! of the whole recorded). It can also host a long-lived program with its
+//! stdin and stdout connected to the caller ([`Sandbox::spawn`], for MCP
+//! servers): the same limits and isolation but no timeout.
 //!
 //! The `namespace` backend needs no daemon: every operation runs in fresh
 //! Linux namespaces (user, pid, mount, net, ipc, uts, cgroup) under a PID 1

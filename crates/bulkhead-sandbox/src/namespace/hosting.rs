@@ -122,7 +122,8 @@ fn host_in(
     let mut started = false;
     let mut killed: Option<KilledReason> = None;
     let mut stopped = false;
-    // Slots: the program's stderr, init's status, the stop pipe.
+    // Slots 0 and 1: the program's stderr and init's status; slot 2, polled
+    // on every round, is the stop pipe.
     let mut open = [Some(stderr_r), Some(status_r)];
     let mut buffer = vec![0u8; 64 << 10];
     let failure = loop {

@@ -13,7 +13,10 @@
 //! program's tree, removes its cgroup and reports. A helper that does not
 //! manage within [`GRACE`] is killed (its own parent-death chain takes the
 //! rest) and the server removes the cgroup. A server that dies takes its
-//! helpers with it the same way as for operations.
+//! helpers with it the same way as for operations. That parent-death
+//! signal follows the *thread* that started the helper: a runtime's
+//! worker threads live as long as it, but a program spawned from a
+//! short-lived thread (a blocking pool's) would die with that thread.
 
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
