@@ -25,6 +25,15 @@ pub enum ToolPolicy {
     Deny,
 }
 
+impl Agent {
+    /// The MCP server a tool name belongs to, if it names one of this
+    /// agent's (`<server>__<tool>`).
+    pub fn mcp_server(&self, tool: &str) -> Option<&bulkhead_mcp::McpServerConfig> {
+        let (server, _) = bulkhead_mcp::split_qualified(tool)?;
+        self.mcp_servers.iter().find(|s| s.name == server)
+    }
+}
+
 impl ToolPolicy {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -92,6 +101,8 @@ pub struct Agent {
     pub model: Arc<Model>,
     /// The built-in tools it may use (MCP tools come on top).
     pub tools: ToolRegistry,
+    /// The MCP servers whose tools it may use, as `<server>__<tool>`.
+    pub mcp_servers: Vec<bulkhead_mcp::McpServerConfig>,
     /// The limits of its sessions' sandboxes (within the server's).
     pub limits: Limits,
     /// Model calls allowed in one run.

@@ -75,12 +75,11 @@ impl Engine {
                 call_id: &call.id,
                 tool: name,
                 arguments: &redact_arguments(&call.function.arguments, &self.settings.secrets),
-                backend: if state.agent.tools.is_sandboxed(name) {
-                    self.sandboxes
-                        .as_ref()
-                        .map_or("none", |sandboxes| sandboxes.backend_name())
-                } else {
-                    "builtin"
+                backend: match state.agent.mcp_server(name).map(|s| &s.transport) {
+                    Some(bulkhead_mcp::McpTransport::Http { .. }) => "mcp-http",
+                    Some(_) => self.sandbox_backend(),
+                    None if state.agent.tools.is_sandboxed(name) => self.sandbox_backend(),
+                    None => "builtin",
                 },
                 limits: None,
                 started_at: now,
@@ -103,6 +102,12 @@ impl Engine {
             now,
         );
         Ok(approval)
+    }
+
+    fn sandbox_backend(&self) -> &'static str {
+        self.sandboxes
+            .as_ref()
+            .map_or("none", |sandboxes| sandboxes.backend_name())
     }
 
     /// Parks the run until its call is decided.

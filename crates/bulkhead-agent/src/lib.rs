@@ -9,6 +9,7 @@
 
 mod agents;
 mod approvals;
+mod mcp_tools;
 mod planner;
 pub mod roles;
 mod run;
@@ -46,6 +47,9 @@ pub use tools::{Tool, ToolContext, ToolError, ToolOutput, ToolRegistry};
 pub struct EngineSettings {
     /// How long a tool call waits for a person before it counts as denied.
     pub approval_timeout: Duration,
+    /// What the agent server itself may reach: MCP servers over HTTP are
+    /// held to it as sandboxed programs are.
+    pub egress: bulkhead_sandbox::egress::EgressPolicy,
     /// A session lock not refreshed for this long is presumed abandoned
     /// (its holder crashed) and may be taken over.
     pub lock_ttl: Duration,
@@ -180,6 +184,7 @@ pub trait RunAccount: Send + Sync + 'static {
 pub struct Engine {
     store: Store,
     agents: Agents,
+    mcp: mcp_tools::McpSessions,
     sandboxes: Option<Arc<SandboxManager>>,
     settings: EngineSettings,
     runs: TaskTracker,
@@ -214,6 +219,7 @@ impl Engine {
         Engine {
             store,
             agents,
+            mcp: Default::default(),
             sandboxes,
             settings,
             runs: TaskTracker::new(),
@@ -237,10 +243,12 @@ impl Engine {
     /// Deletes a session (unless a run holds it) and destroys its sandbox.
     pub async fn delete_session(&self, session_id: &str) -> Result<DeleteOutcome, StoreError> {
         let outcome = self.store.delete_session(session_id).await?;
-        if outcome == DeleteOutcome::Deleted
-            && let Some(sandboxes) = &self.sandboxes
-        {
-            sandboxes.release(session_id).await;
+        if outcome == DeleteOutcome::Deleted {
+            // Its MCP servers first: a hosted program holds its sandbox.
+            self.mcp.release(session_id);
+            if let Some(sandboxes) = &self.sandboxes {
+                sandboxes.release(session_id).await;
+            }
         }
         Ok(outcome)
     }

@@ -426,6 +426,7 @@ impl Engine {
             &self.settings.secrets,
         );
         let agent = Arc::clone(&state.agent);
+        let offered = self.offered_tools(state).await.into_owned();
         let result = {
             let mut sink = |text: &str| {
                 let now = now_ms();
@@ -433,9 +434,7 @@ impl Engine {
             };
             let deltas: Option<&mut bulkhead_model::DeltaSink<'_>> =
                 if streaming { Some(&mut sink) } else { None };
-            let call = agent
-                .model
-                .complete(conversation, agent.tools.specs(), deltas);
+            let call = agent.model.complete(conversation, &offered, deltas);
             tokio::select! {
                 result = call.instrument(span.clone()) => result,
                 () = self.interrupt.cancelled() => return Err(interrupted()),

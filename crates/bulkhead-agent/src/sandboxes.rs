@@ -50,6 +50,11 @@ impl SandboxManager {
         self.backend.name()
     }
 
+    /// How long a session's sandbox may sit unused before it is destroyed.
+    pub fn idle(&self) -> Duration {
+        self.idle
+    }
+
     /// The server's limits: the ceiling of every agent's.
     pub fn limits(&self) -> &Limits {
         &self.limits

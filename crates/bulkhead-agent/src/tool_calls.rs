@@ -84,7 +84,9 @@ impl Engine {
                     self.emit_tool_call(state, &call, &audit_id);
                     self.refuse_by_policy(state, &audit_id, &call).await
                 }
-                (None, ToolPolicy::Ask) if state.agent.tools.has(name) => {
+                (None, ToolPolicy::Ask)
+                    if state.agent.tools.has(name) || state.agent.mcp_server(name).is_some() =>
+                {
                     self.emit_tool_call(state, &call, &audit_id);
                     return self.ask(state, &audit_id, &call).await.map(Some);
                 }
@@ -256,7 +258,11 @@ impl Engine {
     ) -> Result<ToolOutput, Failure> {
         let name = call.function.name.as_str();
         let tools = &state.agent.tools;
-        let sandboxed = tools.is_sandboxed(name);
+        let mcp_server = state.agent.mcp_server(name);
+        // A stdio MCP server runs in the session's sandbox like a command.
+        let mcp_stdio = mcp_server
+            .is_some_and(|s| matches!(s.transport, bulkhead_mcp::McpTransport::Stdio { .. }));
+        let sandboxed = tools.is_sandboxed(name) || mcp_stdio;
         let (backend, limits) = match (&self.sandboxes, sandboxed) {
             (Some(sandboxes), true) => {
                 // The limits on record are those the sandbox applies, which
@@ -275,6 +281,7 @@ impl Engine {
                 )
             }
             (None, true) => ("none", None),
+            (_, false) if mcp_server.is_some() => ("mcp-http", None),
             (_, false) => ("builtin", None),
         };
         let arguments = redact_arguments(&call.function.arguments, &self.settings.secrets);
@@ -297,7 +304,11 @@ impl Engine {
                 })
                 .await
         };
-        let label = if tools.has(name) { name } else { "unknown" };
+        let label = if tools.has(name) || mcp_server.is_some() {
+            name
+        } else {
+            "unknown"
+        };
         let spans = self.settings.spans;
         if let Err(e) = recorded {
             tracing::error!(error = %e, tool = name, "could not record a tool call; it was not run");
@@ -318,7 +329,13 @@ impl Engine {
         };
         let ran = Instant::now();
         let result = tokio::select! {
-            result = tools.call(context, name, &call.function.arguments) => result,
+            result = async {
+                if mcp_server.is_some() {
+                    self.call_mcp(state, name, &call.function.arguments).await
+                } else {
+                    tools.call(context, name, &call.function.arguments).await
+                }
+            } => result,
             () = self.interrupt.cancelled() => {
                 telemetry::tool_call_ended(label, "interrupted", Some(ran.elapsed()));
                 telemetry::tool_ended(&tracing::Span::current(), spans, "interrupted", None, &[]);

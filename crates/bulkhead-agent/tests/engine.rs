@@ -22,6 +22,7 @@ async fn engine(dir: &tempfile::TempDir) -> Arc<Engine> {
         system_prompt: None,
         model: Arc::new(Model::Mock(MockModel::new(Duration::ZERO))),
         tools: ToolRegistry::with_builtins(),
+        mcp_servers: Vec::new(),
         limits: Default::default(),
         max_steps: 4,
         approval: ApprovalPolicy::default(),
@@ -32,6 +33,7 @@ async fn engine(dir: &tempfile::TempDir) -> Arc<Engine> {
         None,
         EngineSettings {
             approval_timeout: Duration::from_secs(60),
+            egress: Default::default(),
             lock_ttl: Duration::from_secs(600),
             secrets: Vec::new(),
             role: RoleKind::General,

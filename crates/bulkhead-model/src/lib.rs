@@ -86,9 +86,9 @@ impl Model {
                             first_byte.get_or_insert_with(Instant::now);
                             sink(text);
                         };
-                        mock.complete(messages, Some(&mut timed)).await
+                        mock.complete(messages, tools, Some(&mut timed)).await
                     }
-                    None => mock.complete(messages, None).await,
+                    None => mock.complete(messages, tools, None).await,
                 };
                 if let Err(error) = &result {
                     telemetry::attempt_failed(self.name(), error);

@@ -11,6 +11,8 @@
 //! - the last user message is `whoami` → `model: <the model asked for>;
 //!   endpoint: <the address it was sent to, or built-in>; system: <the
 //!   system prompt, or none>` (which agent is answering, and through what);
+//! - the last user message is `tools?` → `tools: <name>(<argument>, …); …`,
+//!   the tools offered with the properties of each one's schema;
 //! - anything else → `echo: <last user message>`.
 //!
 //! Usage counts whitespace-separated words: the prompt's message contents,
@@ -36,7 +38,7 @@ use serde_json::json;
 
 use crate::types::{
     ChatChunk, ChatCompletion, ChatMessage, ChatRequest, Choice, ChunkChoice, Completion, Delta,
-    FunctionCall, FunctionDelta, ToolCall, ToolCallDelta, Usage,
+    FunctionCall, FunctionDelta, ToolCall, ToolCallDelta, ToolSpec, Usage,
 };
 use crate::{DeltaSink, ModelError};
 
@@ -71,12 +73,17 @@ impl MockModel {
 
     /// The mock's answer to a conversation.
     pub fn reply(messages: &[ChatMessage]) -> MockReply {
-        Self::reply_as(MOCK_MODEL_NAME, "built-in", messages)
+        Self::reply_as(MOCK_MODEL_NAME, "built-in", messages, &[])
     }
 
     /// The mock's answer to a conversation sent to model `model` at
     /// `endpoint`.
-    pub fn reply_as(model: &str, endpoint: &str, messages: &[ChatMessage]) -> MockReply {
+    pub fn reply_as(
+        model: &str,
+        endpoint: &str,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+    ) -> MockReply {
         if let Some(last) = messages.last()
             && last.role == "tool"
         {
@@ -125,6 +132,19 @@ impl MockModel {
                 "model: {model}; endpoint: {endpoint}; system: {system}"
             ));
         }
+        if user.trim() == "tools?" {
+            let offered: Vec<String> = tools
+                .iter()
+                .map(|tool| {
+                    let properties = tool.function.parameters["properties"]
+                        .as_object()
+                        .map(|p| p.keys().cloned().collect::<Vec<_>>().join(", "))
+                        .unwrap_or_default();
+                    format!("{}({properties})", tool.function.name)
+                })
+                .collect();
+            return MockReply::Text(format!("tools: {}", offered.join("; ")));
+        }
         if let Some(text) = user.strip_prefix("say:") {
             return MockReply::Text(text.to_string());
         }
@@ -160,6 +180,7 @@ impl MockModel {
     pub async fn complete(
         &self,
         messages: &[ChatMessage],
+        tools: &[ToolSpec],
         deltas: Option<&mut DeltaSink<'_>>,
     ) -> Result<Completion, ModelError> {
         if let Err(refusal) = crate::history::validate(messages) {
@@ -171,7 +192,7 @@ impl MockModel {
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
-        let reply = Self::reply(messages);
+        let reply = Self::reply_as(MOCK_MODEL_NAME, "built-in", messages, tools);
         let usage = Self::usage(messages, &reply);
         match reply {
             MockReply::Fail(status) => Err(ModelError::Status {
@@ -304,7 +325,7 @@ async fn chat_completions(
         .get(axum::http::header::HOST)
         .and_then(|host| host.to_str().ok())
         .unwrap_or("unknown");
-    let reply = MockModel::reply_as(&request.model, host, &request.messages);
+    let reply = MockModel::reply_as(&request.model, host, &request.messages, &request.tools);
     let usage = MockModel::usage(&request.messages, &reply);
     let id = format!("chatcmpl-mock-{}", fastrand::u64(..));
     let created = unix_seconds();

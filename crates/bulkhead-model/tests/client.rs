@@ -198,7 +198,7 @@ async fn the_mock_refuses_a_dangling_call_as_openai_does() {
 
     // The in-process mock refuses the same history the same way.
     let error = bulkhead_model::MockModel::default()
-        .complete(&dangling_call("call_y"), None)
+        .complete(&dangling_call("call_y"), &[], None)
         .await
         .unwrap_err();
     assert!(

@@ -145,6 +145,7 @@ impl App {
             sandboxes,
             EngineSettings {
                 approval_timeout: config.approval_timeout,
+                egress: config.sandbox.egress.clone(),
                 lock_ttl,
                 secrets,
                 role,
@@ -340,8 +341,19 @@ fn build_agents(config: &Config) -> anyhow::Result<Agents> {
         let tools = all_tools
             .subset(&offered)
             .map_err(|name| anyhow::anyhow!("agent {}: no built-in tool {name:?}", agent.id))?;
+        let mcp_servers = if role.uses_tools() {
+            agent
+                .mcp_servers
+                .iter()
+                .map(mcp_server)
+                .collect::<Result<Vec<_>, String>>()
+                .map_err(|e| anyhow::anyhow!("agent {}: {e}", agent.id))?
+        } else {
+            Vec::new()
+        };
         agents.push(Agent {
             id: agent.id.clone(),
+            mcp_servers,
             name: agent.name.clone(),
             description: agent.description.clone(),
             system_prompt: agent.system_prompt.clone(),
@@ -356,6 +368,45 @@ fn build_agents(config: &Config) -> anyhow::Result<Agents> {
         tracing::info!(file = %file.display(), agents = agents.len(), "agents from AGENTS_FILE");
     }
     Agents::new(agents).map_err(|e| anyhow::anyhow!("AGENTS_FILE: {e}"))
+}
+
+/// An MCP server as the engine's client takes it. Secret values are
+/// handed over here and nowhere else.
+fn mcp_server(
+    spec: &crate::config::McpServerSpec,
+) -> Result<bulkhead_mcp::McpServerConfig, String> {
+    use crate::config::McpTransportSpec;
+    let exposed = |secrets: &[(String, secrecy::SecretString)]| {
+        secrets
+            .iter()
+            .map(|(k, v)| (k.clone(), v.expose_secret().to_string()))
+            .collect::<Vec<_>>()
+    };
+    let server = match &spec.transport {
+        McpTransportSpec::Stdio {
+            command,
+            env,
+            secret_env,
+        } => {
+            let mut all = env.clone();
+            all.extend(exposed(secret_env));
+            bulkhead_mcp::McpServerConfig::stdio(&spec.name, command.clone(), all)?
+        }
+        McpTransportSpec::Http {
+            url,
+            headers,
+            secret_headers,
+        } => {
+            let mut all = headers.clone();
+            all.extend(exposed(secret_headers));
+            bulkhead_mcp::McpServerConfig::http(&spec.name, url.clone(), all)?
+        }
+    };
+    let server = match &spec.tools {
+        Some(tools) => server.with_tools(tools.iter().cloned())?,
+        None => server,
+    };
+    server.with_timeouts(spec.startup_timeout, spec.call_timeout)
 }
 
 /// Values an agent holds that must never reach the audit trail.
@@ -453,8 +504,9 @@ async fn start_sandboxes(config: &Config) -> anyhow::Result<Arc<SandboxManager>>
     Ok(sandboxes)
 }
 
-/// Denies, every second, the tool calls whose wait for a person is over.
-/// Any replica may: a call is decided once. Ends with the engine.
+/// Every second: denies the tool calls whose wait for a person is over
+/// (any replica may: a call is decided once), and drops the MCP connections
+/// of sessions gone idle. Ends with the engine.
 fn spawn_approval_expiry(engine: &Arc<Engine>) {
     let engine = Arc::downgrade(engine);
     tokio::spawn(async move {
@@ -468,6 +520,7 @@ fn spawn_approval_expiry(engine: &Arc<Engine>) {
             if engine.is_accepting() {
                 engine.expire_approvals().await;
             }
+            engine.reap_idle_mcp();
         }
     });
 }

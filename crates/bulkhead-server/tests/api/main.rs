@@ -17,6 +17,7 @@ mod agents;
 mod approvals;
 mod containment;
 mod conversation;
+mod mcp;
 mod model;
 mod shutdown;
 mod streaming;
