@@ -67,6 +67,12 @@ impl Engine {
         let now = now_ms();
         let expires_at = now + self.settings.approval_timeout.as_millis() as i64;
         let name = call.function.name.as_str();
+        let sandboxed = state.agent.tools.is_sandboxed(name)
+            || state
+                .agent
+                .mcp_server(name)
+                .is_some_and(|s| matches!(s.transport, bulkhead_mcp::McpTransport::Stdio { .. }));
+        let limits = serde_json::to_string(&state.agent.limits).unwrap_or_default();
         self.store
             .start_tool_execution(&NewToolExecution {
                 id: audit_id,
@@ -81,7 +87,9 @@ impl Engine {
                     None if state.agent.tools.is_sandboxed(name) => self.sandbox_backend(),
                     None => "builtin",
                 },
-                limits: None,
+                // What a sandboxed call will run under, as audited_call
+                // records for a call that runs at once.
+                limits: sandboxed.then_some(limits.as_str()),
                 started_at: now,
                 approval_expires_at: Some(expires_at),
             })

@@ -13,10 +13,22 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
+/// `level` as a filter, with the MCP SDK's own chatter (it logs every
+/// connection's whole handshake at `info`) held to warnings unless `level`
+/// names `rmcp` itself: Bulkhead logs one line per MCP server it connects.
+fn log_filter(level: &str) -> EnvFilter {
+    let directives = if level.contains("rmcp") || level == "off" {
+        level.to_string()
+    } else {
+        format!("{level},rmcp=warn")
+    };
+    EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new("info,rmcp=warn"))
+}
+
 /// `level` is a tracing filter (`info`, `info,bulkhead_agent=debug`); with
 /// `span_timing`, every request and run also logs its duration when it ends.
 pub fn init(level: &str, format: LogFormat, span_timing: bool) {
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter(level);
     let spans = if span_timing {
         FmtSpan::CLOSE
     } else {
@@ -60,7 +72,7 @@ pub fn init_serve(
             return;
         }
     };
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter(level);
     let spans = if span_timing {
         FmtSpan::CLOSE
     } else {
