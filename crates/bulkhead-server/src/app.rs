@@ -44,6 +44,8 @@ pub struct App {
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// `METRICS_TOKEN`'s digest, when `/metrics` is behind it.
     metrics_token_digest: Option<[u8; 32]>,
+    /// `/openapi.json` as this server serves it.
+    openapi: bytes::Bytes,
 }
 
 /// How long a model-endpoint probe result is reused by `/ready`, so that
@@ -175,7 +177,16 @@ impl App {
         );
         let engine = Arc::new(engine);
         spawn_approval_expiry(&engine);
+        let openapi = crate::openapi::document_for(
+            config.enable_streaming,
+            &config
+                .agents
+                .iter()
+                .map(|a| a.id.as_str())
+                .collect::<Vec<_>>(),
+        );
         Ok(App {
+            openapi,
             config,
             engine,
             door,
@@ -188,6 +199,10 @@ impl App {
     }
 
     /// The metrics recorder's handle, when metrics are on.
+    pub(crate) fn openapi_document(&self) -> &bytes::Bytes {
+        &self.openapi
+    }
+
     pub fn metrics(&self) -> Option<&metrics_exporter_prometheus::PrometheusHandle> {
         self.metrics.as_ref()
     }

@@ -128,16 +128,38 @@ async fn schemathesis_finds_nothing() {
         return;
     };
     let (db, server, base, key) = start().await;
+    // Stateful sequences along the document's own links only, long enough
+    // to reach every operation they lead to (a run, its approval, its
+    // session's reads, deleting it). Links schemathesis infers by itself
+    // (`GET /agents` → `GET /agents/{agent_id}`, an id for an id) took every
+    // scenario of a deterministic run, and the documented ones none.
+    // No generated message makes the mock model call a tool, so no run of
+    // this server ever waits for an approval, and deciding one can only
+    // answer 404, 409 or 422 here: its warning that it found no data to
+    // decide on is expected (tests/api/approvals.rs drives it through).
+    let config = db.dir.path().join("schemathesis.toml");
+    std::fs::write(
+        &config,
+        "[phases.stateful]\nmax-steps = 12\n[phases.stateful.inference]\nalgorithms = []\n\n\
+         [[operations]]\ninclude-operation-id = \"decide\"\nwarnings = false\n",
+    )
+    .unwrap();
     // The API with the key, the admin API with the admin token: each part
     // with what opens it, and `ignored_auth` checks that each protected
     // operation refuses a request without it.
-    for (part, filter, credential) in [
-        ("the API", "--exclude-tag", key.as_str()),
-        ("the admin API", "--include-tag", ADMIN_TOKEN),
+    // The admin API has no links of its own: schemathesis' inferred ones
+    // are its stateful phase, so it keeps the defaults.
+    let defaults = db.dir.path().join("defaults.toml");
+    std::fs::write(&defaults, "").unwrap();
+    for (part, filter, credential, config) in [
+        ("the API", "--exclude-tag", key.as_str(), &config),
+        ("the admin API", "--include-tag", ADMIN_TOKEN, &defaults),
     ] {
         let mut command = Command::new(&schemathesis);
         command
             .current_dir(db.dir.path())
+            .arg("--config-file")
+            .arg(config)
             .arg("run")
             .arg(format!("{base}/openapi.json"))
             .args([filter, "keys"])

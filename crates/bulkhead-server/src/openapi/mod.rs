@@ -241,23 +241,22 @@ pub fn is_open(method: &axum::http::Method, route: &str) -> bool {
     .contains(&(method.as_str().to_string(), route.to_string()))
 }
 
-/// The document as served, made once for each setting of
-/// ENABLE_STREAMING: a server that refuses streams does not offer them.
-fn document_json(streaming: bool) -> &'static Bytes {
-    static WITH: OnceLock<Bytes> = OnceLock::new();
-    static WITHOUT: OnceLock<Bytes> = OnceLock::new();
-    let make = || {
-        let mut document = document();
-        if !streaming {
-            without_streaming(&mut document);
-        }
-        Bytes::from(serde_json::to_vec(&document).expect("the document serializes"))
-    };
-    if streaming {
-        WITH.get_or_init(make)
-    } else {
-        WITHOUT.get_or_init(make)
+/// The document as this server serves it, made once at start: a server
+/// that refuses streams does not offer them, and `agent` is one of the
+/// agents it runs.
+pub(crate) fn document_for(streaming: bool, agents: &[&str]) -> Bytes {
+    let mut document = document();
+    if !streaming {
+        without_streaming(&mut document);
     }
+    if let Some(agent) =
+        document.pointer_mut("/components/schemas/AgentRequestBody/properties/agent")
+    {
+        let mut ids: Vec<serde_json::Value> = agents.iter().map(|id| (*id).into()).collect();
+        ids.push(serde_json::Value::Null);
+        agent["enum"] = serde_json::Value::Array(ids);
+    }
+    Bytes::from(serde_json::to_vec(&document).expect("the document serializes"))
 }
 
 fn without_streaming(document: &mut serde_json::Value) {
@@ -291,7 +290,7 @@ pub async fn openapi_json(State(state): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        document_json(state.config.enable_streaming).clone(),
+        state.openapi_document().clone(),
     )
         .into_response()
 }

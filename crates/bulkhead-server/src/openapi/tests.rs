@@ -5,7 +5,7 @@ use serde_json::Value;
 use super::*;
 
 fn json() -> Value {
-    serde_json::from_slice(document_json(true)).unwrap()
+    serde_json::from_slice(&document_for(true, &["default"])).unwrap()
 }
 
 /// What anyone may call, without a key (`/metrics` once it is served).
@@ -307,7 +307,7 @@ fn the_door_can_ask_which_routes_are_open() {
 /// ENABLE_STREAMING=false: the document offers no stream.
 #[test]
 fn a_server_without_streaming_documents_none() {
-    let document: Value = serde_json::from_slice(document_json(false)).unwrap();
+    let document: Value = serde_json::from_slice(&document_for(false, &["default"])).unwrap();
     let content = &document["paths"]["/agent"]["post"]["responses"]["200"]["content"];
     assert!(content.get("application/json").is_some());
     assert!(content.get("text/event-stream").is_none());

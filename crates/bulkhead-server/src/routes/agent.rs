@@ -231,7 +231,11 @@ pub(crate) fn wants_event_stream(headers: &HeaderMap) -> bool {
     request_body(content = AgentRequestBody, content_type = "application/json",
         description = "Read as JSON whatever its `Content-Type` (`curl -d` sends a form type)"),
     responses(
-        (status = 202, description = "The run paused before a tool call that waits for a person (`POST /runs/{run_id}/approvals`)", body = AwaitingApprovalResponse),
+        (status = 202, description = "The run paused before a tool call that waits for a person (`POST /runs/{run_id}/approvals`)", body = AwaitingApprovalResponse, links(
+            ("decide" = (operation_id = "decide", description = "Approve the call the run waits on",
+                parameters(("run_id" = "$response.body#/run_id")),
+                request_body = json!({"call_id": "{$response.body#/approval/call_id}", "decision": "approve"}))),
+        )),
         (status = 200, description = "The run completed (JSON), or its events (`stream`)", content(
             (AgentResponse = "application/json"),
             (StreamEvent = "text/event-stream"),

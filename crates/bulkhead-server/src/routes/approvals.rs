@@ -22,7 +22,8 @@ const MAX_COMMENT_CHARS: usize = 2000;
 
 /// The body of `POST /runs/{run_id}/approvals`. Read by hand, so that
 /// each wrong field gets its own message; this type only describes it.
-#[derive(Debug, ToSchema)]
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct ApprovalBody {
     /// The call the run waits on (`approval.call_id` of the run, or of the
@@ -32,15 +33,15 @@ pub struct ApprovalBody {
     decision: DecisionKind,
     /// Kept in the audit with the decision; a denial's comment is told to
     /// the model. At most 2000 characters.
-    #[schema(max_length = 2000)]
+    #[schema(max_length = 2000, pattern = r"^[^\x00]*$")]
     comment: Option<String>,
     /// Answer with the resumed run's events as Server-Sent Events. Absent:
     /// `Accept: text/event-stream` decides.
     stream: Option<bool>,
 }
 
-#[derive(Debug, ToSchema)]
-#[schema(rename_all = "snake_case")]
+#[derive(Debug, serde::Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
 #[allow(dead_code)]
 pub enum DecisionKind {
     Approve,
@@ -84,7 +85,7 @@ pub async fn decide(
         return Err(field_error("the request body must be a JSON object"));
     };
     let call_id = match body.remove("call_id") {
-        Some(Value::String(call_id)) if !call_id.trim().is_empty() => call_id,
+        Some(Value::String(call_id)) if !call_id.is_empty() => call_id,
         None | Some(Value::Null) => return Err(field_error("`call_id` is required")),
         Some(_) => return Err(field_error("`call_id` must be a non-empty string")),
     };
@@ -113,7 +114,9 @@ pub async fn decide(
         Some(_) => return Err(field_error("`stream` must be true or false")),
     };
     if let Some(unknown) = body.keys().next() {
-        return Err(field_error(format!("unknown field `{unknown}`")));
+        return Err(field_error(format!(
+            "unknown field `{unknown}` (expected call_id, decision, comment, stream)"
+        )));
     }
     if stream && !state.config.enable_streaming {
         return Err(ApiError::bad_request(

@@ -364,7 +364,11 @@ fn run_not_found() -> ApiError {
 /// One run
 #[utoipa::path(get, path = "/runs/{run_id}", tag = "runs", params(RunPath),
     responses(
-        (status = 200, description = "The run", body = RunBody),
+        (status = 200, description = "The run", body = RunBody, links(
+            ("decide" = (operation_id = "decide", description = "Deny the call the run waits on, if it waits",
+                parameters(("run_id" = "$response.body#/run_id")),
+                request_body = json!({"call_id": "{$response.body#/approval/call_id}", "decision": "deny"}))),
+        )),
         (status = 400, description = "`invalid_run_id`: not a UUID", body = ErrorBody),
         (status = 404, description = "`run_not_found`", body = ErrorBody),
     ),
