@@ -288,6 +288,9 @@ impl Engine {
                 tracing::error!("runs did not stop after being interrupted");
             }
         }
+        // No run needs them now: their stdio servers are stopped before
+        // the sandboxes they run in are destroyed.
+        self.mcp.clear();
     }
 }
 

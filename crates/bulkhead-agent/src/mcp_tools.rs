@@ -52,6 +52,12 @@ impl McpSessions {
         Ok(session)
     }
 
+    /// Drops every session's connections (at shutdown).
+    pub(crate) fn clear(&self) {
+        let all = std::mem::take(&mut *self.sessions.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(all);
+    }
+
     pub(crate) fn release(&self, session_id: &str) {
         let removed = self
             .sessions
@@ -95,12 +101,11 @@ impl SandboxSource for SessionSandbox<'_> {
 impl Engine {
     /// The session's MCP connections, made on first use; `None` for an
     /// agent with no MCP servers.
-    fn mcp_session(&self, state: &RunState) -> Option<Arc<McpSession>> {
-        let agent = &state.agent;
+    fn mcp_session(&self, agent: &Agent, session_id: &str) -> Option<Arc<McpSession>> {
         if agent.mcp_servers.is_empty() {
             return None;
         }
-        match self.mcp.get_or_make(&state.session_id, || {
+        match self.mcp.get_or_make(session_id, || {
             McpSession::new(agent.mcp_servers.clone(), self.settings.egress.clone())
         }) {
             Ok(session) => Some(session),
@@ -112,16 +117,26 @@ impl Engine {
     }
 
     /// What the model is offered: the agent's built-in tools and, listed at
-    /// first use, its MCP servers' (those its policy does not deny).
-    pub(crate) async fn offered_tools<'a>(&self, state: &'a RunState) -> Cow<'a, [ToolSpec]> {
-        let builtin = state.agent.tools.specs();
-        let Some(mcp) = self.mcp_session(state) else {
+    /// first use, its MCP servers' (those its policy does not deny). An
+    /// agent without MCP servers lends its own list: nothing is copied on
+    /// the hot path.
+    pub(crate) async fn offered_tools<'a>(
+        &self,
+        agent: &'a Agent,
+        session_id: &str,
+    ) -> Cow<'a, [ToolSpec]> {
+        let builtin = agent.tools.specs();
+        let Some(mcp) = self.mcp_session(agent, session_id) else {
             return Cow::Borrowed(builtin);
         };
-        let source = self.session_sandbox(state);
+        let source = SessionSandbox {
+            sandboxes: self.sandboxes.as_deref(),
+            session_id,
+            limits: &agent.limits,
+        };
         let mut specs = builtin.to_vec();
         for tool in mcp.tools(&source).await {
-            if state.agent.approval.for_tool(&tool.qualified_name) == ToolPolicy::Deny {
+            if agent.approval.for_tool(&tool.qualified_name) == ToolPolicy::Deny {
                 continue;
             }
             specs.push(ToolSpec {
@@ -134,14 +149,6 @@ impl Engine {
             });
         }
         Cow::Owned(specs)
-    }
-
-    fn session_sandbox<'a>(&'a self, state: &'a RunState) -> SessionSandbox<'a> {
-        SessionSandbox {
-            sandboxes: self.sandboxes.as_deref(),
-            session_id: &state.session_id,
-            limits: &state.agent.limits,
-        }
     }
 
     /// Calls an MCP tool of the agent's. Its errors are the model's to read.
@@ -167,9 +174,13 @@ impl Engine {
             }
         };
         let mcp = self
-            .mcp_session(state)
+            .mcp_session(&state.agent, &state.session_id)
             .ok_or_else(|| ToolError::Unknown(name.to_string()))?;
-        let source = self.session_sandbox(state);
+        let source = SessionSandbox {
+            sandboxes: self.sandboxes.as_deref(),
+            session_id: &state.session_id,
+            limits: &state.agent.limits,
+        };
         let output = mcp
             .call(&source, name, arguments)
             .await

@@ -426,7 +426,7 @@ impl Engine {
             &self.settings.secrets,
         );
         let agent = Arc::clone(&state.agent);
-        let offered = self.offered_tools(state).await.into_owned();
+        let offered = self.offered_tools(&agent, &state.session_id).await;
         let result = {
             let mut sink = |text: &str| {
                 let now = now_ms();
