@@ -251,6 +251,73 @@ async fn a_foreign_id_is_an_unknown_id_on_every_route(kind: DbKind) {
     assert_eq!(continued.status, StatusCode::OK, "{}", continued.body);
 }
 
+/// A run waiting for a person is decided only by its tenant: to another
+/// key it is an unknown run, and the decision records the key that made it.
+async fn a_paused_run_is_decided_only_by_its_tenant(kind: DbKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let agents = dir.path().join("agents.yaml");
+    std::fs::write(
+        &agents,
+        "agents:\n  - id: default\n    tools: [current_time]\n    approval:\n      default: ask\n",
+    )
+    .unwrap();
+    let agents = agents.display().to_string();
+    let app = spawn_app(kind, &[("AGENTS_FILE", agents.as_str())]).await;
+    let owner = app.key_named("owner").await;
+    let stranger = app.key_named("stranger").await;
+    let paused = app
+        .agent(&owner, json!({"message": "tool:current_time {}"}))
+        .await;
+    assert_eq!(paused.status, StatusCode::ACCEPTED, "{}", paused.body);
+    let run = paused.body["run_id"].as_str().unwrap();
+    let decision = json!({"call_id": paused.body["approval"]["call_id"], "decision": "approve"});
+    let foreign = app
+        .call(
+            Some(&stranger),
+            "POST",
+            &format!("/runs/{run}/approvals"),
+            Some(decision.clone()),
+        )
+        .await;
+    let unknown = app
+        .call(
+            Some(&stranger),
+            "POST",
+            &format!("/runs/{}/approvals", unknown_id()),
+            Some(decision.clone()),
+        )
+        .await;
+    assert_eq!(foreign.status, StatusCode::NOT_FOUND, "{}", foreign.body);
+    assert_eq!(
+        (foreign.status, &foreign.body),
+        (unknown.status, &unknown.body)
+    );
+    let decided = app
+        .call(
+            Some(&owner),
+            "POST",
+            &format!("/runs/{run}/approvals"),
+            Some(decision),
+        )
+        .await;
+    assert_eq!(decided.status, StatusCode::OK, "{}", decided.body);
+    let session = paused.body["session_id"].as_str().unwrap();
+    let audit = app
+        .call(
+            Some(&owner),
+            "GET",
+            &format!("/sessions/{session}/audit"),
+            None,
+        )
+        .await;
+    let owner_id = bulkhead_server::door::keys::parse(&owner).unwrap();
+    assert_eq!(
+        audit.body["tool_calls"][0]["approval"]["decided_by"], owner_id,
+        "{}",
+        audit.body
+    );
+}
+
 /// Without a valid key in a form the server reads, every route but the
 /// open ones answers 401 with a challenge, and never echoes the key.
 async fn every_protected_route_needs_a_valid_key(kind: DbKind) {
@@ -267,6 +334,9 @@ async fn every_protected_route_needs_a_valid_key(kind: DbKind) {
         ("GET", format!("/sessions/{id}/audit")),
         ("GET", format!("/runs/{id}")),
         ("GET", format!("/runs/{id}/events")),
+        ("POST", format!("/runs/{id}/approvals")),
+        ("GET", "/agents".to_string()),
+        ("GET", "/agents/default".to_string()),
         ("GET", "/no-such-route".to_string()),
     ];
     for (method, path) in &protected {
@@ -757,6 +827,7 @@ on_both_databases!(
     a_planner_sends_its_peers_their_keys,
     limits_fail_open_when_redis_is_gone,
     a_foreign_id_is_an_unknown_id_on_every_route,
+    a_paused_run_is_decided_only_by_its_tenant,
     every_protected_route_needs_a_valid_key,
     the_admin_api_makes_lists_and_revokes_keys,
     without_authentication_everything_is_open,
