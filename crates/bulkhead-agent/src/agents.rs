@@ -26,6 +26,16 @@ pub enum ToolPolicy {
 }
 
 impl Agent {
+    /// Whether a call of this tool runs in the session's sandbox: a
+    /// sandboxed built-in tool, or any tool of a stdio MCP server (which
+    /// runs there like a command).
+    pub fn runs_in_sandbox(&self, tool: &str) -> bool {
+        self.tools.is_sandboxed(tool)
+            || self
+                .mcp_server(tool)
+                .is_some_and(|s| matches!(s.transport, bulkhead_mcp::McpTransport::Stdio { .. }))
+    }
+
     /// The MCP server a tool name belongs to, if it names one of this
     /// agent's (`<server>__<tool>`).
     pub fn mcp_server(&self, tool: &str) -> Option<&bulkhead_mcp::McpServerConfig> {

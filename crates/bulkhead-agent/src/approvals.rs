@@ -67,11 +67,7 @@ impl Engine {
         let now = now_ms();
         let expires_at = now + self.settings.approval_timeout.as_millis() as i64;
         let name = call.function.name.as_str();
-        let sandboxed = state.agent.tools.is_sandboxed(name)
-            || state
-                .agent
-                .mcp_server(name)
-                .is_some_and(|s| matches!(s.transport, bulkhead_mcp::McpTransport::Stdio { .. }));
+        let sandboxed = state.agent.runs_in_sandbox(name);
         let limits = serde_json::to_string(&state.agent.limits).unwrap_or_default();
         self.store
             .start_tool_execution(&NewToolExecution {
@@ -81,11 +77,12 @@ impl Engine {
                 call_id: &call.id,
                 tool: name,
                 arguments: &redact_arguments(&call.function.arguments, &self.settings.secrets),
-                backend: match state.agent.mcp_server(name).map(|s| &s.transport) {
-                    Some(bulkhead_mcp::McpTransport::Http { .. }) => "mcp-http",
-                    Some(_) => self.sandbox_backend(),
-                    None if state.agent.tools.is_sandboxed(name) => self.sandbox_backend(),
-                    None => "builtin",
+                backend: if sandboxed {
+                    self.sandbox_backend()
+                } else if state.agent.mcp_server(name).is_some() {
+                    "mcp-http"
+                } else {
+                    "builtin"
                 },
                 // What a sandboxed call will run under, as audited_call
                 // records for a call that runs at once.

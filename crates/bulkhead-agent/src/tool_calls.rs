@@ -259,10 +259,7 @@ impl Engine {
         let name = call.function.name.as_str();
         let tools = &state.agent.tools;
         let mcp_server = state.agent.mcp_server(name);
-        // A stdio MCP server runs in the session's sandbox like a command.
-        let mcp_stdio = mcp_server
-            .is_some_and(|s| matches!(s.transport, bulkhead_mcp::McpTransport::Stdio { .. }));
-        let sandboxed = tools.is_sandboxed(name) || mcp_stdio;
+        let sandboxed = state.agent.runs_in_sandbox(name);
         let (backend, limits) = match (&self.sandboxes, sandboxed) {
             (Some(sandboxes), true) => {
                 // The limits on record are those the sandbox applies, which

@@ -353,14 +353,7 @@ async fn decide(
     else {
         anyhow::bail!("the server asked for an approval without naming the call");
     };
-    eprint!(
-        "  [approval needed] {} {}\n  run it? [y/N] ",
-        approval["tool"].as_str().unwrap_or("?"),
-        approval["arguments"].as_str().unwrap_or("")
-    );
-    let _ = std::io::stderr().flush();
-    let answer = lines.next_line().await?.unwrap_or_default();
-    let approve = matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes");
+    let approve = ask_person(approval, lines).await?;
     let response = client
         .post(format!("{base}/runs/{run}/approvals"))
         .header(reqwest::header::ACCEPT, "text/event-stream")
@@ -383,6 +376,22 @@ async fn decide(
         );
     }
     follow(response, session).await
+}
+
+/// Shows the call and asks; anything but `y` or `yes` (end of input
+/// included) is a no.
+async fn ask_person(approval: &Value, lines: &mut Lines<BufReader<Stdin>>) -> anyhow::Result<bool> {
+    eprint!(
+        "  [approval needed] {} {}\n  run it? [y/N] ",
+        approval["tool"].as_str().unwrap_or("?"),
+        approval["arguments"].as_str().unwrap_or("")
+    );
+    let _ = std::io::stderr().flush();
+    let answer = lines.next_line().await?.unwrap_or_default();
+    Ok(matches!(
+        answer.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
 }
 
 /// The approval `run` waits for, if it waits for one.
@@ -442,14 +451,7 @@ async fn send_plain(
     let mut body: Value = response.json().await.unwrap_or(Value::Null);
     while status == reqwest::StatusCode::ACCEPTED && body["status"] == "awaiting_approval" {
         let approval = &body["approval"];
-        eprint!(
-            "  [approval needed] {} {}\n  run it? [y/N] ",
-            approval["tool"].as_str().unwrap_or("?"),
-            approval["arguments"].as_str().unwrap_or("")
-        );
-        let _ = std::io::stderr().flush();
-        let answer = lines.next_line().await?.unwrap_or_default();
-        let approve = matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes");
+        let approve = ask_person(approval, lines).await?;
         let run = body["run_id"].as_str().unwrap_or_default();
         let response = client
             .post(format!("{base}/runs/{run}/approvals"))

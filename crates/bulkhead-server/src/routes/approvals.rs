@@ -64,12 +64,15 @@ fn field_error(message: impl Into<String>) -> ApiError {
             (StreamEvent = "text/event-stream"),
         )),
         (status = 202, description = "The run went on and paused again, at another call", body = AwaitingApprovalResponse),
-        (status = 400, description = "`invalid_json`, `invalid_run_id`", body = ErrorBody),
+        (status = 400, description = "`invalid_json`, `invalid_utf8`, `invalid_body`: the body is not a JSON document; `invalid_run_id`; `streaming_disabled`", body = ErrorBody),
         (status = 404, description = "`run_not_found`", body = ErrorBody),
         (status = 409, description = "`not_awaiting_approval`: the run waits for no decision (`status`); `already_decided`: someone, or the expiry, decided first", body = ErrorBody),
         (status = 422, description = "`invalid_request`: a field is missing or wrong; `unknown_call_id`: the run waits on another call (`awaiting_call_id`)", body = ErrorBody),
-        (status = 502, description = "`model_error`, `max_steps_exceeded`: the run went on and failed", body = ErrorBody),
-        (status = 503, description = "`shutting_down`", body = ErrorBody),
+        (status = 413, description = "`body_too_large`: larger than MAX_BODY_BYTES", body = ErrorBody),
+        (status = 500, description = "`internal_error` (logged)", body = ErrorBody),
+        (status = 502, description = "`model_error`, `max_steps_exceeded`: the run went on and failed (`session_id`, `run_id`)", body = ErrorBody),
+        (status = 503, description = "`shutting_down`; `run_interrupted`: the server stopped during the run", body = ErrorBody),
+        (status = 504, description = "`model_timeout`: the run went on and the model did not answer in time", body = ErrorBody),
     ),
 )]
 pub async fn decide(
