@@ -58,8 +58,28 @@ pub struct ChatMessageIn {
     #[schema(value_type = String, pattern = "^(system|developer|user|assistant)$")]
     role: String,
     /// Text, or a list of `{"type": "text", "text": …}` parts.
-    #[schema(value_type = Object)]
+    #[schema(schema_with = content_schema)]
     content: Value,
+}
+
+/// A message's content: text, or text parts.
+pub(crate) fn content_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+    let string = || ObjectBuilder::new().schema_type(Type::String);
+    let part = ObjectBuilder::new()
+        .property(
+            "type",
+            string().enum_values(Some(["text", "input_text", "output_text"])),
+        )
+        .property("text", string())
+        .required("type")
+        .required("text");
+    Schema::OneOf(
+        OneOfBuilder::new()
+            .item(string())
+            .item(ArrayBuilder::new().items(part))
+            .build(),
+    )
 }
 
 #[derive(Debug, ToSchema)]

@@ -31,7 +31,7 @@ pub struct ResponseRequest {
     #[schema(example = "default")]
     model: String,
     /// The user's text, or messages whose last is the user's new turn.
-    #[schema(value_type = Object)]
+    #[schema(schema_with = input_schema)]
     input: Value,
     /// A system message ahead of the history of a session this request
     /// starts; a continued session keeps the one it started with.
@@ -45,6 +45,33 @@ pub struct ResponseRequest {
     metadata: Option<super::chat::ChatMetadata>,
     #[schema(value_type = Option<Object>)]
     user: Option<Value>,
+}
+
+/// `input`: text, or messages (`{"role", "content"}`, `type` `message`).
+fn input_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+    let message = ObjectBuilder::new()
+        .property(
+            "role",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["system", "developer", "user", "assistant"])),
+        )
+        .property("content", super::chat::content_schema())
+        .property(
+            "type",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["message"])),
+        )
+        .required("role")
+        .required("content");
+    Schema::OneOf(
+        OneOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(Type::String))
+            .item(ArrayBuilder::new().items(message).min_items(Some(1)))
+            .build(),
+    )
 }
 
 /// A response (`object: response`), with the agent's reply as one output
