@@ -6,8 +6,8 @@ use std::time::Duration;
 use bulkhead_agent::{
     Agent, Agents, ApprovalPolicy, Engine, EngineSettings, RoleKind, StartRun, ToolRegistry,
 };
-use bulkhead_model::{MockModel, Model};
 use bulkhead_agent::{RunOutcome, named_session_id};
+use bulkhead_model::{MockModel, Model};
 use bulkhead_store::{NewMessage, Store, StoreOptions};
 
 async fn engine(dir: &tempfile::TempDir) -> Arc<Engine> {
@@ -136,7 +136,12 @@ async fn a_run_carries_the_history_it_is_given_and_a_name_finds_its_session() {
         account: None,
     };
     let (_, bare) = tokens(&engine, start(None, false, Vec::new())).await;
-    let history = || vec![said("user", "one two three"), said("assistant", "four five")];
+    let history = || {
+        vec![
+            said("user", "one two three"),
+            said("assistant", "four five"),
+        ]
+    };
     let (seeded, with_history) = tokens(&engine, start(None, false, history())).await;
     assert_eq!(with_history, bare + 5, "the model was sent the history");
     let roles: Vec<String> = engine
@@ -154,7 +159,10 @@ async fn a_run_carries_the_history_it_is_given_and_a_name_finds_its_session() {
     assert_ne!(name, named_session_id(None, "default", "chat-42"));
     let (first, _) = tokens(&engine, start(Some(name.clone()), true, history())).await;
     let (second, _) = tokens(&engine, start(Some(name.clone()), true, history())).await;
-    assert_eq!((first.as_str(), second.as_str()), (name.as_str(), name.as_str()));
+    assert_eq!(
+        (first.as_str(), second.as_str()),
+        (name.as_str(), name.as_str())
+    );
     // The history once, then two turns of user and assistant.
     assert_eq!(engine.store().messages(&name).await.unwrap().len(), 6);
 }

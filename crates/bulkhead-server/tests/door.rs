@@ -363,7 +363,11 @@ async fn every_protected_route_needs_a_valid_key(kind: DbKind) {
             "{method} {path}: {}",
             answer.body
         );
-        assert!(answer.headers.contains_key(reqwest::header::WWW_AUTHENTICATE));
+        assert!(
+            answer
+                .headers
+                .contains_key(reqwest::header::WWW_AUTHENTICATE)
+        );
     }
     for open in ["/health", "/ready", "/ready/replica"] {
         let answer = app.call(None, "GET", open, None).await;

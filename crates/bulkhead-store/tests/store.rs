@@ -681,7 +681,11 @@ async fn a_new_session_can_be_opened_with_history(kind: DbKind) {
         .await
         .unwrap();
     assert!(!begun.created);
-    assert_eq!(conversation(&store, "s1").await.len(), 6, "history not stored twice");
+    assert_eq!(
+        conversation(&store, "s1").await.len(),
+        6,
+        "history not stored twice"
+    );
 }
 
 /// A session named before it exists: made by its first run (with the

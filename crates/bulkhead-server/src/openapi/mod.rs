@@ -161,24 +161,24 @@ fn door_responses(
             "`rate_limited`: this key has used its requests for now",
             schema,
         )
-            .header(
-                "Retry-After",
-                integer_header("Seconds to wait before sending again"),
-            )
-            .header(
-                "x-ratelimit-limit",
-                integer_header("Requests allowed per window"),
-            )
-            .header(
-                "x-ratelimit-remaining",
-                integer_header("Requests left in this window"),
-            )
-            .header(
-                "x-ratelimit-reset",
-                integer_header("Seconds until the window resets"),
-            )
-            .build()
-            .into(),
+        .header(
+            "Retry-After",
+            integer_header("Seconds to wait before sending again"),
+        )
+        .header(
+            "x-ratelimit-limit",
+            integer_header("Requests allowed per window"),
+        )
+        .header(
+            "x-ratelimit-remaining",
+            integer_header("Requests left in this window"),
+        )
+        .header(
+            "x-ratelimit-reset",
+            integer_header("Seconds until the window resets"),
+        )
+        .build()
+        .into(),
     );
 }
 
@@ -294,7 +294,10 @@ pub(crate) fn document_for(streaming: bool, agents: &[&str]) -> Bytes {
         if let Some(model) =
             document.pointer_mut(&format!("/components/schemas/{body}/properties/model"))
         {
-            model["enum"] = agents.iter().map(|id| serde_json::Value::from(*id)).collect();
+            model["enum"] = agents
+                .iter()
+                .map(|id| serde_json::Value::from(*id))
+                .collect();
         }
     }
     Bytes::from(serde_json::to_vec(&document).expect("the document serializes"))
@@ -309,7 +312,11 @@ fn without_streaming(document: &mut serde_json::Value) {
             content.remove("text/event-stream");
         }
     }
-    for body in ["AgentRequestBody", "ChatCompletionRequest", "ResponseRequest"] {
+    for body in [
+        "AgentRequestBody",
+        "ChatCompletionRequest",
+        "ResponseRequest",
+    ] {
         if let Some(stream) =
             document.pointer_mut(&format!("/components/schemas/{body}/properties/stream"))
         {

@@ -131,7 +131,11 @@ fn every_operation_says_who_may_call_it_and_what_it_answers() {
                 }
             }
             // Under `/v1` the door answers in OpenAI's shape.
-            let dialect = if path.starts_with("/v1/") { "OpenAi" } else { "" };
+            let dialect = if path.starts_with("/v1/") {
+                "OpenAi"
+            } else {
+                ""
+            };
             assert_eq!(
                 responses["401"]["$ref"],
                 format!("#/components/responses/{dialect}Unauthorized")

@@ -164,7 +164,12 @@ fn read_request(headers: &HeaderMap, value: Value) -> Result<ChatRequest, ApiErr
     let agent = match take(&mut body, "model") {
         Some(Value::String(model)) => model,
         Some(_) => return Err(param_error("model", "must be a string: an agent's id")),
-        None => return Err(param_error("model", "is required: an agent's id (GET /v1/models)")),
+        None => {
+            return Err(param_error(
+                "model",
+                "is required: an agent's id (GET /v1/models)",
+            ));
+        }
     };
     let (history, message) = match take(&mut body, "messages") {
         Some(Value::Array(list)) => read(&list, Dialect::Chat)?,
@@ -320,7 +325,10 @@ async fn streamed(started: Started, include_usage: bool) -> Result<Response, Api
         let mut events = Vec::new();
         if !opened {
             opened = true;
-            events.push(data(chunk(json!({"role": "assistant", "content": ""}), None)));
+            events.push(data(chunk(
+                json!({"role": "assistant", "content": ""}),
+                None,
+            )));
         }
         let close = |events: &mut Vec<Event>| {
             events.push(data(chunk(json!({}), Some("stop"))));

@@ -175,14 +175,20 @@ mod tests {
     fn no_retry_where_a_turn_would_run_twice() {
         let started = parts("model_error", json!({"run_id": "r"}));
         let before = parts("shutting_down", json!({}));
-        assert_eq!(should_retry(StatusCode::BAD_GATEWAY, &started), Some("false"));
+        assert_eq!(
+            should_retry(StatusCode::BAD_GATEWAY, &started),
+            Some("false")
+        );
         assert_eq!(
             should_retry(StatusCode::CONFLICT, &parts("session_busy", json!({}))),
             Some("false")
         );
         assert_eq!(should_retry(StatusCode::SERVICE_UNAVAILABLE, &before), None);
         assert_eq!(
-            should_retry(StatusCode::TOO_MANY_REQUESTS, &parts("rate_limited", json!({}))),
+            should_retry(
+                StatusCode::TOO_MANY_REQUESTS,
+                &parts("rate_limited", json!({}))
+            ),
             None
         );
         assert!(is_openai("/v1/chat/completions") && !is_openai("/v10") && !is_openai("/agent"));

@@ -66,7 +66,10 @@ pub(crate) fn new_text(text: &str, at: &str) -> Result<(), ApiError> {
 
 fn message(item: &Value, at: &str, dialect: Dialect) -> Result<NewMessage, ApiError> {
     let Value::Object(fields) = item else {
-        return Err(error(at.into(), "must be an object with `role` and `content`"));
+        return Err(error(
+            at.into(),
+            "must be an object with `role` and `content`",
+        ));
     };
     if let Dialect::Responses = dialect
         && let Some(kind) = fields.get("type")
@@ -193,7 +196,10 @@ mod tests {
                 .to_string()
         };
         assert_eq!(
-            param(json!([{"role": "assistant", "content": "x"}]), Dialect::Chat),
+            param(
+                json!([{"role": "assistant", "content": "x"}]),
+                Dialect::Chat
+            ),
             "messages[0].role"
         );
         assert_eq!(

@@ -66,7 +66,12 @@ fn model(agent: &bulkhead_agent::Agent) -> ModelBody {
 
 /// The 404 for a `model` that is none of the agents, naming those there are.
 pub(crate) fn unknown_model(state: &AppState, asked: &str) -> ApiError {
-    let ids: Vec<&str> = state.engine.agents().iter().map(|a| a.id.as_str()).collect();
+    let ids: Vec<&str> = state
+        .engine
+        .agents()
+        .iter()
+        .map(|a| a.id.as_str())
+        .collect();
     let shown: String = asked.chars().take(64).collect();
     ApiError::not_found(
         "model_not_found",

@@ -134,7 +134,12 @@ async fn read_request(
     let agent = match take(&mut body, "model") {
         Some(Value::String(model)) => model,
         Some(_) => return Err(param_error("model", "must be a string: an agent's id")),
-        None => return Err(param_error("model", "is required: an agent's id (GET /v1/models)")),
+        None => {
+            return Err(param_error(
+                "model",
+                "is required: an agent's id (GET /v1/models)",
+            ));
+        }
     };
     let (mut history, message) = match take(&mut body, "input") {
         Some(Value::String(text)) => {
@@ -145,7 +150,12 @@ async fn read_request(
             (Vec::new(), text)
         }
         Some(Value::Array(list)) => read(&list, Dialect::Responses)?,
-        Some(_) => return Err(param_error("input", "must be a string or a list of messages")),
+        Some(_) => {
+            return Err(param_error(
+                "input",
+                "must be a string or a list of messages",
+            ));
+        }
         None => return Err(param_error("input", "is required")),
     };
     match take(&mut body, "instructions") {

@@ -115,8 +115,8 @@ where
         render,
         ended: false,
     };
-    let events: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =
-        Box::pin(futures_util::stream::unfold(state, |mut state| async move {
+    let events: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> = Box::pin(
+        futures_util::stream::unfold(state, |mut state| async move {
             loop {
                 if let Some(event) = state.pending.pop_front() {
                     return Some((Ok(event), state));
@@ -131,14 +131,14 @@ where
                 state.ended = matches!(step, Step::End(_));
                 state.pending.extend((state.render)(step));
             }
-        }));
+        }),
+    );
     let mut response = Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response();
     // Proxies such as nginx must not buffer the stream.
-    response.headers_mut().insert(
-        "x-accel-buffering",
-        header::HeaderValue::from_static("no"),
-    );
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", header::HeaderValue::from_static("no"));
     response
 }
