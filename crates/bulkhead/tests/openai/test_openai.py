@@ -246,6 +246,17 @@ def test_a_bad_request_names_its_field(messages, param):
     assert refused.value.param == param and refused.value.type == "invalid_request_error"
 
 
+def test_client_side_tools_are_refused_by_name():
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client().chat.completions.create(model="default", messages=[user("hi")], tools=[tool])
+    assert refused.value.param == "tools"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client().responses.create(model="default", input="hi",
+                                  tools=[{"type": "function", "name": "lookup", "parameters": {}}])
+    assert refused.value.param == "tools"
+
+
 def test_an_unknown_model_or_route_is_a_404_in_openais_shape():
     with pytest.raises(openai.NotFoundError) as refused:
         client().chat.completions.create(model="gpt-5.5", messages=[user("hi")])

@@ -200,6 +200,7 @@ fn read_request(headers: &HeaderMap, value: Value) -> Result<ChatRequest, ApiErr
         Some(n) if n == 1 => {}
         Some(_) => return Err(param_error("n", "must be 1: an agent gives one answer")),
     }
+    super::refuse_tools(&body)?;
     let conversation = Conversation::from_request(headers, body.get("metadata"), body.get("user"))?;
     Ok(ChatRequest {
         turn: Turn {

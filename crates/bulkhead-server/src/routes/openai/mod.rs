@@ -312,6 +312,18 @@ pub(crate) fn unix_seconds() -> u64 {
         .unwrap_or_default()
 }
 
+/// Client-side tools have nowhere to run: the agent's tools are its own.
+pub(crate) fn refuse_tools(body: &Map<String, Value>) -> Result<(), ApiError> {
+    match body.get("tools") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Array(tools)) if tools.is_empty() => Ok(()),
+        Some(_) => Err(param_error(
+            "tools",
+            "are not supported: this model is an agent that runs its own tools (GET /agents lists them)",
+        )),
+    }
+}
+
 /// A JSON object's field, for readers of either API.
 pub(crate) fn take(body: &mut Map<String, Value>, key: &str) -> Option<Value> {
     match body.remove(key) {

@@ -171,6 +171,7 @@ async fn read_request(
         ),
         Some(_) => return Err(param_error("instructions", "must be a string without NUL")),
     }
+    super::refuse_tools(&body)?;
     let stream = match take(&mut body, "stream") {
         None => false,
         Some(Value::Bool(stream)) => stream,
