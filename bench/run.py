@@ -3,7 +3,9 @@
 Called by `bench/run` (which makes the virtual environment). Measures both
 services with wrk, the servers pinned to one half of the cores and the load
 generator to the other, then Bulkhead alone with its front door (keys,
-limits, metrics, traces) on and off, on PostgreSQL, under 10,000
+limits, metrics, traces) on and off, its OpenAI-compatible API against
+the mock model it calls (`--openai` for that part alone), on PostgreSQL,
+under 10,000
 concurrent streaming runs, in its sandboxes and as an image. Writes
 bench/results/run-<commit>-<time>.{json,md} and PNG plots, and prints the
 Markdown table. Not part of the test suite: nothing here asserts.
@@ -51,6 +53,8 @@ TARGETS = {
     "sandbox_docker_cold_ms": 400.0,
     "stream_rss_mb": 300.0,
     "front_door_cost_pct": 5.0,
+    "openai_added_p50_ms": 1.0,
+    "openai_added_p99_ms": 5.0,
 }
 
 WRK_SCRIPT = """
@@ -196,8 +200,11 @@ def reference():
     return Server("fastapi", argv, env, port)
 
 
-def wrk(server, path, connections, seconds, headers=None):
-    method, body = ("POST", '\'{"message": "hello"}\'') if path == "/agent" else ("GET", "nil")
+def wrk(server, path, connections, seconds, headers=None, body=None):
+    if body is not None:
+        method, body = "POST", "'" + json.dumps(body) + "'"
+    else:
+        method, body = ("POST", '\'{"message": "hello"}\'') if path == "/agent" else ("GET", "nil")
     extra = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in (headers or {}).items())
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT.format(method=method, body=body, headers=extra))
@@ -487,6 +494,17 @@ def table(results):
             "cost < 5 %", f"cost {door['cost_pct']:.1f} % "
             + verdict(door["cost_pct"], TARGETS["front_door_cost_pct"])
             + f" (without traces: {door['cost_without_traces_pct']:.1f} %)")
+    facade = results.get("openai")
+    if facade:
+        for connections, best in facade.items():
+            target = "p50 ≤ 1 ms, p99 ≤ 5 ms added" if connections == "1" else ""
+            state = (verdict(best["added_p50_ms"], TARGETS["openai_added_p50_ms"]) + " / "
+                     + verdict(best["added_p99_ms"], TARGETS["openai_added_p99_ms"])) if connections == "1" else ""
+            row(f"`/v1/chat/completions` through an agent vs straight to the model ({connections} conn.)",
+                f"{best['bulkhead']['rps']:,.0f} req/s, {best['bulkhead']['p50_ms']:.2f} / {best['bulkhead']['p99_ms']:.2f} ms",
+                "", f"model alone: {best['direct']['rps']:,.0f} req/s, {best['direct']['p50_ms']:.2f} / "
+                f"{best['direct']['p99_ms']:.2f} ms; added {best['added_p50_ms']:+.2f} / {best['added_p99_ms']:+.2f} ms",
+                target, state)
     streams = results.get("streams")
     if streams:
         row(f"{streams['runs']:,} concurrent streaming runs (1 s model)",
@@ -554,6 +572,81 @@ def plots(results, stem):
     return written
 
 
+CHAT_REQUEST = {"model": "default", "messages": [{"role": "user", "content": "hello"}]}
+
+
+class MockModel(Server):
+    """`bulkhead mock-model`, the model both sides of the comparison call."""
+
+    def __init__(self):
+        port = free_port()
+        env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
+        super().__init__("mock-model", [str(BULKHEAD), "mock-model", "--port", str(port)], env, port)
+
+    def wait_ready(self, timeout=30.0):
+        deadline = time.perf_counter() + timeout
+        while get(self.base + "/health", timeout=0.5) != 200:
+            if time.perf_counter() > deadline or self.process.poll() is not None:
+                raise RuntimeError("the mock model did not start")
+            time.sleep(0.01)
+
+
+def measure_openai():
+    """What the OpenAI facade adds: the same chat request sent straight to
+    the mock model server, and through a Bulkhead agent whose model is that
+    server (the run recorded in SQLite, as every run is). One run, side by
+    side, at 1 connection (latency) and 64 (throughput), best of two."""
+    mock = MockModel()
+    server = None
+    try:
+        mock.wait_ready()
+        server = bulkhead(extra={"MODEL_ENDPOINT": f"{mock.base}/v1", "MODEL_MAX_RETRIES": "0"})
+        server.wait_ready()
+        result = {}
+        for connections in (1, HEADLINE):
+            points = {"direct": [], "bulkhead": []}
+            for _ in range(2):
+                for name, target in (("direct", mock), ("bulkhead", server)):
+                    log(f"openai: chat completion {name} at {connections} connections")
+                    wrk(target, "/v1/chat/completions", connections, 2, body=CHAT_REQUEST)  # warm-up
+                    points[name].append(wrk(target, "/v1/chat/completions", connections,
+                                            HEADLINE_SECONDS, body=CHAT_REQUEST))
+            best = {name: min(p, key=lambda point: point["p50_ms"]) for name, p in points.items()}
+            best["added_p50_ms"] = best["bulkhead"]["p50_ms"] - best["direct"]["p50_ms"]
+            best["added_p99_ms"] = best["bulkhead"]["p99_ms"] - best["direct"]["p99_ms"]
+            result[str(connections)] = best
+        return result
+    finally:
+        if server:
+            server.stop()
+            shutil.rmtree(server.data, ignore_errors=True)
+        mock.stop()
+
+
+def openai_rows(facade):
+    lines = ["| `POST /v1/chat/completions` | conn. | req/s | p50 | p99 |", "|---|---|---|---|---|"]
+    for connections, best in facade.items():
+        for name, label in (("direct", "straight to the mock model"), ("bulkhead", "through a Bulkhead agent")):
+            point = best[name]
+            lines.append(f"| {label} | {connections} | {point['rps']:,.0f} | {point['p50_ms']:.2f} ms "
+                         f"| {point['p99_ms']:.2f} ms |")
+        lines.append(f"| added by Bulkhead | {connections} | | {best['added_p50_ms']:+.2f} ms "
+                     f"| {best['added_p99_ms']:+.2f} ms |")
+    one = facade["1"]
+    lines.append("")
+    lines.append(f"added at 1 connection: p50 {one['added_p50_ms']:.2f} ms (target ≤ "
+                 f"{TARGETS['openai_added_p50_ms']:.0f} ms: "
+                 f"{verdict(one['added_p50_ms'], TARGETS['openai_added_p50_ms'])}), p99 "
+                 f"{one['added_p99_ms']:.2f} ms (target ≤ {TARGETS['openai_added_p99_ms']:.0f} ms: "
+                 f"{verdict(one['added_p99_ms'], TARGETS['openai_added_p99_ms'])})")
+    return "\n".join(lines)
+
+
+def openai_only():
+    """`bench/run --openai`: only the facade's overhead."""
+    print(openai_rows(measure_openai()))
+
+
 def front_door_only():
     """`bench/run --front-door`: only the front door's cost, for a quick
     look; the full run has it too."""
@@ -574,6 +667,10 @@ def main():
         raise_nofile()
         front_door_only()
         return
+    if "--openai" in sys.argv[1:]:
+        raise_nofile()
+        openai_only()
+        return
     raise_nofile()
     RESULTS.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -591,6 +688,7 @@ def main():
     results["fastapi"] = measure_service(reference, "fastapi")
     results["bulkhead"] = measure_service(bulkhead, "bulkhead")
     results["front_door"] = measure_front_door()
+    results["openai"] = measure_openai()
     results["postgres"] = measure_postgres()
     results["streams"] = measure_streams()
     results["sandboxes"] = measure_sandboxes()

@@ -147,6 +147,14 @@ pub struct RunHandle {
 
 pub struct StartRun {
     pub session_id: Option<String>,
+    /// `session_id` names a session the client chose before it exists
+    /// (see [`named_session_id`]): continued if it exists, made with that
+    /// id (and `history`) if not. `false`: it must exist.
+    pub create_if_missing: bool,
+    /// What the client says came before `message`, in order: stored ahead
+    /// of it when the run makes its session, ignored when it continues one
+    /// (which holds its history already).
+    pub history: Vec<NewMessage>,
     /// The agent to run: a new session's, or the one an existing session
     /// is expected to belong to. `None`: the default agent for a new
     /// session, whichever agent an existing one has.
@@ -165,6 +173,8 @@ impl std::fmt::Debug for StartRun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StartRun")
             .field("session_id", &self.session_id)
+            .field("create_if_missing", &self.create_if_missing)
+            .field("history", &self.history.len())
             .field("agent", &self.agent)
             .field("stream", &self.stream)
             .field("owner", &self.owner)
@@ -200,6 +210,20 @@ pub struct Engine {
 /// 74 bits after the timestamp stay random.
 pub fn new_id() -> String {
     uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext)).to_string()
+}
+
+/// The id of the session a client names `name` (a chat front end's own
+/// chat id, say) with `agent`: a UUIDv5 of the three, so the same name
+/// finds the same session again, and the same name in another tenant or
+/// for another agent is another session. Never a UUIDv7, so it cannot be
+/// any session made without a name.
+pub fn named_session_id(owner: Option<&str>, agent: &str, name: &str) -> String {
+    // Fixed for good: changing it would orphan every named session.
+    const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6b1e_53a0_9d43_4c2e_a7f1_0c8e_5d2b_91f4);
+    // Lengths first, so no choice of the three parts reads as another's.
+    let owner = owner.map_or_else(|| "-".to_string(), |t| format!("t{}:{t}", t.len()));
+    let key = format!("{owner}|{}:{agent}|{name}", agent.len());
+    uuid::Uuid::new_v5(&NAMESPACE, key.as_bytes()).to_string()
 }
 
 pub fn now_ms() -> i64 {

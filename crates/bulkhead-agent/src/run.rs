@@ -43,6 +43,8 @@ impl Engine {
         state.owner = start.owner;
         state.account = start.account;
         state.new_session = is_new_session;
+        state.named_session = !is_new_session && start.create_if_missing;
+        state.history = start.history;
         let started = state.next_event(
             "run_started",
             json!({"run_id": run_id, "session_id": session_id}),
@@ -71,6 +73,8 @@ impl Engine {
                 let _in_flight = in_flight;
                 let session = if state.new_session {
                     SessionRef::New(&state.session_id)
+                } else if state.named_session {
+                    SessionRef::Named(&state.session_id)
                 } else {
                     SessionRef::Existing(&state.session_id)
                 };
@@ -79,22 +83,29 @@ impl Engine {
                     .begin_run(&BeginRun {
                         session,
                         owner: state.owner.as_deref(),
-                        agent: if state.new_session {
+                        agent: if state.new_session || state.named_session {
                             Some(state.agent.id.as_str())
                         } else {
                             asked.as_ref().map(|agent| agent.id.as_str())
                         },
                         run_id: &state.run_id,
                         input: &state.input,
+                        history: &state.history,
                         now,
                         lock_stale_before,
                         first_event: started,
                     })
                     .await;
                 let session_agent = match begun {
-                    Ok(agent) => {
+                    Ok(begun) => {
                         let _ = begun_tx.send(Ok(()));
-                        agent
+                        // Made now, it holds what the state holds; else
+                        // it is read back, history and all.
+                        state.new_session = begun.created;
+                        if !begun.created {
+                            state.history = Vec::new();
+                        }
+                        begun.agent
                     }
                     Err(e) => {
                         let _ = begun_tx.send(Err(e));
@@ -310,20 +321,22 @@ impl Engine {
         &self,
         state: &RunState,
     ) -> Result<Vec<ChatMessage>, Failure> {
-        // A session this run opened holds nothing but the run's input: no
-        // need to read it back.
-        let stored = if state.new_session {
-            Vec::new()
+        // A session this run opened holds nothing but the history it was
+        // given and the run's input: no need to read it back.
+        let stored: Vec<ChatMessage> = if state.new_session {
+            state.history.iter().map(new_chat_message).collect()
         } else {
             self.store
                 .messages(&state.session_id)
                 .await
                 .map_err(|e| internal("could not load the conversation", &e))?
+                .into_iter()
+                .map(chat_message)
+                .collect()
         };
         let mut conversation = self.system_prompt(state);
         conversation.reserve(stored.len() + 1);
-        let (history, repaired) =
-            bulkhead_model::history::repair(stored.into_iter().map(chat_message).collect());
+        let (history, repaired) = bulkhead_model::history::repair(stored);
         if repaired > 0 {
             // Recorded by a release that left interrupted calls unanswered;
             // sent as it is, a strict endpoint would refuse this session
@@ -470,6 +483,19 @@ impl Engine {
 pub(crate) enum LoopEnd {
     Answer(String),
     Paused(PendingApproval),
+}
+
+/// A message given with the run, as the model takes it.
+fn new_chat_message(m: &NewMessage) -> ChatMessage {
+    ChatMessage {
+        role: m.role.to_string(),
+        content: m.content.clone(),
+        tool_calls: m
+            .tool_calls
+            .as_deref()
+            .and_then(|calls| serde_json::from_str(calls).ok()),
+        tool_call_id: m.tool_call_id.clone(),
+    }
 }
 
 /// A stored message as the model takes it.

@@ -18,8 +18,15 @@ pub(crate) struct RunState {
     pub(crate) agent: Arc<Agent>,
     /// The user's message that started the run.
     pub(crate) input: String,
-    /// The run opened its session: the conversation is its input alone.
+    /// The run opened its session: the conversation is its history and
+    /// input alone.
     pub(crate) new_session: bool,
+    /// The session was named by the client: continued if it exists, made
+    /// with that id if not.
+    pub(crate) named_session: bool,
+    /// What the client says came before `input`, stored if this run makes
+    /// the session.
+    pub(crate) history: Vec<NewMessage>,
     pub(crate) owner: Option<String>,
     pub(crate) account: Option<Box<dyn RunAccount>>,
     pub(crate) streaming: bool,
@@ -53,6 +60,8 @@ impl RunState {
             agent,
             input: String::new(),
             new_session: false,
+            named_session: false,
+            history: Vec::new(),
             owner: None,
             account: None,
             streaming,

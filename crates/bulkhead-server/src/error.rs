@@ -100,13 +100,29 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// What an error answer said, kept on the response beside its body, so
+/// that a layer answering in another API's dialect (`/v1`, OpenAI's) can
+/// say the same without parsing the body back.
+#[derive(Debug, Clone)]
+pub struct ErrorParts {
+    pub code: &'static str,
+    pub message: String,
+    pub details: Map<String, Value>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let parts = ErrorParts {
+            code: self.code,
+            message: self.message.clone(),
+            details: self.details.clone(),
+        };
         let mut error = Map::new();
         error.insert("code".into(), self.code.into());
         error.insert("message".into(), self.message.into());
         error.extend(self.details);
         let mut response = (self.status, Json(json!({ "error": error }))).into_response();
+        response.extensions_mut().insert(parts);
         if self.close_connection {
             response.headers_mut().insert(
                 axum::http::header::CONNECTION,

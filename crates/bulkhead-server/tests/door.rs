@@ -345,6 +345,30 @@ async fn every_protected_route_needs_a_valid_key(kind: DbKind) {
             .await;
         assert_unauthorized(&answer, &format!("{method} {path} without a key"));
     }
+    // The OpenAI face: the same refusal, in OpenAI's shape.
+    for (method, path) in [
+        ("GET", "/v1/models"),
+        ("GET", "/v1/models/default"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/responses"),
+        ("GET", "/v1/no-such-route"),
+    ] {
+        let answer = app
+            .call(None, method, path, Some(json!({"model": "default"})))
+            .await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{method} {path}");
+        assert_eq!(
+            (&answer.body["error"]["type"], &answer.body["error"]["code"]),
+            (&json!("authentication_error"), &json!("invalid_api_key")),
+            "{method} {path}: {}",
+            answer.body
+        );
+        assert!(
+            answer
+                .headers
+                .contains_key(reqwest::header::WWW_AUTHENTICATE)
+        );
+    }
     for open in ["/health", "/ready", "/ready/replica"] {
         let answer = app.call(None, "GET", open, None).await;
         assert_eq!(answer.status, StatusCode::OK, "{open} stays open");

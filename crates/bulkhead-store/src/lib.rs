@@ -339,14 +339,14 @@ impl Store {
         })
     }
 
-    /// Opens a run: creates or locks the session, records the user's message,
-    /// the run and its first event, all in one transaction. A session is held
-    /// by one run at a time; a lock older than `lock_stale_before` is taken
-    /// over (its holder is presumed dead) and the run that held it is marked
-    /// interrupted.
+    /// Opens a run: creates or locks the session, records the user's message
+    /// (after the history, when this creates the session), the run and its
+    /// first event, all in one transaction. A session is held by one run at a
+    /// time; a lock older than `lock_stale_before` is taken over (its holder
+    /// is presumed dead) and the run that held it is marked interrupted.
     ///
-    /// Answers the agent the session belongs to.
-    pub async fn begin_run(&self, begin: &BeginRun<'_>) -> Result<String, BeginRunError> {
+    /// Answers the agent the session belongs to, and whether it was made.
+    pub async fn begin_run(&self, begin: &BeginRun<'_>) -> Result<Begun, BeginRunError> {
         let pool = match &self.pools {
             Pools::Sqlite { writer, .. } => {
                 let owned = OwnedBeginRun::from(begin);
@@ -360,7 +360,7 @@ impl Store {
             }
             Pools::Postgres(pool) => pool,
         };
-        if let SessionRef::New(session_id) = begin.session {
+        if let (SessionRef::New(session_id), []) = (begin.session, begin.history) {
             // A new session cannot be busy: the whole opening is one
             // statement, so one round trip instead of six. Foreign keys are
             // checked at the end of the statement, after every part of it.
@@ -391,16 +391,41 @@ impl Store {
             .execute(pool)
             .await
             .map_err(StoreError::from)?;
-            return Ok(new_session_agent(begin)?.to_owned());
+            return Ok(Begun {
+                agent: new_session_agent(begin)?.to_owned(),
+                created: true,
+            });
         }
-        {
-            let mut tx = pool.begin().await.map_err(StoreError::from)?;
-            // A new session was opened above, in one statement.
-            let SessionRef::Existing(id) = begin.session else {
-                return Err(BeginRunError::Store(StoreError::WriterFailed(
-                    "unreachable: a new session".into(),
-                )));
-            };
+        let mut tx = pool.begin().await.map_err(StoreError::from)?;
+        let (session_id, created) = match begin.session {
+            SessionRef::Existing(id) => (id, false),
+            SessionRef::New(id) | SessionRef::Named(id) => {
+                // A named session that exists already is continued below,
+                // as any existing one: locked, its owner and agent checked.
+                let conflict = if matches!(begin.session, SessionRef::Named(_)) {
+                    " ON CONFLICT (id) DO NOTHING"
+                } else {
+                    ""
+                };
+                let inserted = sqlx::query(&format!(
+                    "INSERT INTO sessions (id, created_at, updated_at, active_run_id, locked_at, owner, agent) \
+                     VALUES ($1, $2, $2, $3, $2, $4, $5){conflict}"
+                ))
+                .bind(id)
+                .bind(begin.now)
+                .bind(begin.run_id)
+                .bind(begin.owner)
+                .bind(new_session_agent(begin)?)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from)?
+                .rows_affected();
+                (id, inserted == 1)
+            }
+        };
+        let agent = if created {
+            new_session_agent(begin)?.to_owned()
+        } else {
             let locked: Option<(String,)> = sqlx::query_as(
                 "UPDATE sessions SET active_run_id = $1, locked_at = $2, updated_at = $2 \
                  WHERE id = $3 AND (active_run_id IS NULL OR locked_at < $4) \
@@ -409,7 +434,7 @@ impl Store {
             )
             .bind(begin.run_id)
             .bind(begin.now)
-            .bind(id)
+            .bind(session_id)
             .bind(begin.lock_stale_before)
             .bind(begin.owner)
             .bind(begin.agent)
@@ -420,68 +445,78 @@ impl Store {
                 let holder: Option<(Option<String>, Option<String>, String)> = sqlx::query_as(
                     "SELECT active_run_id, owner, agent FROM sessions WHERE id = $1",
                 )
-                .bind(id)
+                .bind(session_id)
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(StoreError::from)?;
                 return Err(refusal(begin.owner, begin.agent, holder));
             };
-            let session_id = id;
-            {
-                // A run that lost its lock to staleness never finished, nor
-                // did the call it was making (looked for only then: this is
-                // every run's path).
-                let taken_over = sqlx::query(
-                    "UPDATE runs SET status = 'interrupted', finished_at = $1, \
-                     error_code = 'lock_expired', \
-                     error_message = 'the run stopped reporting progress and its session was taken over' \
+            // A run that lost its lock to staleness never finished, nor
+            // did the call it was making (looked for only then: this is
+            // every run's path).
+            let taken_over = sqlx::query(
+                "UPDATE runs SET status = 'interrupted', finished_at = $1, \
+                 error_code = 'lock_expired', \
+                 error_message = 'the run stopped reporting progress and its session was taken over' \
+                 WHERE session_id = $2 AND status IN ('running', 'awaiting_approval')",
+            )
+            .bind(begin.now)
+            .bind(session_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?
+            .rows_affected();
+            if taken_over > 0 {
+                sqlx::query(
+                    "UPDATE tool_executions SET status = 'interrupted', finished_at = $1, \
+                     error = 'the run stopped reporting progress and its session was taken over' \
                      WHERE session_id = $2 AND status IN ('running', 'awaiting_approval')",
                 )
                 .bind(begin.now)
                 .bind(session_id)
                 .execute(&mut *tx)
                 .await
-                .map_err(StoreError::from)?
-                .rows_affected();
-                if taken_over > 0 {
-                    sqlx::query(
-                        "UPDATE tool_executions SET status = 'interrupted', finished_at = $1, \
-                         error = 'the run stopped reporting progress and its session was taken over' \
-                         WHERE session_id = $2 AND status IN ('running', 'awaiting_approval')",
-                    )
-                    .bind(begin.now)
-                    .bind(session_id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(StoreError::from)?;
-                }
+                .map_err(StoreError::from)?;
             }
-            sqlx::query(
-                "INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at) \
-                 VALUES ($1, $2, 'running', $3, 0, 0, $4)",
-            )
-            .bind(begin.run_id)
-            .bind(session_id)
-            .bind(begin.input)
-            .bind(begin.now)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from)?;
-            sqlx::query(
-                "INSERT INTO messages (session_id, run_id, role, content, created_at) \
-                 VALUES ($1, $2, 'user', $3, $4)",
-            )
-            .bind(session_id)
-            .bind(begin.run_id)
-            .bind(begin.input)
-            .bind(begin.now)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from)?;
-            insert_events!(tx, begin.run_id, std::slice::from_ref(&begin.first_event));
-            tx.commit().await.map_err(StoreError::from)?;
-            Ok(agent)
-        }
+            agent
+        };
+        sqlx::query(
+            "INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at) \
+             VALUES ($1, $2, 'running', $3, 0, 0, $4)",
+        )
+        .bind(begin.run_id)
+        .bind(session_id)
+        .bind(begin.input)
+        .bind(begin.now)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        let history: &[NewMessage] = if created { begin.history } else { &[] };
+        // The history, then the user's message: one list, so one insert
+        // in their order.
+        let mut messages = Vec::with_capacity(history.len() + 1);
+        messages.extend_from_slice(history);
+        messages.push(NewMessage {
+            role: "user",
+            content: Some(begin.input.to_owned()),
+            tool_calls: None,
+            tool_call_id: None,
+        });
+        insert_messages_pg(
+            &mut tx,
+            &RunProgress {
+                run_id: begin.run_id,
+                session_id,
+                messages: &messages,
+                events: std::slice::from_ref(&begin.first_event),
+                tokens_used: 0,
+                steps: 0,
+                now: begin.now,
+            },
+        )
+        .await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(Begun { agent, created })
     }
 
     /// Records what a step of a run produced (assistant tool calls, tool
@@ -935,6 +970,7 @@ mod tests {
                 agent: Some("default"),
                 run_id: "r1",
                 input: "hello",
+                history: &[],
                 now: 1,
                 lock_stale_before: 0,
                 first_event: event,

@@ -103,6 +103,10 @@ pub struct NewEvent {
 pub enum SessionRef<'a> {
     New(&'a str),
     Existing(&'a str),
+    /// Continues the session with this id if there is one, else creates
+    /// it with this id: a conversation a client names before it exists
+    /// (an id derived from a chat front end's own chat id).
+    Named(&'a str),
 }
 
 #[derive(Debug)]
@@ -117,10 +121,23 @@ pub struct BeginRun<'a> {
     pub agent: Option<&'a str>,
     pub run_id: &'a str,
     pub input: &'a str,
+    /// Stored before `input`, with this run's id, when this opening creates
+    /// the session (`New`, or `Named` on first use); ignored when it
+    /// continues one. What a client that keeps its own history sent.
+    pub history: &'a [NewMessage],
     pub now: i64,
     /// A session lock taken before this instant is considered abandoned.
     pub lock_stale_before: i64,
     pub first_event: NewEvent,
+}
+
+/// A run opened: the agent its session belongs to, and whether the
+/// opening created the session (then it holds only the history and input
+/// the opening stored, and need not be read back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Begun {
+    pub agent: String,
+    pub created: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -5,35 +5,47 @@
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
-    BeginRunError, DeleteOutcome, NewEvent, NewMessage, SessionRef, StoreError, ToolExecutionEnd,
+    BeginRunError, Begun, DeleteOutcome, NewEvent, NewMessage, SessionRef, StoreError,
+    ToolExecutionEnd,
 };
 
 /// A [`crate::BeginRun`] the writer thread can own.
 pub(crate) struct OwnedBeginRun {
-    pub new_session: bool,
+    pub session: SessionMode,
     pub session_id: String,
     pub owner: Option<String>,
     pub agent: Option<String>,
     pub run_id: String,
     pub input: String,
+    pub history: Vec<NewMessage>,
     pub now: i64,
     pub lock_stale_before: i64,
     pub first_event: NewEvent,
 }
 
+/// [`SessionRef`] without its id.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SessionMode {
+    New,
+    Existing,
+    Named,
+}
+
 impl OwnedBeginRun {
     pub(crate) fn from(begin: &crate::BeginRun<'_>) -> OwnedBeginRun {
-        let (new_session, session_id) = match begin.session {
-            SessionRef::New(id) => (true, id),
-            SessionRef::Existing(id) => (false, id),
+        let (session, session_id) = match begin.session {
+            SessionRef::New(id) => (SessionMode::New, id),
+            SessionRef::Existing(id) => (SessionMode::Existing, id),
+            SessionRef::Named(id) => (SessionMode::Named, id),
         };
         OwnedBeginRun {
-            new_session,
+            session,
             session_id: session_id.to_owned(),
             owner: begin.owner.map(str::to_owned),
             agent: begin.agent.map(str::to_owned),
             run_id: begin.run_id.to_owned(),
             input: begin.input.to_owned(),
+            history: begin.history.to_vec(),
             now: begin.now,
             lock_stale_before: begin.lock_stale_before,
             first_event: begin.first_event.clone(),
@@ -97,21 +109,35 @@ const INTERRUPT_CALLS_OF_TAKEN_OVER_SESSION: &str = "UPDATE tool_executions SET 
 pub(crate) fn begin_run(
     c: &Connection,
     begin: &OwnedBeginRun,
-) -> Result<Result<String, BeginRunError>, StoreError> {
+) -> Result<Result<Begun, BeginRunError>, StoreError> {
     let session_id = begin.session_id.as_str();
+    let created = match begin.session {
+        SessionMode::Existing => false,
+        SessionMode::New | SessionMode::Named => {
+            let Some(new_agent) = begin.agent.as_deref() else {
+                return Ok(Err(BeginRunError::Store(StoreError::WriterFailed(
+                    "a new session needs an agent".into(),
+                ))));
+            };
+            // A named session that exists already is continued below, as
+            // any existing one: locked, its owner and agent checked.
+            let conflict = if begin.session == SessionMode::Named {
+                " ON CONFLICT (id) DO NOTHING"
+            } else {
+                ""
+            };
+            let inserted = c
+                .prepare_cached(&format!(
+                    "INSERT INTO sessions (id, created_at, updated_at, active_run_id, locked_at, owner, agent) \
+                     VALUES (?1, ?2, ?2, ?3, ?2, ?4, ?5){conflict}"
+                ))?
+                .execute(params![session_id, begin.now, begin.run_id, begin.owner, new_agent])?;
+            inserted == 1
+        }
+    };
     let agent: String;
-    if begin.new_session {
-        let Some(new_agent) = begin.agent.clone() else {
-            return Ok(Err(BeginRunError::Store(StoreError::WriterFailed(
-                "a new session needs an agent".into(),
-            ))));
-        };
-        c.prepare_cached(
-            "INSERT INTO sessions (id, created_at, updated_at, active_run_id, locked_at, owner, agent) \
-             VALUES (?1, ?2, ?2, ?3, ?2, ?4, ?5)",
-        )?
-        .execute(params![session_id, begin.now, begin.run_id, begin.owner, new_agent])?;
-        agent = new_agent;
+    if created {
+        agent = begin.agent.clone().unwrap_or_default();
     } else {
         let locked: Option<String> = c
             .prepare_cached(
@@ -167,13 +193,16 @@ pub(crate) fn begin_run(
          VALUES (?1, ?2, 'running', ?3, 0, 0, ?4)",
     )?
     .execute(params![begin.run_id, session_id, begin.input, begin.now])?;
+    if created {
+        write_messages(c, session_id, &begin.run_id, &begin.history, begin.now)?;
+    }
     c.prepare_cached(
         "INSERT INTO messages (session_id, run_id, role, content, created_at) \
          VALUES (?1, ?2, 'user', ?3, ?4)",
     )?
     .execute(params![session_id, begin.run_id, begin.input, begin.now])?;
     insert_events(c, &begin.run_id, std::slice::from_ref(&begin.first_event))?;
-    Ok(Ok(agent))
+    Ok(Ok(Begun { agent, created }))
 }
 
 fn insert_events(c: &Connection, run_id: &str, events: &[NewEvent]) -> Result<(), StoreError> {
@@ -196,22 +225,38 @@ fn insert_events(c: &Connection, run_id: &str, events: &[NewEvent]) -> Result<()
 }
 
 fn insert_messages(c: &Connection, progress: &OwnedProgress) -> Result<(), StoreError> {
-    if progress.messages.is_empty() {
+    write_messages(
+        c,
+        &progress.session_id,
+        &progress.run_id,
+        &progress.messages,
+        progress.now,
+    )
+}
+
+fn write_messages(
+    c: &Connection,
+    session_id: &str,
+    run_id: &str,
+    messages: &[NewMessage],
+    now: i64,
+) -> Result<(), StoreError> {
+    if messages.is_empty() {
         return Ok(());
     }
     let mut insert = c.prepare_cached(
         "INSERT INTO messages (session_id, run_id, role, content, tool_calls, tool_call_id, created_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?;
-    for message in &progress.messages {
+    for message in messages {
         insert.execute(params![
-            progress.session_id,
-            progress.run_id,
+            session_id,
+            run_id,
             message.role,
             message.content,
             message.tool_calls,
             message.tool_call_id,
-            progress.now
+            now
         ])?;
     }
     Ok(())

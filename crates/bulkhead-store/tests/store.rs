@@ -34,11 +34,12 @@ fn begin<'a>(
         session,
         owner: None,
         agent: match session {
-            SessionRef::New(_) => Some("default"),
+            SessionRef::New(_) | SessionRef::Named(_) => Some("default"),
             SessionRef::Existing(_) => None,
         },
         run_id,
         input: "hello",
+        history: &[],
         now,
         lock_stale_before: stale_before,
         first_event: started(now),
@@ -465,7 +466,7 @@ async fn a_paused_run_waits_for_one_decision(kind: DbKind) {
         .begin_run(&begin(SessionRef::New("s1"), "r1", 1_000, 0))
         .await
         .unwrap();
-    assert_eq!(agent, "default");
+    assert_eq!(agent.agent, "default");
     store
         .start_tool_execution(&NewToolExecution {
             id: "a1",
@@ -613,10 +614,150 @@ async fn a_session_stays_with_its_agent(kind: DbKind) {
         .begin_run(&as_agent(SessionRef::Existing("s1"), "r3", None))
         .await
         .unwrap();
-    assert_eq!(agent, "support");
+    assert_eq!(agent.agent, "support");
+}
+
+fn said(role: &'static str, content: &str) -> NewMessage {
+    NewMessage {
+        role,
+        content: Some(content.into()),
+        tool_calls: None,
+        tool_call_id: None,
+    }
+}
+
+/// What the session holds, as (role, content) pairs in order.
+async fn conversation(store: &Store, session_id: &str) -> Vec<(String, String)> {
+    store
+        .messages(session_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.role, m.content.unwrap_or_default()))
+        .collect()
+}
+
+/// A client that keeps its own history hands it over with the run that
+/// opens the session: stored before the user's message, in one opening,
+/// and only then (a continued session already holds it).
+async fn a_new_session_can_be_opened_with_history(kind: DbKind) {
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    let history = [
+        said("system", "be brief"),
+        said("user", "hi"),
+        said("assistant", "hello"),
+    ];
+    let begun = store
+        .begin_run(&BeginRun {
+            history: &history,
+            ..begin(SessionRef::New("s1"), "r1", 1_000, 0)
+        })
+        .await
+        .unwrap();
+    assert!(begun.created);
+    let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+        list.iter()
+            .map(|(r, c)| (r.to_string(), c.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        conversation(&store, "s1").await,
+        pairs(&[
+            ("system", "be brief"),
+            ("user", "hi"),
+            ("assistant", "hello"),
+            ("user", "hello")
+        ])
+    );
+    let messages = store.messages("s1").await.unwrap();
+    assert!(messages.iter().all(|m| m.run_id.as_deref() == Some("r1")));
+    finish(&store, "s1", "r1", 1_100).await;
+    let begun = store
+        .begin_run(&BeginRun {
+            history: &history,
+            ..begin(SessionRef::Existing("s1"), "r2", 1_200, 0)
+        })
+        .await
+        .unwrap();
+    assert!(!begun.created);
+    assert_eq!(
+        conversation(&store, "s1").await.len(),
+        6,
+        "history not stored twice"
+    );
+}
+
+/// A session named before it exists: made by its first run (with the
+/// history), continued by the next, held to its owner and agent as any.
+async fn a_named_session_is_made_once_then_continued(kind: DbKind) {
+    let db = TestDb::new(kind).await;
+    let store = open(&db).await;
+    let history = [said("user", "earlier"), said("assistant", "noted")];
+    let named = |run, owner, agent, now| BeginRun {
+        owner,
+        agent,
+        history: &history,
+        ..begin(SessionRef::Named("n1"), run, now, 0)
+    };
+    let first = store
+        .begin_run(&named("r1", Some("team-a"), Some("support"), 1_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        bulkhead_store::Begun {
+            agent: "support".into(),
+            created: true
+        }
+    );
+    let session = store.session("n1").await.unwrap().unwrap();
+    assert_eq!(
+        (session.owner.as_deref(), session.agent.as_str()),
+        (Some("team-a"), "support")
+    );
+    assert_eq!(conversation(&store, "n1").await.len(), 3);
+    // While its first run holds it, the name finds it busy.
+    let busy = store
+        .begin_run(&named("r2", Some("team-a"), Some("support"), 1_001))
+        .await;
+    assert!(
+        matches!(&busy, Err(BeginRunError::SessionBusy { active_run_id }) if active_run_id == "r1"),
+        "{busy:?}"
+    );
+    finish(&store, "n1", "r1", 1_100).await;
+    let second = store
+        .begin_run(&named("r3", Some("team-a"), Some("support"), 1_200))
+        .await
+        .unwrap();
+    assert!(!second.created);
+    // The user's message only: the session holds the history already.
+    assert_eq!(conversation(&store, "n1").await.len(), 5);
+    finish(&store, "n1", "r3", 1_300).await;
+    // Another tenant and another agent are refused as for any session,
+    // and nothing is written for them.
+    let foreign = store
+        .begin_run(&named("r4", Some("team-b"), Some("support"), 1_400))
+        .await;
+    assert!(
+        matches!(foreign, Err(BeginRunError::SessionNotFound)),
+        "{foreign:?}"
+    );
+    let other_agent = store
+        .begin_run(&named("r5", Some("team-a"), Some("coder"), 1_500))
+        .await;
+    assert!(
+        matches!(&other_agent, Err(BeginRunError::WrongAgent { agent }) if agent == "support"),
+        "{other_agent:?}"
+    );
+    assert!(store.run("r4").await.unwrap().is_none());
+    assert!(store.run("r5").await.unwrap().is_none());
+    assert_eq!(conversation(&store, "n1").await.len(), 6);
 }
 
 on_both_databases!(
+    a_new_session_can_be_opened_with_history,
+    a_named_session_is_made_once_then_continued,
     migrations_apply_once_and_are_idempotent,
     keys_are_kept_revoked_and_touched,
     a_session_is_reached_only_by_its_tenant,

@@ -22,6 +22,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::app::AppState;
 use crate::error::ErrorBody;
+use crate::routes::openai::OpenAiErrorBody;
 
 /// The document's fixed part; `routes::api` adds the paths.
 #[derive(OpenApi)]
@@ -38,8 +39,9 @@ use crate::error::ErrorBody;
         (name = "probes", description = "Liveness and readiness, for orchestrators (open)"),
         (name = "documentation", description = "This document and its page (open)"),
         (name = "keys", description = "API keys, for whoever holds ADMIN_TOKEN (the admin API is off without it)"),
+        (name = "openai", description = "The OpenAI-compatible API: each agent is a model (errors in OpenAI's shape)"),
     ),
-    components(schemas(ErrorBody)),
+    components(schemas(ErrorBody, OpenAiErrorBody)),
     modifiers(&Keys),
 )]
 pub struct ApiDoc;
@@ -112,12 +114,40 @@ fn uuid_patterns(node: &mut serde_json::Value) {
 
 const UNAUTHORIZED: &str = "Unauthorized";
 const RATE_LIMITED: &str = "RateLimited";
+/// The same two under `/v1`, in OpenAI's shape.
+const OPENAI_UNAUTHORIZED: &str = "OpenAiUnauthorized";
+const OPENAI_RATE_LIMITED: &str = "OpenAiRateLimited";
 
 fn finish(document: &mut Document) {
     let components = document.components.get_or_insert_with(Default::default);
+    for (unauthorized, rate_limited, schema) in [
+        (UNAUTHORIZED, RATE_LIMITED, ErrorBody::name()),
+        (
+            OPENAI_UNAUTHORIZED,
+            OPENAI_RATE_LIMITED,
+            OpenAiErrorBody::name(),
+        ),
+    ] {
+        door_responses(components, unauthorized, rate_limited, &schema);
+    }
+    for (path, item) in document.paths.paths.iter_mut() {
+        let openai = crate::routes::openai::is_openai(path);
+        for operation in operations(item) {
+            finish_operation(operation, openai);
+        }
+    }
+}
+
+/// What the door answers, as components.
+fn door_responses(
+    components: &mut utoipa::openapi::Components,
+    unauthorized: &str,
+    rate_limited: &str,
+    schema: &str,
+) {
     components.responses.insert(
-        UNAUTHORIZED.into(),
-        error_response("`unauthorized`: no key, or a key that is not valid")
+        unauthorized.into(),
+        error_response("`unauthorized`: no key, or a key that is not valid", schema)
             .header(
                 "WWW-Authenticate",
                 header_of("How to authenticate: `Bearer`"),
@@ -126,38 +156,36 @@ fn finish(document: &mut Document) {
             .into(),
     );
     components.responses.insert(
-        RATE_LIMITED.into(),
-        error_response("`rate_limited`: this key has used its requests for now")
-            .header(
-                "Retry-After",
-                integer_header("Seconds to wait before sending again"),
-            )
-            .header(
-                "x-ratelimit-limit",
-                integer_header("Requests allowed per window"),
-            )
-            .header(
-                "x-ratelimit-remaining",
-                integer_header("Requests left in this window"),
-            )
-            .header(
-                "x-ratelimit-reset",
-                integer_header("Seconds until the window resets"),
-            )
-            .build()
-            .into(),
+        rate_limited.into(),
+        error_response(
+            "`rate_limited`: this key has used its requests for now",
+            schema,
+        )
+        .header(
+            "Retry-After",
+            integer_header("Seconds to wait before sending again"),
+        )
+        .header(
+            "x-ratelimit-limit",
+            integer_header("Requests allowed per window"),
+        )
+        .header(
+            "x-ratelimit-remaining",
+            integer_header("Requests left in this window"),
+        )
+        .header(
+            "x-ratelimit-reset",
+            integer_header("Seconds until the window resets"),
+        )
+        .build()
+        .into(),
     );
-    for item in document.paths.paths.values_mut() {
-        for operation in operations(item) {
-            finish_operation(operation);
-        }
-    }
 }
 
 /// An operation marked `security(())` is open: `security: []`, which
 /// overrides the document's requirement (`[{}]` would mean "optional").
 /// Every other one answers 401 and 429 as the door does.
-fn finish_operation(operation: &mut Operation) {
+fn finish_operation(operation: &mut Operation, openai: bool) {
     let open = operation
         .security
         .as_ref()
@@ -166,14 +194,19 @@ fn finish_operation(operation: &mut Operation) {
         operation.security = Some(Vec::new());
         return;
     }
+    let (unauthorized, rate_limited) = if openai {
+        (OPENAI_UNAUTHORIZED, OPENAI_RATE_LIMITED)
+    } else {
+        (UNAUTHORIZED, RATE_LIMITED)
+    };
     let responses = &mut operation.responses.responses;
     responses.insert(
         "401".into(),
-        RefOr::Ref(Ref::from_response_name(UNAUTHORIZED)),
+        RefOr::Ref(Ref::from_response_name(unauthorized)),
     );
     responses.insert(
         "429".into(),
-        RefOr::Ref(Ref::from_response_name(RATE_LIMITED)),
+        RefOr::Ref(Ref::from_response_name(rate_limited)),
     );
 }
 
@@ -197,10 +230,10 @@ pub(crate) fn operations(item: &mut PathItem) -> impl Iterator<Item = &mut Opera
     .chain(item.additional_operations.values_mut())
 }
 
-fn error_response(description: &str) -> ResponseBuilder {
+fn error_response(description: &str, schema: &str) -> ResponseBuilder {
     ResponseBuilder::new().description(description).content(
         "application/json",
-        Content::new(Some(Ref::from_schema_name(ErrorBody::name()))),
+        Content::new(Some(Ref::from_schema_name(schema))),
     )
 }
 
@@ -256,24 +289,43 @@ pub(crate) fn document_for(streaming: bool, agents: &[&str]) -> Bytes {
         ids.push(serde_json::Value::Null);
         agent["enum"] = serde_json::Value::Array(ids);
     }
+    // A model is one of the agents.
+    for body in ["ChatCompletionRequest", "ResponseRequest"] {
+        if let Some(model) =
+            document.pointer_mut(&format!("/components/schemas/{body}/properties/model"))
+        {
+            model["enum"] = agents
+                .iter()
+                .map(|id| serde_json::Value::from(*id))
+                .collect();
+        }
+    }
     Bytes::from(serde_json::to_vec(&document).expect("the document serializes"))
 }
 
 fn without_streaming(document: &mut serde_json::Value) {
-    if let Some(content) = document
-        .pointer_mut("/paths/~1agent/post/responses/200/content")
-        .and_then(serde_json::Value::as_object_mut)
-    {
-        content.remove("text/event-stream");
+    for path in ["~1agent", "~1v1~1chat~1completions", "~1v1~1responses"] {
+        if let Some(content) = document
+            .pointer_mut(&format!("/paths/{path}/post/responses/200/content"))
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            content.remove("text/event-stream");
+        }
     }
-    if let Some(stream) =
-        document.pointer_mut("/components/schemas/AgentRequestBody/properties/stream")
-    {
-        *stream = serde_json::json!({
-            "type": ["boolean", "null"],
-            "enum": [false, null],
-            "description": "Streaming is turned off on this server (ENABLE_STREAMING=false): `true` is answered with 400 `streaming_disabled`.",
-        });
+    for body in [
+        "AgentRequestBody",
+        "ChatCompletionRequest",
+        "ResponseRequest",
+    ] {
+        if let Some(stream) =
+            document.pointer_mut(&format!("/components/schemas/{body}/properties/stream"))
+        {
+            *stream = serde_json::json!({
+                "type": ["boolean", "null"],
+                "enum": [false, null],
+                "description": "Streaming is turned off on this server (ENABLE_STREAMING=false): `true` is answered with 400 `streaming_disabled`.",
+            });
+        }
     }
 }
 

@@ -72,6 +72,10 @@ fn the_document_has_the_api() {
         "GET /runs/{run_id}/events",
         "GET /openapi.json",
         "GET /docs",
+        "GET /v1/models",
+        "GET /v1/models/{model_id}",
+        "POST /v1/chat/completions",
+        "POST /v1/responses",
     ]
     .into_iter()
     .map(String::from)
@@ -126,13 +130,19 @@ fn every_operation_says_who_may_call_it_and_what_it_answers() {
                     }
                 }
             }
+            // Under `/v1` the door answers in OpenAI's shape.
+            let dialect = if path.starts_with("/v1/") {
+                "OpenAi"
+            } else {
+                ""
+            };
             assert_eq!(
                 responses["401"]["$ref"],
-                "#/components/responses/Unauthorized"
+                format!("#/components/responses/{dialect}Unauthorized")
             );
             assert_eq!(
                 responses["429"]["$ref"],
-                "#/components/responses/RateLimited"
+                format!("#/components/responses/{dialect}RateLimited")
             );
             for status in responses.keys().filter(|s| s.starts_with('4')) {
                 let body = responses[status]["content"]["application/json"]["schema"]["$ref"]
@@ -143,18 +153,24 @@ fn every_operation_says_who_may_call_it_and_what_it_answers() {
         }
     }
     let components = &document["components"]["responses"];
-    assert!(
-        components["Unauthorized"]["headers"]
-            .get("WWW-Authenticate")
-            .is_some()
-    );
-    for header in [
-        "Retry-After",
-        "x-ratelimit-limit",
-        "x-ratelimit-remaining",
-        "x-ratelimit-reset",
-    ] {
-        assert!(components["RateLimited"]["headers"].get(header).is_some());
+    for dialect in ["", "OpenAi"] {
+        assert!(
+            components[format!("{dialect}Unauthorized")]["headers"]
+                .get("WWW-Authenticate")
+                .is_some()
+        );
+        for header in [
+            "Retry-After",
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+        ] {
+            assert!(
+                components[format!("{dialect}RateLimited")]["headers"]
+                    .get(header)
+                    .is_some()
+            );
+        }
     }
 }
 

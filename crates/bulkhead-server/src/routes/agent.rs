@@ -292,6 +292,8 @@ pub async fn post_agent(
         .engine
         .start_run(StartRun {
             session_id: request.session_id,
+            create_if_missing: false,
+            history: Vec::new(),
             agent: request.agent,
             message: request.message,
             stream,
@@ -307,7 +309,7 @@ pub async fn post_agent(
     }
 }
 
-fn start_error(error: StartError) -> ApiError {
+pub(crate) fn start_error(error: StartError) -> ApiError {
     match error {
         StartError::ShuttingDown => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -377,18 +379,27 @@ pub(crate) async fn finished(handle: RunHandle) -> Result<Response, ApiError> {
         )
             .into_response()),
         Ok(RunOutcome::Failed { failure, .. }) => {
-            let status = match failure.kind {
-                FailureKind::Upstream | FailureKind::MaxSteps => StatusCode::BAD_GATEWAY,
-                FailureKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-                FailureKind::Interrupted => StatusCode::SERVICE_UNAVAILABLE,
-                FailureKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            Err(ApiError::new(status, failure.code, failure.message)
-                .with("session_id", session_id)
-                .with("run_id", run_id))
+            Err(failure_error(&failure, &session_id, &run_id))
         }
         Err(_) => Err(ApiError::internal(&"the run task ended without an outcome")),
     }
+}
+
+/// The error a run that failed answers with.
+pub(crate) fn failure_error(
+    failure: &bulkhead_agent::Failure,
+    session_id: &str,
+    run_id: &str,
+) -> ApiError {
+    let status = match failure.kind {
+        FailureKind::Upstream | FailureKind::MaxSteps => StatusCode::BAD_GATEWAY,
+        FailureKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        FailureKind::Interrupted => StatusCode::SERVICE_UNAVAILABLE,
+        FailureKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError::new(status, failure.code, failure.message.clone())
+        .with("session_id", session_id)
+        .with("run_id", run_id)
 }
 
 /// A run's events, live, as Server-Sent Events; the stream ends when the

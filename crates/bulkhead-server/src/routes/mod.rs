@@ -5,6 +5,7 @@ mod agent;
 mod agents;
 mod approvals;
 mod health;
+pub mod openai;
 mod sessions;
 
 use axum::Router;
@@ -49,6 +50,10 @@ pub(crate) fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(door::admin::list_keys, door::admin::create_key))
         .routes(routes!(door::admin::get_key))
         .routes(routes!(door::admin::revoke_key))
+        .routes(routes!(openai::models::list_models))
+        .routes(routes!(openai::models::get_model))
+        .routes(routes!(openai::chat::chat_completions))
+        .routes(routes!(openai::responses::create_response))
 }
 
 pub fn router(state: AppState) -> Router {
@@ -85,6 +90,9 @@ pub fn router(state: AppState) -> Router {
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
             .layer(trace)
             .layer(PropagateRequestIdLayer::x_request_id())
+            // Around the door and the panic catcher: every error a `/v1`
+            // client can see is in OpenAI's shape.
+            .layer(axum::middleware::from_fn(openai::openai_errors))
             .layer(CatchPanicLayer::custom(panic_response)),
     )
 }

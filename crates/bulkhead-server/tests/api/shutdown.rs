@@ -140,6 +140,7 @@ async fn a_stored_call_without_its_result_does_not_poison_the_session(kind: DbKi
             agent: Some("default"),
             run_id: run,
             input: "tool:shell {}",
+            history: &[],
             now,
             lock_stale_before: 0,
             first_event: NewEvent {
