@@ -7,7 +7,7 @@
 //! deployment that never heard of agents keeps working unchanged.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use bulkhead_agent::{ApprovalPolicy, DEFAULT_AGENT, ToolPolicy};
@@ -379,26 +379,9 @@ fn secret_by_name(env: &Environment, name: &str) -> Result<Option<SecretString>,
             "{name:?} is not a secret's name: uppercase letters, digits and `_`, like OPENAI_API_KEY"
         ));
     }
-    let file_var = format!("{name}_FILE");
-    let value = match (env.get(name), env.get(&file_var)) {
-        (Some(_), Some(_)) => return Err(format!("set either {name} or {file_var}, not both")),
-        (Some(value), None) => Some(value.to_string()),
-        (None, Some(path)) => {
-            Some(std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?)
-        }
-        (None, None) => {
-            let path: PathBuf = env.secrets_dir.join(name.to_ascii_lowercase());
-            match std::fs::read_to_string(&path) {
-                Ok(value) => Some(value),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-            }
-        }
-    };
-    Ok(value
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
-        .map(SecretString::from))
+    env.secret(name, &format!("{name}_FILE"))
+        .map(|(value, _)| value)
+        .map_err(|e| e.message)
 }
 
 /// MCP server names become tool name prefixes (`<name>__<tool>`).

@@ -293,42 +293,69 @@ impl<'a> Reader<'a> {
         file_var: &'static str,
     ) -> Result<Option<SecretString>, ConfigError> {
         debug_assert!(settings::find(name).is_some_and(|s| s.secret), "{name}");
-        let direct = self.env.get(name);
-        let file = self.env.get(file_var);
-        let (value, source) = match (direct, file) {
+        let (value, source) = self
+            .env
+            .secret(name, file_var)
+            .map_err(|e| invalid(if e.in_file_var { file_var } else { name }, e.message))?;
+        self.sources.insert(name, source);
+        Ok(value)
+    }
+}
+
+/// Why a secret could not be read: the message, and whether it is about
+/// the `<NAME>_FILE` variable rather than `<NAME>`.
+#[derive(Debug)]
+pub(crate) struct SecretError {
+    pub in_file_var: bool,
+    pub message: String,
+}
+
+impl Environment {
+    /// A secret's value (trimmed; blank counts as unset) and where it came
+    /// from: `<name>`, else the file `<file_var>` names, else
+    /// `<secrets dir>/<name, lowercase>`. Setting both of the first two is
+    /// an error. Every secret is read here, those the settings name and
+    /// those an agents file names.
+    pub(crate) fn secret(
+        &self,
+        name: &str,
+        file_var: &str,
+    ) -> Result<(Option<SecretString>, Source), SecretError> {
+        let (value, source) = match (self.get(name), self.get(file_var)) {
             (Some(_), Some(_)) => {
-                return Err(invalid(
-                    name,
-                    format!("set either {name} or {file_var}, not both"),
-                ));
+                return Err(SecretError {
+                    in_file_var: false,
+                    message: format!("set either {name} or {file_var}, not both"),
+                });
             }
-            (Some(value), None) => (Some(value.to_string()), self.env.source_of(name)),
+            (Some(value), None) => (Some(value.to_string()), self.source_of(name)),
             (None, Some(path)) => {
                 let path = PathBuf::from(path);
-                let value = read_secret_file(&path).map_err(|e| {
-                    invalid(file_var, format!("cannot read {}: {e}", path.display()))
+                let value = read_secret_file(&path).map_err(|e| SecretError {
+                    in_file_var: true,
+                    message: format!("cannot read {}: {e}", path.display()),
                 })?;
                 (Some(value), Source::File(path))
             }
             (None, None) => {
-                let path = self.env.secrets_dir.join(name.to_ascii_lowercase());
+                let path = self.secrets_dir.join(name.to_ascii_lowercase());
                 match read_secret_file(&path) {
                     Ok(value) => (Some(value), Source::File(path)),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, Source::Default),
                     Err(e) => {
-                        return Err(invalid(
-                            name,
-                            format!("cannot read {}: {e}", path.display()),
-                        ));
+                        return Err(SecretError {
+                            in_file_var: false,
+                            message: format!("cannot read {}: {e}", path.display()),
+                        });
                     }
                 }
             }
         };
-        self.sources.insert(name, source);
-        Ok(value
+        let value = value
             .map(|v| v.trim().to_string())
             .filter(|v| !v.is_empty())
-            .map(SecretString::from))
+            .map(SecretString::from);
+        Ok((value, source))
     }
 }
 
