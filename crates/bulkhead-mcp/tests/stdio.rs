@@ -182,28 +182,7 @@ fn hand_made(kind: Kind, marker: &str) -> Vec<String> {
     vec![kind.python(), "-c".into(), HAND_MADE.into(), marker.into()]
 }
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod namespace {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Namespace).await
-                }
-            )*
-        }
-        mod docker {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Docker).await
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+bulkhead_testing::on_both_backends!(
     the_time_server_lists_its_tools_and_answers,
     a_server_that_never_answers_initialize_offers_nothing_and_is_stopped,
     a_server_that_exits_at_once_is_reported_with_its_stderr,

@@ -143,29 +143,7 @@ impl Drop for Fixture {
     }
 }
 
-/// Generates one test per backend for each `async fn name(kind: Kind)`.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod namespace_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Namespace).await
-                }
-            )*
-        }
-        mod docker_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Docker).await
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+bulkhead_testing::on_both_backends!(
     a_command_runs_as_an_unprivileged_user_with_nothing_extra,
     the_workspace_persists_between_commands,
     a_fork_bomb_is_contained_by_the_pids_limit,

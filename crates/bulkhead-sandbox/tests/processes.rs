@@ -223,29 +223,7 @@ async fn assert_gone(pattern: &str) {
     panic!("{pattern:?} still runs on the host");
 }
 
-/// Generates one test per backend for each `async fn name(kind: Kind)`.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod namespace_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Namespace).await
-                }
-            )*
-        }
-        mod docker_backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Kind::Docker).await
-                }
-            )*
-        }
-    };
-}
-
-on_both_backends!(
+bulkhead_testing::on_both_backends!(
     a_round_trip_through_cat,
     the_environment_reaches_the_program,
     a_program_outlives_the_operation_timeout,

@@ -116,6 +116,30 @@ macro_rules! on_both_databases {
     };
 }
 
+/// Generates one test per sandbox backend for each `async fn name(kind:
+/// Kind)` of the calling module, whose `Kind` has `Namespace` and `Docker`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod namespace_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Namespace).await
+                }
+            )*
+        }
+        mod docker_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Kind::Docker).await
+                }
+            )*
+        }
+    };
+}
+
 /// Serves the mock model on a loopback port of the current runtime and
 /// returns its base URL (`http://127.0.0.1:port/v1`).
 pub async fn spawn_mock_model(latency: Duration) -> String {
