@@ -18,6 +18,9 @@ pub(crate) struct OwnedBeginRun {
     pub run_id: String,
     pub input: String,
     pub history: Vec<NewMessage>,
+    pub unbound_agent: String,
+    pub dequeue: bool,
+    pub kwargs: Option<String>,
     pub now: i64,
     pub lock_stale_before: i64,
     pub first_event: NewEvent,
@@ -46,6 +49,9 @@ impl OwnedBeginRun {
             run_id: begin.run_id.to_owned(),
             input: begin.input.to_owned(),
             history: begin.history.to_vec(),
+            unbound_agent: begin.unbound_agent.to_owned(),
+            dequeue: begin.dequeue,
+            kwargs: begin.kwargs.map(str::to_owned),
             now: begin.now,
             lock_stale_before: begin.lock_stale_before,
             first_event: begin.first_event.clone(),
@@ -135,15 +141,27 @@ pub(crate) fn begin_run(
             inserted == 1
         }
     };
+    // One writer: nothing can take the queued run between this look and
+    // the delete below, and a refusal here has written nothing.
+    if begin.dequeue {
+        let pending: Option<i64> = c
+            .prepare_cached("SELECT 1 FROM queued_runs WHERE id = ?1 AND status = 'pending'")?
+            .query_row(params![begin.run_id], |row| row.get(0))
+            .optional()?;
+        if pending.is_none() {
+            return Ok(Err(BeginRunError::NotQueued));
+        }
+    }
     let agent: String;
     if created {
         agent = begin.agent.clone().unwrap_or_default();
     } else {
         let locked: Option<String> = c
             .prepare_cached(
-                "UPDATE sessions SET active_run_id = ?1, locked_at = ?2, updated_at = ?2 \
+                "UPDATE sessions SET active_run_id = ?1, locked_at = ?2, updated_at = ?2, \
+                 agent = CASE WHEN agent = '' THEN ?7 ELSE agent END \
                  WHERE id = ?3 AND (active_run_id IS NULL OR locked_at < ?4) \
-                 AND (?5 IS NULL OR owner = ?5) AND (?6 IS NULL OR agent = ?6) \
+                 AND (?5 IS NULL OR owner = ?5) AND (?6 IS NULL OR agent = ?6 OR agent = '') \
                  RETURNING agent",
             )?
             .query_row(
@@ -153,7 +171,8 @@ pub(crate) fn begin_run(
                     session_id,
                     begin.lock_stale_before,
                     begin.owner,
-                    begin.agent
+                    begin.agent,
+                    begin.unbound_agent
                 ],
                 |row| row.get(0),
             )
@@ -188,12 +207,16 @@ pub(crate) fn begin_run(
                 .execute(params![begin.now, session_id])?;
         }
     }
+    if begin.dequeue {
+        c.prepare_cached("DELETE FROM queued_runs WHERE id = ?1")?
+            .execute(params![begin.run_id])?;
+    }
     c.prepare_cached(
-        "INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at) \
-         VALUES (?1, ?2, 'running', ?3, 0, 0, ?4)",
+        "INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at, kwargs) \
+         VALUES (?1, ?2, 'running', ?3, 0, 0, ?4, ?5)",
     )?
-    .execute(params![begin.run_id, session_id, begin.input, begin.now])?;
-    if created {
+    .execute(params![begin.run_id, session_id, begin.input, begin.now, begin.kwargs])?;
+    if created || begin.session == SessionMode::Existing {
         write_messages(c, session_id, &begin.run_id, &begin.history, begin.now)?;
     }
     c.prepare_cached(
