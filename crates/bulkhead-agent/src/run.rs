@@ -283,6 +283,8 @@ impl Engine {
                     "session_id": state.session_id,
                     "response": response,
                     "tokens_used": state.tokens_used,
+                    "input_tokens": state.input_tokens,
+                    "output_tokens": state.output_tokens,
                 });
                 state.emit("run_completed", data, now);
             }
@@ -304,6 +306,7 @@ impl Engine {
                 status,
                 output,
                 error: error.map(|f| (f.code, f.message.as_str())),
+                usage: Some((state.input_tokens, state.output_tokens)),
             })
             .await;
         let tokens_used = state.tokens_used;
@@ -403,10 +406,11 @@ impl Engine {
         for step in (state.steps as u32 + 1)..=max_steps {
             state.steps = step as i64;
             let completion = self.call_model(state, &conversation).await?;
-            state.tokens_used += completion
-                .usage
-                .map(|u| u.total_tokens as i64)
-                .unwrap_or_default();
+            if let Some(usage) = completion.usage {
+                state.tokens_used += usage.total_tokens as i64;
+                state.input_tokens += usage.prompt_tokens as i64;
+                state.output_tokens += usage.completion_tokens as i64;
+            }
             if completion.tool_calls.is_empty() {
                 return Ok(LoopEnd::Answer(sanitize(completion.content)));
             }

@@ -33,6 +33,9 @@ pub(crate) struct RunState {
     pub(crate) seq: i64,
     pub(crate) steps: i64,
     pub(crate) tokens_used: i64,
+    /// What the model's calls took in and gave out, as they reported it.
+    pub(crate) input_tokens: i64,
+    pub(crate) output_tokens: i64,
     pub(crate) pending_events: Vec<NewEvent>,
     pub(crate) pending_messages: Vec<NewMessage>,
     /// The current step's calls still without a result, in order.
@@ -74,6 +77,8 @@ impl RunState {
             seq: 0,
             steps: 0,
             tokens_used: 0,
+            input_tokens: 0,
+            output_tokens: 0,
             pending_events: Vec::new(),
             pending_messages: Vec::new(),
             open_calls: Vec::new(),

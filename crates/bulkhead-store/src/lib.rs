@@ -592,7 +592,8 @@ impl Store {
                      AS e(seq, kind, data, created_at)), \
                  run AS (\
                    UPDATE runs SET status = $12, output = $13, tokens_used = $14, steps = $15, \
-                   error_code = $16, error_message = $17, finished_at = $3 WHERE id = $2) \
+                   error_code = $16, error_message = $17, finished_at = $3, \
+                   input_tokens = $18, output_tokens = $19 WHERE id = $2) \
                  UPDATE sessions SET active_run_id = NULL, locked_at = NULL, updated_at = $3 \
                  WHERE id = $1 AND active_run_id = $2",
             )
@@ -613,6 +614,8 @@ impl Store {
             .bind(progress.steps)
             .bind(finish.error.map(|e| e.0))
             .bind(finish.error.map(|e| e.1))
+            .bind(finish.usage.map(|u| u.0))
+            .bind(finish.usage.map(|u| u.1))
             .execute(pool)
             .await?;
             Ok(())
@@ -849,7 +852,7 @@ pub fn reaches(caller: Option<&str>, owner: Option<&str>) -> bool {
 }
 
 const RUN_COLUMNS: &str = "id, session_id, status, input, output, tokens_used, steps, \
-    error_code, error_message, created_at, finished_at, kwargs";
+    error_code, error_message, created_at, finished_at, kwargs, input_tokens, output_tokens";
 
 /// The file an `sqlite:` URL keeps its database in; `None` for an
 /// in-memory database and for PostgreSQL. What a server locks so that one
@@ -997,6 +1000,9 @@ mod tests {
                 run_id: "r1",
                 input: "hello",
                 history: &[],
+                unbound_agent: "default",
+                dequeue: false,
+                kwargs: None,
                 now: 1,
                 lock_stale_before: 0,
                 first_event: event,

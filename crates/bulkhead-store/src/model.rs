@@ -83,6 +83,8 @@ pub struct Run {
     /// How a protocol's client asked for the run (JSON), for a run that
     /// came through the run queue.
     pub kwargs: Option<String>,
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -191,6 +193,8 @@ pub struct FinishRun<'a> {
     pub output: Option<&'a str>,
     /// Error code and message of a run that did not complete.
     pub error: Option<(&'a str, &'a str)>,
+    /// Tokens the model's calls took in and gave out.
+    pub usage: Option<(i64, i64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

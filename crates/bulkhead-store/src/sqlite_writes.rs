@@ -301,6 +301,7 @@ pub(crate) struct OwnedFinish {
     pub status: &'static str,
     pub output: Option<String>,
     pub error: Option<(String, String)>,
+    pub usage: Option<(i64, i64)>,
 }
 
 impl OwnedFinish {
@@ -312,6 +313,7 @@ impl OwnedFinish {
             error: finish
                 .error
                 .map(|(code, message)| (code.to_owned(), message.to_owned())),
+            usage: finish.usage,
         }
     }
 }
@@ -322,7 +324,8 @@ pub(crate) fn finish_run(c: &Connection, finish: &OwnedFinish) -> Result<(), Sto
     insert_events(c, &progress.run_id, &progress.events)?;
     c.prepare_cached(
         "UPDATE runs SET status = ?1, output = ?2, tokens_used = ?3, steps = ?4, \
-         error_code = ?5, error_message = ?6, finished_at = ?7 WHERE id = ?8",
+         error_code = ?5, error_message = ?6, finished_at = ?7, \
+         input_tokens = ?9, output_tokens = ?10 WHERE id = ?8",
     )?
     .execute(params![
         finish.status,
@@ -332,7 +335,9 @@ pub(crate) fn finish_run(c: &Connection, finish: &OwnedFinish) -> Result<(), Sto
         finish.error.as_ref().map(|e| e.0.as_str()),
         finish.error.as_ref().map(|e| e.1.as_str()),
         progress.now,
-        progress.run_id
+        progress.run_id,
+        finish.usage.map(|u| u.0),
+        finish.usage.map(|u| u.1)
     ])?;
     c.prepare_cached(
         "UPDATE sessions SET active_run_id = NULL, locked_at = NULL, updated_at = ?1 \

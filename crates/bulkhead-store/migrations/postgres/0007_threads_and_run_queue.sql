@@ -24,3 +24,8 @@ CREATE INDEX queued_runs_by_session ON queued_runs(session_id, created_at);
 CREATE INDEX queued_runs_pending ON queued_runs(created_at) WHERE status = 'pending';
 
 ALTER TABLE runs ADD COLUMN kwargs TEXT;
+
+-- What the model's calls of a run took in and gave out (tokens_used is
+-- their sum), as usage a protocol reports per answer.
+ALTER TABLE runs ADD COLUMN input_tokens BIGINT;
+ALTER TABLE runs ADD COLUMN output_tokens BIGINT;
