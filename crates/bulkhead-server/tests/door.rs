@@ -105,6 +105,7 @@ impl TestApp {
             "GET" => client.get(url),
             "POST" => client.post(url),
             "DELETE" => client.delete(url),
+            "PATCH" => client.patch(url),
             other => panic!("{other}"),
         };
         if let Some(key) = key {
@@ -368,6 +369,44 @@ async fn every_protected_route_needs_a_valid_key(kind: DbKind) {
                 .headers
                 .contains_key(reqwest::header::WWW_AUTHENTICATE)
         );
+    }
+    // The LangGraph face: the same refusal, as `{"detail"}`.
+    for (method, path) in [
+        ("POST", "/assistants/search".to_string()),
+        ("GET", "/assistants/default".to_string()),
+        ("POST", "/threads".to_string()),
+        ("POST", "/threads/search".to_string()),
+        ("POST", "/threads/count".to_string()),
+        ("GET", format!("/threads/{id}")),
+        ("PATCH", format!("/threads/{id}")),
+        ("DELETE", format!("/threads/{id}")),
+        ("GET", format!("/threads/{id}/state")),
+        ("POST", format!("/threads/{id}/history")),
+        ("POST", format!("/threads/{id}/runs")),
+        ("GET", format!("/threads/{id}/runs")),
+        ("POST", format!("/threads/{id}/runs/wait")),
+        ("POST", format!("/threads/{id}/runs/stream")),
+        ("GET", format!("/threads/{id}/runs/{id}")),
+        ("DELETE", format!("/threads/{id}/runs/{id}")),
+        ("GET", format!("/threads/{id}/runs/{id}/join")),
+        ("GET", format!("/threads/{id}/runs/{id}/stream")),
+        ("POST", format!("/threads/{id}/runs/{id}/cancel")),
+        ("POST", "/runs".to_string()),
+        ("POST", "/runs/wait".to_string()),
+        ("POST", "/runs/stream".to_string()),
+    ] {
+        let answer = app
+            .call(None, method, &path, Some(json!({"assistant_id": "default"})))
+            .await;
+        assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{method} {path}");
+        assert!(
+            answer.body["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("API key")),
+            "{method} {path}: {}",
+            answer.body
+        );
+        assert!(answer.headers.contains_key(reqwest::header::WWW_AUTHENTICATE));
     }
     for open in ["/health", "/ready", "/ready/replica"] {
         let answer = app.call(None, "GET", open, None).await;
@@ -847,7 +886,54 @@ async fn a_planner_sends_its_peers_their_keys(kind: DbKind) {
     );
 }
 
+/// With `CORS_ALLOWED_ORIGINS`, a page of an allowed origin may call the
+/// API with its key (the preflight carries none, and is answered before
+/// the door) and read where a run is; another origin gets no CORS grant.
+async fn allowed_origins_may_call_from_a_browser(kind: DbKind) {
+    let app = spawn_app(kind, &[("CORS_ALLOWED_ORIGINS", "https://chat.example.com")]).await;
+    let key = app.key_named("browser").await;
+    let client = reqwest::Client::new();
+    let preflight = |origin: &str| {
+        client
+            .request(reqwest::Method::OPTIONS, format!("{}/threads", app.base))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "x-api-key, content-type")
+    };
+    let granted = app.send(preflight("https://chat.example.com")).await;
+    assert!(granted.status.is_success(), "{}", granted.status);
+    assert_eq!(
+        granted.headers["access-control-allow-origin"],
+        "https://chat.example.com"
+    );
+    let allowed_headers = granted.headers["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(allowed_headers.contains("x-api-key"), "{allowed_headers}");
+    let other = app.send(preflight("https://evil.example.net")).await;
+    assert!(!other.headers.contains_key("access-control-allow-origin"));
+
+    let run = app
+        .send(
+            client
+                .post(format!("{}/runs/wait", app.base))
+                .header("origin", "https://chat.example.com")
+                .header("x-api-key", &key)
+                .json(&json!({"assistant_id": "default", "input": {"messages": [{"role": "user", "content": "hi"}]}})),
+        )
+        .await;
+    assert_eq!(run.status, StatusCode::OK, "{}", run.body);
+    let exposed = run.headers["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(exposed.contains("content-location"), "{exposed}");
+    assert!(run.headers.contains_key("content-location"));
+}
+
 on_both_databases!(
+    allowed_origins_may_call_from_a_browser,
     a_planner_sends_its_peers_their_keys,
     limits_fail_open_when_redis_is_gone,
     a_foreign_id_is_an_unknown_id_on_every_route,

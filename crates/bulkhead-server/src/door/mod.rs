@@ -172,7 +172,38 @@ impl<S: Send + Sync> FromRequestParts<S> for Admin {
 }
 
 /// The layer itself.
-pub async fn guard(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+pub async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    // A refusal leaves the request's body unread, so the connection cannot
+    // carry another request: say so, or a client that reuses it (httpx,
+    // as `langgraph-sdk` and `openai` do) fails its next request.
+    let has_body = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .is_some_and(|length| length != "0")
+        || request.headers().contains_key(header::TRANSFER_ENCODING);
+    let mut response = admit(state, request, next).await;
+    if has_body && (response.status() == StatusCode::UNAUTHORIZED
+        || response.status() == StatusCode::TOO_MANY_REQUESTS
+        || response.status() == StatusCode::SERVICE_UNAVAILABLE)
+        && response.extensions().get::<Refusal>().is_some()
+    {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// Marks an answer the door gave itself, its request unread.
+#[derive(Debug, Clone, Copy)]
+struct Refusal;
+
+fn refused(mut response: Response) -> Response {
+    response.extensions_mut().insert(Refusal);
+    response
+}
+
+async fn admit(state: AppState, mut request: Request, next: Next) -> Response {
     let path = request.uri().path();
     if is_open(path) {
         return next.run(request).await;
@@ -184,7 +215,7 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
                 request.extensions_mut().insert(Admin);
                 next.run(request).await
             }
-            Some(refusal) => refusal,
+            Some(refusal) => refused(refusal),
         };
     }
     if door.mode == AuthMode::None {
@@ -192,25 +223,27 @@ pub async fn guard(State(state): State<AppState>, mut request: Request, next: Ne
         return next.run(request).await;
     }
     let key = match presented_key(request.headers()) {
-        Err(refused) => return unauthorized(refused),
+        Err(refusal) => return refused(unauthorized(refusal)),
         Ok(presented) => match door.keys.check(presented).await {
             Ok(Ok(key)) => key,
-            Ok(Err(refused)) => return unauthorized(refused),
+            Ok(Err(refusal)) => return refused(unauthorized(refusal)),
             Err(e) => {
                 tracing::error!(error = %e, "could not read API keys");
-                return ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "the API key could not be checked: the database is not answering; retry shortly",
-                )
-                .into_response();
+                return refused(
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "the API key could not be checked: the database is not answering; retry shortly",
+                    )
+                    .into_response(),
+                );
             }
         },
     };
     tracing::Span::current().record("key_id", key.id.as_str());
     let standing = match door.counters.request(&key).await {
         Ok(standing) => standing,
-        Err(over) => return rate_limited(over),
+        Err(over) => return refused(rate_limited(over)),
     };
     request.extensions_mut().insert(Caller::Key(Arc::new(key)));
     let mut response = next.run(request).await;

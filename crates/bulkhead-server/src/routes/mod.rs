@@ -73,7 +73,10 @@ pub(crate) fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(langgraph::runs::create_stateless_run))
         .routes(routes!(langgraph::runs::wait_stateless_run))
         .routes(routes!(langgraph::runs::stream_stateless_run))
-        .routes(routes!(langgraph::runs::get_run, langgraph::runs::delete_run))
+        .routes(routes!(
+            langgraph::runs::get_thread_run,
+            langgraph::runs::delete_thread_run
+        ))
         .routes(routes!(langgraph::runs::join_run))
         .routes(routes!(langgraph::runs::join_stream))
         .routes(routes!(langgraph::runs::cancel_run))

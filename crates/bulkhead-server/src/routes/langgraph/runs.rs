@@ -317,9 +317,8 @@ async fn make_run(
             })?;
         run_id
     };
-    let run = read_run(state, &thread_id, &assistant.id, &run_id)
-        .await?
-        .unwrap_or_else(|| run_json(&run_id, &thread_id, &assistant.id, now, now, "pending", &kwargs));
+    // As made: it may have started already, but it was made pending.
+    let run = run_json(&run_id, &thread_id, &assistant.id, now, now, "pending", &kwargs);
     Ok(Ok(Made {
         run,
         run_id,
@@ -606,8 +605,10 @@ fn query_values(query: Option<&str>, key: &str) -> Vec<String> {
         if k != key {
             continue;
         }
+        // `?stream_mode=` is how httpx writes a None: no value.
         match serde_json::from_str::<Vec<String>>(&v) {
             Ok(list) if v.starts_with('[') => values.extend(list),
+            _ if v.is_empty() => {}
             _ => values.push(v.into_owned()),
         }
     }
@@ -720,7 +721,7 @@ pub async fn list_runs(
         (status = 422, description = "An id is not a UUID", body = DetailBody),
     ),
 )]
-pub async fn get_run(
+pub async fn get_thread_run(
     State(state): State<AppState>,
     caller: Caller,
     Path((thread, run)): Path<(String, String)>,
@@ -740,7 +741,7 @@ pub async fn get_run(
         (status = 422, description = "An id is not a UUID", body = DetailBody),
     ),
 )]
-pub async fn delete_run(
+pub async fn delete_thread_run(
     State(state): State<AppState>,
     caller: Caller,
     Path((thread, run)): Path<(String, String)>,

@@ -358,9 +358,11 @@ impl Translator {
                 self.flush(None);
                 let interrupt = super::interrupt(&text("call_id"), &text("tool"), &text("arguments"));
                 if self.modes.updates {
-                    self.push("updates", json!({ "__interrupt__": [interrupt] }));
-                } else if self.modes.values {
-                    self.push("values", json!({ "__interrupt__": [interrupt] }));
+                    self.push("updates", json!({ "__interrupt__": [interrupt.clone()] }));
+                }
+                if self.modes.values {
+                    let state = json!({ "messages": self.messages, "__interrupt__": [interrupt] });
+                    self.push("values", state);
                 }
                 self.custom("approval_requested", &data);
             }
@@ -446,7 +448,16 @@ pub(crate) fn sse(
         }
         let mut events = run_events(state.clone(), run_id.clone());
         while !gone {
-            let Some(event) = events.recv().await else {
+            // A client that leaves while the run is silent is noticed at
+            // once, not at the run's next event.
+            let event = tokio::select! {
+                event = events.recv() => event,
+                () = tx.closed() => {
+                    gone = true;
+                    break;
+                }
+            };
+            let Some(event) = event else {
                 break;
             };
             for part in translator.on(&event) {
@@ -541,10 +552,12 @@ pub(crate) fn wait_body(
                 event = events.recv() => if event.is_none() { break },
                 _ = beat.tick(), if !gone => {
                     gone = tx.send(bytes::Bytes::from_static(b"\n")).await.is_err();
-                    if gone && cancel_on_disconnect {
-                        let _ = state.engine.cancel(&run_id, CancelAction::Interrupt, "disconnect", "the client disconnected (on_disconnect=cancel)").await;
-                    }
                 }
+                () = tx.closed(), if !gone => gone = true,
+            }
+            if gone && cancel_on_disconnect {
+                let _ = state.engine.cancel(&run_id, CancelAction::Interrupt, "disconnect", "the client disconnected (on_disconnect=cancel)").await;
+                break;
             }
         }
         let values = final_values(&state, &run_id, &thread_id).await;

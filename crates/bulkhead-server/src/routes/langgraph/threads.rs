@@ -182,8 +182,9 @@ pub async fn patch_thread(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let row = owned_thread(&state, &caller, &id).await?;
+    // The body first: an answer sent with it unread closes the connection.
     let body = optional_body(&state, &headers, body).await?;
+    let row = owned_thread(&state, &caller, &id).await?;
     if let Some(patch) = metadata_of(&body)? {
         let mut metadata = object(row.metadata.as_deref());
         let merged = metadata.as_object_mut().expect("an object");
@@ -288,6 +289,38 @@ async fn matching(state: &AppState, caller: &Caller, body: &Value) -> Result<Vec
         .collect())
 }
 
+/// Orders threads as `sort_by` (`thread_id`, `created_at`, `updated_at`
+/// (the default), `state_updated_at`, `status`) and `sort_order` (`desc`,
+/// the default, or `asc`) say.
+fn sort(rows: &mut [ThreadRow], body: &Value) -> Result<(), ApiError> {
+    let by = match body.get("sort_by") {
+        None | Some(Value::Null) => "updated_at",
+        Some(Value::String(by)) => by.as_str(),
+        Some(_) => return Err(invalid("`sort_by` must be a string")),
+    };
+    let ascending = match body.get("sort_order") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(order)) if order.eq_ignore_ascii_case("asc") => true,
+        Some(Value::String(order)) if order.eq_ignore_ascii_case("desc") => false,
+        Some(_) => return Err(invalid("`sort_order` must be asc or desc")),
+    };
+    match by {
+        "thread_id" => rows.sort_by(|a, b| a.id.cmp(&b.id)),
+        "created_at" => rows.sort_by_key(|r| (r.created_at, r.id.clone())),
+        "updated_at" | "state_updated_at" => rows.sort_by_key(|r| (r.updated_at, r.id.clone())),
+        "status" => rows.sort_by(|a, b| thread_status(a).cmp(thread_status(b)).then(a.id.cmp(&b.id))),
+        other => {
+            return Err(invalid(format!(
+                "`sort_by` {other:?} is not one of thread_id, created_at, updated_at, state_updated_at, status"
+            )));
+        }
+    }
+    if !ascending {
+        rows.reverse();
+    }
+    Ok(())
+}
+
 /// Search threads
 ///
 /// By metadata (each key and value held), status and ids; most recently
@@ -309,7 +342,8 @@ pub async fn search_threads(
 ) -> Result<Json<Vec<Value>>, ApiError> {
     let body = optional_body(&state, &headers, body).await?;
     let (limit, offset) = page(&body)?;
-    let rows = matching(&state, &caller, &body).await?;
+    let mut rows = matching(&state, &caller, &body).await?;
+    sort(&mut rows, &body)?;
     let mut found = Vec::new();
     for row in rows.into_iter().skip(offset).take(limit) {
         let values = thread_values(&state, &row.id).await?;
@@ -392,9 +426,6 @@ async fn states(state: &AppState, row: &ThreadRow) -> Result<Vec<Value>, ApiErro
             waiting,
         ));
     }
-    if states.is_empty() {
-        states.push(thread_state(row, &conversation, &row.id, None, row.created_at, &interrupts));
-    }
     states.reverse();
     Ok(states)
 }
@@ -414,6 +445,10 @@ pub async fn get_state(
 ) -> Result<Json<Value>, ApiError> {
     let row = owned_thread(&state, &caller, &id).await?;
     let mut states = states(&state, &row).await?;
+    if states.is_empty() {
+        // No run yet: the empty conversation, at no checkpoint of a run.
+        return Ok(Json(thread_state(&row, &[], &row.id, None, row.created_at, &[])));
+    }
     Ok(Json(states.remove(0)))
 }
 
@@ -437,12 +472,20 @@ pub async fn get_history(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Vec<Value>>, ApiError> {
-    let row = owned_thread(&state, &caller, &id).await?;
     let body = optional_body(&state, &headers, body).await?;
+    let row = owned_thread(&state, &caller, &id).await?;
     let (limit, _) = page(&body)?;
     let before = match body.get("before") {
         None | Some(Value::Null) => None,
-        Some(Value::Object(b)) => b.get("checkpoint_id").and_then(Value::as_str).map(str::to_string),
+        // A checkpoint config (`{"configurable": {"checkpoint_id"}}`, as
+        // the SDK sends a state's `checkpoint` back), or the checkpoint.
+        Some(Value::Object(b)) => b
+            .get("configurable")
+            .unwrap_or(&Value::Null)
+            .get("checkpoint_id")
+            .or_else(|| b.get("checkpoint_id"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
         Some(Value::String(id)) => Some(id.clone()),
         Some(_) => return Err(invalid("`before` must be a checkpoint (`{\"checkpoint_id\": …}`)")),
     };
