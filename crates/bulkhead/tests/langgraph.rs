@@ -66,6 +66,7 @@ async fn the_langgraph_sdk_drives_every_call(kind: DbKind) {
     ];
     let key = create_key(db.dir.path(), &env, &["--name", "sdk"]);
     let other = create_key(db.dir.path(), &env, &["--name", "other-tenant"]);
+    let limited = create_key(db.dir.path(), &env, &["--name", "limited", "--rpm", "1"]);
     let (server, base) = serve(db.dir.path(), &env);
 
     // pytest's report goes to a file, so that a hung suite can be stopped
@@ -84,6 +85,7 @@ async fn the_langgraph_sdk_drives_every_call(kind: DbKind) {
         .env("BULKHEAD_URL", &base)
         .env("BULKHEAD_KEY", &key)
         .env("BULKHEAD_OTHER_TENANT_KEY", &other)
+        .env("BULKHEAD_LIMITED_KEY", &limited)
         // The SDK reads keys from these when given none; the suite gives
         // its own, or none on purpose.
         .env_remove("LANGGRAPH_API_KEY")
@@ -124,7 +126,7 @@ async fn the_langgraph_sdk_drives_every_call(kind: DbKind) {
         report.contains(" passed") && !report.contains("skipped"),
         "{report}"
     );
-    for secret in [&key, &other] {
+    for secret in [&key, &other, &limited] {
         assert!(
             !server.all_output().contains(secret.as_str()),
             "a key reached the log"

@@ -38,6 +38,7 @@ from langgraph_sdk.sse import SSEDecoder, iter_lines_raw
 BASE = os.environ["BULKHEAD_URL"]
 KEY = os.environ["BULKHEAD_KEY"]
 OTHER_TENANT_KEY = os.environ["BULKHEAD_OTHER_TENANT_KEY"]
+LIMITED_KEY = os.environ["BULKHEAD_LIMITED_KEY"]  # one request a minute
 
 # A stream that closes before its run is over makes the SDK ask the run and
 # reconnect; for a stream that is not resumable it warns that events are
@@ -78,7 +79,8 @@ def new_thread(**kwargs):
 
 
 def assistant_uuid(graph_id):
-    return client().assistants.get(graph_id)["assistant_id"]
+    [assistant] = client().assistants.search(graph_id=graph_id)
+    return assistant["assistant_id"]
 
 
 def refusal(status, call):
@@ -106,6 +108,18 @@ def wait_for_status(thread_id, run_id, wanted, timeout=15.0):
         time.sleep(0.05)
 
 
+def wait_for_thread_status(thread_id, wanted, timeout=15.0):
+    """Polls the thread until its status is `wanted` (a cancellation is
+    answered before the run has stopped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client().threads.get(thread_id)["status"]
+        if status == wanted:
+            return
+        assert time.monotonic() < deadline, f"thread {thread_id} stayed {status}, not {wanted}"
+        time.sleep(0.05)
+
+
 def wait_until_gone(call, timeout=15.0):
     """Polls `call` until it raises NotFoundError."""
     deadline = time.monotonic() + timeout
@@ -118,8 +132,15 @@ def wait_until_gone(call, timeout=15.0):
         time.sleep(0.05)
 
 
+def text_of(content):
+    """A message's text: its content, or its text blocks' text."""
+    if isinstance(content, list):
+        return "".join(block["text"] for block in content if block.get("type") == "text")
+    return content
+
+
 def messages_of(values):
-    return [(m["type"], m["content"]) for m in values["messages"]]
+    return [(m["type"], text_of(m["content"])) for m in values["messages"]]
 
 
 def last_ai(values):
@@ -670,7 +691,7 @@ def test_cancel_with_rollback_deletes_the_run_and_what_it_added():
     assert run["run_id"] not in [r["run_id"] for r in client().runs.list(thread)]
     state = client().threads.get_state(thread)
     assert messages_of(state["values"]) == messages_of(before), "the thread is as before the run"
-    assert client().threads.get(thread)["status"] == "idle"
+    wait_for_thread_status(thread, "idle")
 
 
 def test_cancel_of_an_unknown_run_is_a_404():
@@ -924,6 +945,14 @@ def test_a_wrong_or_missing_key_is_a_401():
     # api_key=None: the SDK sends no key at all.
     refused = refusal(401, lambda: get_sync_client(url=BASE, api_key=None).threads.search())
     assert isinstance(refused, errors.AuthenticationError)
+
+
+def test_a_key_over_its_rate_is_a_429():
+    limited = get_sync_client(url=BASE, api_key=LIMITED_KEY)
+    limited.assistants.search()
+    refused = refusal(429, lambda: limited.assistants.search())
+    assert isinstance(refused, errors.RateLimitError)
+    assert int(refused.response.headers["retry-after"]) > 0
 
 
 def test_unknown_ids_are_404s():
