@@ -643,10 +643,13 @@ def test_the_async_client_rejoins_a_stream_it_left():
 
 
 def test_a_dropped_stream_with_on_disconnect_cancel_stops_its_run():
+    """The run is silent while its model call lasts (8 s): the server may
+    need a heartbeat (5 s) to see the client gone; the reference server
+    sees it at once."""
     thread = new_thread()
     http = client().http.client
     with http.stream("POST", f"/threads/{thread}/runs/stream",
-                     json={"assistant_id": "default", "input": say("sleep:5000"),
+                     json={"assistant_id": "default", "input": say("sleep:8000"),
                            "on_disconnect": "cancel"},
                      headers={"Accept": "text/event-stream"}) as response:
         first = next(raw_sse(response))
@@ -797,6 +800,9 @@ def test_state_and_history():
     assert history[0]["checkpoint"]["checkpoint_id"] != history[1]["checkpoint"]["checkpoint_id"]
     assert [messages_of(h["values"]) for h in client().threads.get_history(thread, limit=1)] == \
         [messages_of(two)]
+    # The states before a checkpoint, named as LangGraph's server reads it.
+    older = client().threads.get_history(thread, before={"configurable": history[0]["checkpoint"]})
+    assert [messages_of(h["values"]) for h in older] == [messages_of(one)]
 
     # A thread with no run yet has an empty state.
     empty = client().threads.get_state(new_thread())
@@ -829,9 +835,11 @@ def test_an_interrupt_then_its_approval():
     assert interrupted_values and interrupted_updates, parts
     interrupt = interrupt_in(interrupted_values[-1])
     assert interrupt_in(interrupted_updates[-1])["id"] == interrupt["id"]
-    calls = [m for p in parts if p.event == "values" for m in p.data.get("messages", [])
-             if m["type"] == "ai" and m.get("tool_calls")]
-    assert calls and calls[-1]["tool_calls"][0]["id"] == interrupt["id"], "the interrupt is the call's"
+    # The values that carry the interrupt are the whole state, as LangGraph
+    # sends them: the conversation up to the call that waits.
+    waiting = interrupted_values[-1]["messages"]
+    assert [m["type"] for m in waiting] == ["human", "ai"], interrupted_values[-1]
+    assert waiting[1]["tool_calls"][0]["id"] == interrupt["id"], "the interrupt is the call's"
 
     assert client().runs.get(thread, run_id)["status"] == "interrupted"
     assert client().threads.get(thread)["status"] == "interrupted"
@@ -853,11 +861,22 @@ def test_an_interrupt_then_its_approval():
     assert client().threads.get_state(thread)["interrupts"] == []
 
 
-def test_wait_answers_the_interrupt():
+def test_wait_and_a_values_stream_answer_the_interrupt():
     thread = new_thread()
     values = client().runs.wait(thread, "guarded", input=say("tool:current_time {}"))
     interrupt_in(values)
+    assert [m["type"] for m in values["messages"]] == ["human", "ai"], values
     assert client().threads.get(thread)["status"] == "interrupted"
+
+    # Streamed with values alone (the default mode): the last values are
+    # the state with the interrupt.
+    thread = new_thread()
+    parts = list(client().runs.stream(thread, "guarded", input=say("tool:current_time {}")))
+    assert set(events(parts[1:])) == {"values"}, events(parts)
+    last = parts[-1].data
+    interrupt = interrupt_in(last)
+    assert [m["type"] for m in last["messages"]] == ["human", "ai"], last
+    assert last["messages"][1]["tool_calls"][0]["id"] == interrupt["id"]
 
 
 # The resume values a decision may take: langchain v1's HITL (Agent Chat
