@@ -26,6 +26,9 @@ agents:
         current_time: ask
 ";
 
+/// The browser origin the server lets in (Agent Chat UI's, say).
+const CORS_ORIGIN: &str = "https://chat.example.com";
+
 /// The longest the whole suite may take before it counts as hung.
 const SUITE_DEADLINE: Duration = Duration::from_secs(900);
 
@@ -63,6 +66,7 @@ async fn the_langgraph_sdk_drives_every_call(kind: DbKind) {
         // A run that fails fails at once, without the model client's
         // retries.
         ("MODEL_MAX_RETRIES", "0"),
+        ("CORS_ALLOWED_ORIGINS", CORS_ORIGIN),
     ];
     let key = create_key(db.dir.path(), &env, &["--name", "sdk"]);
     let other = create_key(db.dir.path(), &env, &["--name", "other-tenant"]);
@@ -86,6 +90,7 @@ async fn the_langgraph_sdk_drives_every_call(kind: DbKind) {
         .env("BULKHEAD_KEY", &key)
         .env("BULKHEAD_OTHER_TENANT_KEY", &other)
         .env("BULKHEAD_LIMITED_KEY", &limited)
+        .env("BULKHEAD_CORS_ORIGIN", CORS_ORIGIN)
         // The SDK reads keys from these when given none; the suite gives
         // its own, or none on purpose.
         .env_remove("LANGGRAPH_API_KEY")

@@ -39,6 +39,7 @@ BASE = os.environ["BULKHEAD_URL"]
 KEY = os.environ["BULKHEAD_KEY"]
 OTHER_TENANT_KEY = os.environ["BULKHEAD_OTHER_TENANT_KEY"]
 LIMITED_KEY = os.environ["BULKHEAD_LIMITED_KEY"]  # one request a minute
+ALLOWED_ORIGIN = os.environ["BULKHEAD_CORS_ORIGIN"]  # the server's CORS_ALLOWED_ORIGINS
 
 # A stream that closes before its run is over makes the SDK ask the run and
 # reconnect; for a stream that is not resumable it warns that events are
@@ -290,7 +291,8 @@ def test_threads_are_searched_by_metadata_status_and_ids_and_counted():
 # --- runs: wait --------------------------------------------------------------
 
 def test_wait_answers_the_final_values_and_binds_the_thread():
-    thread = new_thread(metadata=tagged())
+    metadata = tagged()
+    thread = new_thread(metadata=metadata)
     created = []
     values = client().runs.wait(thread, "default", input=say("hello"),
                                 on_run_created=created.append)
@@ -307,6 +309,11 @@ def test_wait_answers_the_final_values_and_binds_the_thread():
     assert got["metadata"]["graph_id"] == "default", got
     assert got["metadata"]["assistant_id"] == assistant_uuid("default"), got
     assert got["status"] == "idle"
+    # As Agent Chat UI lists an assistant's threads.
+    for key, value in (("assistant_id", assistant_uuid("default")), ("graph_id", "default")):
+        listed = client().threads.search(metadata={**metadata, key: value}, limit=100)
+        assert [t["thread_id"] for t in listed] == [thread], listed
+    assert client().threads.search(metadata={**metadata, "graph_id": "guarded"}) == []
     assert got["values"]["messages"] == values["messages"]
 
     # The next run (by the assistant's UUID this time) sends one new message.
@@ -528,6 +535,37 @@ def test_heartbeats_keep_a_slow_run_open():
     body = seen["wait"]
     assert body.startswith(b"\n"), body[:80]
     assert b'"slept 6500 ms"' in body
+
+
+def test_a_browser_page_of_an_allowed_origin_reads_where_the_run_is():
+    """What a browser client (Agent Chat UI, the JS SDK) needs: a preflight
+    that lets its key and Last-Event-ID through, and Content-Location and
+    Location readable on the answer."""
+    http = client().http.client
+    thread = new_thread()
+    preflight = httpx.options(
+        f"{BASE}/threads/{thread}/runs/stream",
+        headers={"Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "x-api-key,content-type,last-event-id"})
+    assert preflight.status_code in (200, 204), (preflight.status_code, preflight.text)
+    assert preflight.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    allowed = preflight.headers["access-control-allow-headers"].lower()
+    assert all(h in allowed for h in ("x-api-key", "content-type", "last-event-id")), allowed
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+
+    created = http.post(f"/threads/{thread}/runs", json={"assistant_id": "default", "input": say("hi")},
+                        headers={"Origin": ALLOWED_ORIGIN})
+    assert created.status_code == 200, created.text
+    assert created.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    exposed = created.headers["access-control-expose-headers"].lower()
+    assert "content-location" in exposed and "location" in exposed.replace("content-location", ""), exposed
+    client().runs.join(thread, created.json()["run_id"])
+
+    # Another origin is not let in.
+    other = httpx.options(
+        f"{BASE}/threads/{thread}/runs/stream",
+        headers={"Origin": "https://elsewhere.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in other.headers, other.headers
 
 
 # --- background runs ---------------------------------------------------------
