@@ -1058,7 +1058,7 @@ mod tests {
         let store = Store::connect(&url, &StoreOptions::default())
             .await
             .unwrap();
-        assert_eq!(store.migrate().await.unwrap(), 6);
+        assert_eq!(store.migrate().await.unwrap(), 7);
         let run = store.run("r1").await.unwrap().unwrap();
         // A call recorded before egress refusals were kept has none.
         let calls = store.tool_executions("s1").await.unwrap();

@@ -115,7 +115,7 @@ async fn finish(store: &Store, session_id: &str, run_id: &str, now: i64) {
 async fn migrations_apply_once_and_are_idempotent(kind: DbKind) {
     let db = TestDb::new(kind).await;
     let store = open(&db).await;
-    assert_eq!(store.migrate().await.unwrap(), 6);
+    assert_eq!(store.migrate().await.unwrap(), 7);
     store.ping().await.unwrap();
     if kind == DbKind::Sqlite {
         assert!(
@@ -691,10 +691,12 @@ async fn a_new_session_can_be_opened_with_history(kind: DbKind) {
         .await
         .unwrap();
     assert!(!begun.created);
+    // An existing session is given history only by a caller that knows it
+    // holds no conversation yet (a thread's first run): it is stored.
     assert_eq!(
         conversation(&store, "s1").await.len(),
-        6,
-        "history not stored twice"
+        5 + 4,
+        "the first run's five, then the history and the message of the existing session's run"
     );
 }
 

@@ -113,6 +113,7 @@ impl Config {
             "DATABASE_CONNECT_TIMEOUT_SECONDS" => seconds(self.database_connect_timeout),
             "ENABLE_STREAMING" => json!(self.enable_streaming),
             "ENABLE_TRACING" => json!(self.enable_tracing),
+            "CORS_ALLOWED_ORIGINS" => json!(self.cors_allowed_origins),
             "MAX_BODY_BYTES" => json!(self.max_body_bytes),
             "SHUTDOWN_GRACE_SECONDS" => seconds(self.shutdown_grace),
             "LOG_LEVEL" => json!(self.log_level),

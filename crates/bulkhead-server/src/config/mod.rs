@@ -109,6 +109,9 @@ pub struct Config {
     /// How long a call waits for a person before it is denied.
     pub approval_timeout: Duration,
     pub enable_streaming: bool,
+    /// Origins a browser may call the API from: none (no CORS), some, or
+    /// `*` (any).
+    pub cors_allowed_origins: Vec<String>,
     pub enable_tracing: bool,
     pub max_steps: u32,
     pub max_body_bytes: usize,
@@ -520,6 +523,7 @@ impl Config {
             agents_file,
             approval_timeout,
             enable_streaming: r.flag("ENABLE_STREAMING")?,
+            cors_allowed_origins: cors_origins(r.raw("CORS_ALLOWED_ORIGINS"))?,
             enable_tracing: r.flag("ENABLE_TRACING")?,
             max_steps,
             max_body_bytes: r.parse(
@@ -595,4 +599,41 @@ fn normalise_log_level(level: &str) -> Option<String> {
         _ => return None,
     };
     Some(simple)
+}
+
+/// `CORS_ALLOWED_ORIGINS`: `*`, or origins (`scheme://host[:port]`, no
+/// path), comma-separated.
+fn cors_origins(raw: Option<String>) -> Result<Vec<String>, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(Vec::new());
+    };
+    let mut origins = Vec::new();
+    for origin in raw.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        if origin == "*" {
+            origins.push(origin.to_string());
+            continue;
+        }
+        let parsed = url::Url::parse(origin).ok().filter(|u| {
+            matches!(u.scheme(), "http" | "https")
+                && u.host_str().is_some()
+                && u.path() == "/"
+                && !origin.ends_with('/')
+                && u.query().is_none()
+                && u.username().is_empty()
+        });
+        if parsed.is_none() {
+            return Err(reader::invalid(
+                "CORS_ALLOWED_ORIGINS",
+                format!("{origin:?} is not an origin: write scheme://host[:port] (no path, no trailing slash), or *"),
+            ));
+        }
+        origins.push(origin.to_string());
+    }
+    if origins.len() > 1 && origins.iter().any(|o| o == "*") {
+        return Err(reader::invalid(
+            "CORS_ALLOWED_ORIGINS",
+            "`*` allows every origin: give it alone, or list origins",
+        ));
+    }
+    Ok(origins)
 }

@@ -287,6 +287,13 @@ pub const SETTINGS: &[Setting] = &[
         scope: Scope::Server,
     },
     Setting {
+        name: "CORS_ALLOWED_ORIGINS",
+        default: Default::None,
+        meaning: "browser origins allowed to call the API (CORS), comma-separated (`https://chat.example.com`), or `*`; unset, no cross-origin request is allowed. Allowed origins may send the key headers and `Last-Event-ID` and read `Content-Location` and `Location` (how LangGraph's browser clients, such as Agent Chat UI, follow a run)",
+        secret: false,
+        scope: Scope::Server,
+    },
+    Setting {
         name: "ENABLE_TRACING",
         default: Default::Literal("false"),
         meaning: "also log each request's and run's duration when it ends",

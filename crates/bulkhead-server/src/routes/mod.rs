@@ -79,7 +79,39 @@ pub(crate) fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(langgraph::runs::cancel_run))
 }
 
+/// `CORS_ALLOWED_ORIGINS` as a layer: a browser page of those origins may
+/// call the API with its key headers and read where a run is
+/// (`Content-Location`, `Location`), as LangGraph's browser clients do.
+/// Outside the door: a preflight carries no key.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderName, HeaderValue, Method, header};
+    use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
+            .allow_headers(AllowHeaders::mirror_request())
+            .expose_headers([
+                header::CONTENT_LOCATION,
+                header::LOCATION,
+                header::RETRY_AFTER,
+                HeaderName::from_static("x-request-id"),
+                HeaderName::from_static(openai::SESSION_HEADER),
+            ])
+            .max_age(std::time::Duration::from_secs(3600)),
+    )
+}
+
 pub fn router(state: AppState) -> Router {
+    let cors = cors(&state.config.cors_allowed_origins);
     let (routes, _) = api().split_for_parts();
     let routes = routes
         .fallback(not_found)
@@ -106,6 +138,7 @@ pub fn router(state: AppState) -> Router {
         .on_failure(DefaultOnFailure::new().level(Level::WARN));
     routes.layer(
         ServiceBuilder::new()
+            .option_layer(cors)
             .layer(axum::middleware::from_fn_with_state(
                 state,
                 observability::metrics::track,
