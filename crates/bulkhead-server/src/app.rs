@@ -643,6 +643,14 @@ impl Server {
         // As a make-service, each connection gets a cheap clone of the router;
         // a bare `Router` would be rebuilt per connection (`with_state`), about
         // 8 KB each, which 10,000 open streams notice.
+        // No Nagle: an answer written in parts (a stream's events, a wait's
+        // heartbeat then its JSON) must not sit waiting for the client's
+        // delayed ACK, 40 ms on Linux, before its last part leaves.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
+            }
+        });
         let server = axum::serve(listener, router.into_make_service())
             .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
         let mut server = tokio::spawn(async move { server.await });

@@ -408,7 +408,7 @@ async fn every_protected_route_needs_a_valid_key(kind: DbKind) {
         );
         assert!(answer.headers.contains_key(reqwest::header::WWW_AUTHENTICATE));
     }
-    for open in ["/health", "/ready", "/ready/replica"] {
+    for open in ["/health", "/ready", "/ready/replica", "/info"] {
         let answer = app.call(None, "GET", open, None).await;
         assert_eq!(answer.status, StatusCode::OK, "{open} stays open");
     }

@@ -146,7 +146,16 @@ async fn schemathesis_finds_nothing() {
     // of the four roles cannot end a conversation). Every other
     // check holds for them, and the openai SDK's suite (tests/openai.rs)
     // covers what they accept. (schemathesis picks its checks once for the
-    // run: per operation, only their settings can change.)
+    // run: per operation, only their settings can change.) The same holds
+    // of the LangGraph routes that make runs: their `input` is a
+    // conversation whose last message is the human's new one, so a
+    // generated one is refused (422, naming the field) for the same reason;
+    // the langgraph-sdk suite (tests/langgraph.rs) covers what they accept.
+    // The LangGraph operations have no links: with them, the stateful
+    // phase spent its scenarios there and never reached the sessions' (the
+    // langgraph-sdk suite walks threads and runs end to end). Their ids
+    // are schemathesis' own, which answer 404: its warning that it lacks
+    // data for them is expected.
     let config = db.dir.path().join("schemathesis.toml");
     std::fs::write(
         &config,
@@ -154,7 +163,12 @@ async fn schemathesis_finds_nothing() {
          [[operations]]\ninclude-operation-id = \"decide\"\nwarnings = false\n\n\
          [[operations]]\ninclude-path-regex = \"^/v1/(chat/completions|responses)$\"\n\
          checks.positive_data_acceptance.expected-statuses = \
-         [\"2xx\", \"400\", \"401\", \"404\", \"409\", \"429\", \"5xx\"]\nwarnings = false\n",
+         [\"2xx\", \"400\", \"401\", \"404\", \"409\", \"429\", \"5xx\"]\nwarnings = false\n\n\
+         [[operations]]\ninclude-path-regex = \"^(/threads/\\\\{thread_id\\\\})?/runs(/wait|/stream)?$\"\n\
+         checks.positive_data_acceptance.expected-statuses = \
+         [\"2xx\", \"400\", \"401\", \"404\", \"409\", \"422\", \"429\", \"5xx\"]\nwarnings = false\n\n\
+         [[operations]]\ninclude-tag = \"langgraph\"\n\
+         exclude-path-regex = \"^(/threads/\\\\{thread_id\\\\})?/runs(/wait|/stream)?$\"\nwarnings = false\n",
     )
     .unwrap();
     // The API with the key, the admin API with the admin token: each part

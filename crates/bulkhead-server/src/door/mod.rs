@@ -62,6 +62,9 @@ const OPEN_PATHS: &[&str] = &[
     "/metrics",
     "/openapi.json",
     "/docs",
+    // LangGraph clients (Agent Chat UI) ask it before anything, keyless,
+    // as LangGraph's server answers it: the version and what is served.
+    "/info",
 ];
 
 pub fn is_open(path: &str) -> bool {

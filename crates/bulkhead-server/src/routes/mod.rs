@@ -55,6 +55,7 @@ pub(crate) fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(openai::models::get_model))
         .routes(routes!(openai::chat::chat_completions))
         .routes(routes!(openai::responses::create_response))
+        .routes(routes!(langgraph::assistants::info))
         .routes(routes!(langgraph::assistants::search_assistants))
         .routes(routes!(langgraph::assistants::get_assistant))
         .routes(routes!(langgraph::threads::create_thread))

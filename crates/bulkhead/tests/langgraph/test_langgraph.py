@@ -917,6 +917,45 @@ def test_wait_and_a_values_stream_answer_the_interrupt():
     assert last["messages"][1]["tool_calls"][0]["id"] == interrupt["id"]
 
 
+def test_agent_chat_uis_requests_continue_a_thread_and_decide():
+    # Agent Chat UI keeps the thread's history (fetchStateHistory) and so
+    # sends the latest checkpoint with every run, and resumes with an empty
+    # input beside the command; its "Mark as resolved" is `goto: __end__`.
+    thread = new_thread()
+    client().runs.wait(thread, "guarded", input=say("first"))
+    head = client().threads.get_history(thread, limit=1)[0]["checkpoint"]
+    values = client().runs.wait(thread, "guarded", input=say("second"), checkpoint=head)
+    assert last_ai(values)["content"] == "echo: second"
+    # An earlier checkpoint would fork the thread: refused, naming the latest.
+    refused = refusal(422, lambda: client().runs.wait(thread, "guarded", input=say("fork"),
+                                                        checkpoint=head))
+    assert "earlier checkpoint" in refused.response.json()["detail"], refused
+
+    client().runs.wait(thread, "guarded", input=say("tool:current_time {}"))
+    head = client().threads.get_history(thread, limit=1)[0]["checkpoint"]
+    values = client().runs.wait(thread, "guarded", input={},
+                                command={"resume": {"decisions": [{"type": "approve"}]}},
+                                checkpoint=head)
+    assert last_ai(values)["content"].startswith("tool result: "), values
+    assert client().threads.get(thread)["status"] == "idle"
+
+    client().runs.wait(thread, "guarded", input=say("tool:current_time {}"))
+    assert client().threads.get(thread)["status"] == "interrupted"
+    parts = list(client().runs.stream(thread, "guarded", input={},
+                                      command={"goto": "__end__"}, stream_mode="updates"))
+    assert parts[0].event == "metadata", parts
+    assert client().threads.get(thread)["status"] == "idle"
+    tool = client().threads.get_state(thread)["values"]["messages"][-1]
+    assert tool["type"] == "tool" and "not run" in text_of(tool["content"]), tool
+    assert "error" not in events(parts), parts
+
+
+def test_info_is_open_as_on_langgraphs_server():
+    answer = httpx.get(f"{BASE}/info")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["flags"]["assistants"] is True
+
+
 # The resume values a decision may take: langchain v1's HITL (Agent Chat
 # UI), the older HumanResponse list, a bare decision, a boolean, a word.
 APPROVALS = [

@@ -54,7 +54,7 @@ pub struct AssistantSearch {
     #[schema(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
     #[schema(minimum = 0)]
-    offset: Option<u32>,
+    offset: Option<i64>,
     sort_by: Option<String>,
     sort_order: Option<String>,
 }
@@ -76,23 +76,29 @@ pub(crate) fn holds(metadata: &Value, filter: &Value) -> bool {
 }
 
 pub(crate) fn page(body: &Value) -> Result<(usize, usize), ApiError> {
-    let number = |key: &str, default: u64, max: u64| match body.get(key) {
+    // JSON Schema's integers include `2.0`.
+    let number = |key: &str, default: u64, min: u64, max: u64| match body.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(v) => v
             .as_u64()
-            .filter(|n| *n <= max)
-            .ok_or_else(|| ApiError::unprocessable("invalid_request", format!("`{key}` must be an integer from 0 to {max}"))),
+            .or_else(|| {
+                v.as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= max as f64)
+                    .map(|f| f as u64)
+            })
+            .filter(|n| (min..=max).contains(n))
+            .ok_or_else(|| ApiError::unprocessable("invalid_request", format!("`{key}` must be a whole number from {min} to {max}"))),
     };
-    let limit = number("limit", 10, 1000)?;
-    let offset = number("offset", 0, u32::MAX as u64)?;
-    Ok((limit as usize, offset as usize))
+    let limit = number("limit", 10, 1, 1000)?;
+    let offset = number("offset", 0, 0, i64::MAX as u64)?;
+    Ok((limit as usize, usize::try_from(offset).unwrap_or(usize::MAX)))
 }
 
 /// Search assistants
 ///
 /// The agents this server runs, as LangGraph assistants.
 #[utoipa::path(post, path = "/assistants/search", tag = "langgraph",
-    request_body(content = AssistantSearch, content_type = "application/json"),
+    request_body(content = Option<AssistantSearch>, content_type = "application/json"),
     responses(
         (status = 200, description = "The matching assistants", body = Vec<Object>),
         (status = 400, description = "The body is not JSON", body = DetailBody),
@@ -113,6 +119,9 @@ pub async fn search_assistants(
         Some(_) => Err(ApiError::unprocessable("invalid_request", format!("`{key}` must be a string"))),
     };
     let graph_id = text("graph_id")?;
+    // Accepted, and of no use: the agents are few, in the file's order.
+    text("sort_by")?;
+    text("sort_order")?;
     let name = text("name")?.map(|n| n.to_lowercase());
     let metadata = body.get("metadata").cloned().unwrap_or(Value::Null);
     if !metadata.is_null() && !metadata.is_object() {
@@ -136,7 +145,7 @@ pub async fn search_assistants(
     Ok(Json(found))
 }
 
-/// A body that may be empty (`{}` then).
+/// A body that may be empty or `null` (`{}` then).
 pub(crate) async fn optional_body(
     state: &AppState,
     headers: &HeaderMap,
@@ -150,10 +159,33 @@ pub(crate) async fn optional_body(
         return Ok(json!({}));
     }
     let value = json_body(headers, Body::from(bytes), limit).await?;
+    if value.is_null() {
+        return Ok(json!({}));
+    }
     if !value.is_object() {
         return Err(ApiError::unprocessable("invalid_request", "the body must be a JSON object"));
     }
     Ok(value)
+}
+
+/// What this server is, as LangGraph clients ask
+///
+/// Open, as on LangGraph's server: the version and which of its
+/// capabilities are served (assistants yes; crons and LangSmith no).
+#[utoipa::path(get, path = "/info", tag = "langgraph", security(()),
+    responses((status = 200, description = "The server's version and flags", body = Object)),
+)]
+pub async fn info() -> Json<Value> {
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "server": "bulkhead",
+        "flags": {
+            "assistants": true,
+            "crons": false,
+            "langsmith": false,
+            "langsmith_tracing_replicas": false,
+        },
+    }))
 }
 
 /// Get an assistant

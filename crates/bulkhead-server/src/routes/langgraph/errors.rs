@@ -34,7 +34,7 @@ pub(crate) fn is_langgraph(path: &str) -> bool {
     };
     under("/assistants")
         || under("/threads")
-        || matches!(path, "/runs" | "/runs/wait" | "/runs/stream")
+        || matches!(path, "/runs" | "/runs/wait" | "/runs/stream" | "/info")
 }
 
 /// The layer. Outside the door and the panic catcher, so that what they

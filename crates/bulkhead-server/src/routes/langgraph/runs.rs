@@ -32,18 +32,21 @@ use crate::error::ApiError;
 #[allow(dead_code)]
 pub struct ThreadRunPath {
     /// The thread's UUID.
+    #[param(format = Uuid)]
     thread_id: String,
     /// The run's UUID.
+    #[param(format = Uuid)]
     run_id: String,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
-#[into_params(names("thread_id"), parameter_in = Path)]
+#[into_params(parameter_in = Path)]
 #[allow(dead_code)]
-pub struct ThreadPath(
+pub struct ThreadPath {
     /// The thread's UUID.
-    String,
-);
+    #[param(format = Uuid)]
+    thread_id: String,
+}
 
 /// The body that makes a run. Read by hand, so that each wrong field gets
 /// its own message; this type only describes it.
@@ -155,7 +158,7 @@ async fn make_run(
         Some(Value::String(id)) => find_assistant(state, id)?,
         _ => return Err(invalid("`assistant_id` is required: an assistant's UUID or graph id")),
     };
-    for unsupported in ["interrupt_before", "interrupt_after", "checkpoint", "checkpoint_id", "webhook", "feedback_keys"] {
+    for unsupported in ["interrupt_before", "interrupt_after", "webhook", "feedback_keys"] {
         if body.get(unsupported).is_some_and(|v| !v.is_null() && v != &json!([])) {
             return Err(invalid(format!("`{unsupported}` is not supported by Bulkhead")));
         }
@@ -179,24 +182,45 @@ async fn make_run(
             return Err(invalid(format!("`{key}` must be an object")));
         }
     }
-    let resume = match body.get("command") {
-        None | Some(Value::Null) => None,
+    // `command.resume` decides the call the thread waits on; `goto:
+    // "__end__"` ends the paused run without it (Agent Chat UI's "Mark as
+    // resolved").
+    let (resume, resolve) = match body.get("command") {
+        None | Some(Value::Null) => (None, false),
         Some(Value::Object(command)) => {
-            if command.keys().any(|k| k != "resume") {
-                return Err(invalid("only `command.resume` is supported by Bulkhead (not goto or update)"));
+            if command.keys().any(|k| k != "resume" && k != "goto") {
+                return Err(invalid("only `command.resume` and `command.goto: \"__end__\"` are supported by Bulkhead (not update)"));
             }
-            command.get("resume").cloned()
+            let resolve = match command.get("goto") {
+                None | Some(Value::Null) => false,
+                Some(Value::String(to)) if to == "__end__" => true,
+                Some(_) => return Err(invalid("`command.goto` can only be \"__end__\" (end the paused run without its call)")),
+            };
+            if resolve && command.get("resume").is_some_and(|r| !r.is_null()) {
+                return Err(invalid("send `command.resume` or `command.goto`, not both"));
+            }
+            (command.get("resume").cloned().filter(|r| !r.is_null()), resolve)
         }
         Some(_) => return Err(invalid("`command` must be an object")),
     };
-    let input = match (&resume, body.get("input")) {
-        (Some(_), None | Some(Value::Null)) => None,
-        (Some(_), Some(_)) => return Err(invalid("send either `input` or `command.resume`, not both")),
-        (None, Some(input)) if input.is_object() => Some(super::messages::read_input(input)?),
-        (None, _) => return Err(invalid("`input` is required: {\"messages\": [...]}, the new human message last")),
+    // A command with an empty input (`{}`, as Agent Chat UI sends it)
+    // is the command; a new message beside it is ambiguous.
+    let empty_input = |input: &Value| {
+        input.is_null()
+            || input.as_object().is_some_and(|i| {
+                i.is_empty() || i.get("messages").is_some_and(|m| m.as_array().is_some_and(Vec::is_empty))
+            })
+    };
+    let commanded = resume.is_some() || resolve;
+    let input = match (commanded, body.get("input")) {
+        (true, None) => None,
+        (true, Some(input)) if empty_input(input) => None,
+        (true, Some(_)) => return Err(invalid("send either `input` or a `command`, not both")),
+        (false, Some(input)) if input.is_object() => Some(super::messages::read_input(input)?),
+        (false, _) => return Err(invalid("`input` is required: {\"messages\": [...]}, the new human message last")),
     };
     let decision = resume.as_ref().map(decision_of).transpose()?;
-    if decision.is_some() && stateless {
+    if commanded && stateless {
         return Err(ApiError::bad_request("invalid_request", "You must provide a thread_id when resuming."));
     }
     let temporary = stateless && on_completion == "delete";
@@ -228,6 +252,7 @@ async fn make_run(
             ),
         ));
     }
+    check_checkpoint(state, &row, body).await?;
     let mut metadata = object(row.metadata.as_deref());
     if metadata.get("graph_id").is_none() {
         metadata["graph_id"] = json!(assistant.id);
@@ -260,7 +285,15 @@ async fn make_run(
         cancel_on_disconnect: on_disconnect == "cancel",
         temporary,
     };
-    let run_id = if let Some((approve, comment)) = decision {
+    let run_id = if resolve {
+        let (paused, _) = paused_run(state, &row).await?;
+        follow.after = Some((store.last_event_seq(&paused).await?, u32::MAX));
+        state
+            .engine
+            .cancel(&paused, CancelAction::Interrupt, &decided_by(caller), "a person marked the interrupt resolved")
+            .await?;
+        paused
+    } else if let Some((approve, comment)) = decision {
         let (paused, call) = paused_run(state, &row).await?;
         follow.after = Some((store.last_event_seq(&paused).await?, u32::MAX));
         let decision = Decision {
@@ -326,6 +359,33 @@ async fn make_run(
         agent: assistant.id.clone(),
         follow,
     }))
+}
+
+/// A run asked to start from a checkpoint (`checkpoint`, `checkpoint_id`):
+/// only the thread's latest, which is where every run starts (clients
+/// that keep the thread's history, as Agent Chat UI does, send it with
+/// each run); an earlier one would fork the thread, which Bulkhead does not.
+async fn check_checkpoint(state: &AppState, row: &ThreadRow, body: &Value) -> Result<(), ApiError> {
+    let asked = match (body.get("checkpoint"), body.get("checkpoint_id")) {
+        (Some(Value::Object(c)), _) if c.get("checkpoint_id").is_some_and(|id| !id.is_null()) => {
+            c.get("checkpoint_id").and_then(Value::as_str).map(str::to_string)
+        }
+        (Some(Value::Object(_)) | None | Some(Value::Null), None | Some(Value::Null)) => return Ok(()),
+        (_, Some(Value::String(id))) => Some(id.clone()),
+        _ => None,
+    };
+    let Some(asked) = asked else {
+        return Err(invalid("`checkpoint` must be a checkpoint (`checkpoint_id`), `checkpoint_id` a string"));
+    };
+    let runs = state.engine.store().runs(&row.id).await?;
+    let latest = runs.last().map_or(row.id.as_str(), |run| run.id.as_str());
+    if asked == latest {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "runs from an earlier checkpoint (a fork: regenerate, edit) are not supported by Bulkhead; the thread's latest checkpoint is {latest}"
+        )))
+    }
 }
 
 /// The thread's run paused for a person, and the call it waits on.
@@ -556,7 +616,7 @@ async fn streamed(state: AppState, caller: Caller, thread: Option<String>, body:
 #[utoipa::path(post, path = "/threads/{thread_id}/runs/stream", tag = "langgraph", params(ThreadPath),
     request_body(content = RunCreate, content_type = "application/json"),
     responses(
-        (status = 200, description = "The run's stream", content_type = "text/event-stream", body = String),
+        (status = 200, description = "The run's stream", content_type = "text/event-stream", body = stream::LangGraphEvent),
         (status = 400, description = "The body is not JSON, or streaming is off", body = DetailBody),
         (status = 404, description = "No such thread or assistant", body = DetailBody),
         (status = 409, description = "The thread is busy (`reject`), runs another assistant, or waits on no interrupt", body = DetailBody),
@@ -580,7 +640,7 @@ pub async fn stream_run(
 #[utoipa::path(post, path = "/runs/stream", tag = "langgraph",
     request_body(content = RunCreate, content_type = "application/json"),
     responses(
-        (status = 200, description = "The run's stream", content_type = "text/event-stream", body = String),
+        (status = 200, description = "The run's stream", content_type = "text/event-stream", body = stream::LangGraphEvent),
         (status = 400, description = "The body is not JSON, or streaming is off", body = DetailBody),
         (status = 404, description = "No such assistant", body = DetailBody),
         (status = 413, description = "The body is over MAX_BODY_BYTES", body = DetailBody),
@@ -605,10 +665,8 @@ fn query_values(query: Option<&str>, key: &str) -> Vec<String> {
         if k != key {
             continue;
         }
-        // `?stream_mode=` is how httpx writes a None: no value.
         match serde_json::from_str::<Vec<String>>(&v) {
             Ok(list) if v.starts_with('[') => values.extend(list),
-            _ if v.is_empty() => {}
             _ => values.push(v.into_owned()),
         }
     }
@@ -652,12 +710,13 @@ async fn thread_agent(state: &AppState, row: &ThreadRow, run_id: &str) -> Result
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 pub struct ListQuery {
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
     #[param(minimum = 0)]
-    offset: Option<u32>,
+    offset: Option<i64>,
     #[param(value_type = Option<String>, pattern = "^(pending|running|success|error|interrupted)$")]
     status: Option<String>,
 }
@@ -686,8 +745,17 @@ pub async fn list_runs(
         }
     };
     let limit = number("limit", 10)?;
+    if !(1..=1000).contains(&limit) {
+        return Err(invalid("`limit` must be from 1 to 1000"));
+    }
     let offset = number("offset", 0)?;
+    if offset > i64::MAX as usize {
+        return Err(invalid("`offset` is too large"));
+    }
     let status = query_values(query.as_deref(), "status").into_iter().next();
+    if status.as_deref().is_some_and(|s| !["pending", "running", "success", "error", "interrupted"].contains(&s)) {
+        return Err(invalid("`status` must be pending, running, success, error or interrupted"));
+    }
     let store = state.engine.store();
     let agent = row.agent.clone();
     let mut runs: Vec<(i64, Value)> = store
@@ -755,6 +823,7 @@ pub async fn delete_thread_run(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 pub struct JoinQuery {
     /// Cancel the run if this client goes away.
@@ -789,11 +858,12 @@ pub async fn join_run(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 pub struct JoinStreamQuery {
-    /// The modes to send (`values` when none is named; repeat it, or send a
-    /// JSON list, for several).
-    #[param(value_type = Option<String>)]
+    /// The modes to send (the run's own when none is named; repeat it for
+    /// several).
+    #[param(value_type = Option<String>, pattern = "^(values|updates|messages|messages-tuple|custom)?$")]
     stream_mode: Option<String>,
     cancel_on_disconnect: Option<bool>,
 }
@@ -803,7 +873,7 @@ pub struct JoinStreamQuery {
 /// From the start, or after `Last-Event-ID` (a resumable run's part id).
 #[utoipa::path(get, path = "/threads/{thread_id}/runs/{run_id}/stream", tag = "langgraph", params(ThreadRunPath, JoinStreamQuery),
     responses(
-        (status = 200, description = "The run's stream", content_type = "text/event-stream", body = String),
+        (status = 200, description = "The run's stream", content_type = "text/event-stream", body = stream::LangGraphEvent),
         (status = 400, description = "Streaming is off", body = DetailBody),
         (status = 404, description = "No such thread or run", body = DetailBody),
         (status = 422, description = "An id is not a UUID, or an unsupported mode", body = DetailBody),
@@ -820,7 +890,12 @@ pub async fn join_stream(
         return Err(ApiError::bad_request("streaming_disabled", "streaming is turned off on this server (ENABLE_STREAMING=false)"));
     }
     let (row, run_id, run) = owned_thread_run(&state, &caller, &thread, &run).await?;
-    let asked = query_values(query.as_deref(), "stream_mode");
+    // `?stream_mode=` is how httpx writes the SDK's default, None: the
+    // run's own modes.
+    let asked: Vec<String> = query_values(query.as_deref(), "stream_mode")
+        .into_iter()
+        .filter(|mode| !mode.is_empty())
+        .collect();
     let modes = if asked.is_empty() {
         let kwargs_modes = run["kwargs"].get("stream_mode").cloned();
         Modes::parse(kwargs_modes.as_ref())?
@@ -852,6 +927,7 @@ pub async fn join_stream(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 pub struct CancelQuery {
     /// Answer once the run has stopped, with the thread's values.

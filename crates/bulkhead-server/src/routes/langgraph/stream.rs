@@ -24,6 +24,35 @@ use super::messages::{self, Usage};
 use crate::app::AppState;
 use crate::error::ApiError;
 
+/// One Server-Sent Event of a LangGraph stream, as the OpenAPI document
+/// describes it (the stream itself is written by `sse`).
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct LangGraphEvent {
+    /// `<event seq>-<part>`: only on a run made `stream_resumable`, to send
+    /// back as `Last-Event-ID`.
+    #[schema(pattern = "^[0-9]+-[0-9]+$")]
+    id: Option<String>,
+    event: LangGraphEventKind,
+    /// The part's JSON.
+    #[schema(content_media_type = "application/json")]
+    data: String,
+}
+
+/// What a part of a LangGraph stream is: `metadata` first, then the modes
+/// asked (`messages` for `messages-tuple`), `error` if the run fails.
+#[derive(Debug, utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum LangGraphEventKind {
+    Metadata,
+    Values,
+    Updates,
+    Messages,
+    Custom,
+    Error,
+}
+
 /// The stream modes a client asked for. `messages-tuple` (and `messages`,
 /// which Bulkhead sends the same way) is sent as event `messages`.
 #[derive(Debug, Clone, Copy, Default)]

@@ -25,12 +25,13 @@ use crate::error::ApiError;
 use crate::routes::timestamp;
 
 #[derive(Debug, Deserialize, IntoParams)]
-#[into_params(names("thread_id"), parameter_in = Path)]
+#[into_params(parameter_in = Path)]
 #[allow(dead_code)]
-pub struct ThreadPath(
+pub struct ThreadPath {
     /// The thread's UUID.
-    String,
-);
+    #[param(format = Uuid)]
+    thread_id: String,
+}
 
 /// The body of `POST /threads`; every field may be left out.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -62,8 +63,12 @@ pub struct ThreadSearch {
     #[schema(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
     #[schema(minimum = 0)]
-    offset: Option<u32>,
+    offset: Option<i64>,
+    /// `updated_at` (the default), `created_at`, `state_updated_at`,
+    /// `thread_id` or `status`.
+    #[schema(value_type = Option<String>, pattern = "^(thread_id|created_at|updated_at|state_updated_at|status)$")]
     sort_by: Option<String>,
+    /// `asc`, or newest first (`desc`, the default).
     sort_order: Option<String>,
 }
 
@@ -105,7 +110,7 @@ fn metadata_of(body: &Value) -> Result<Option<Map<String, Value>>, ApiError> {
 
 /// Create a thread
 #[utoipa::path(post, path = "/threads", tag = "langgraph",
-    request_body(content = ThreadCreate, content_type = "application/json"),
+    request_body(content = Option<ThreadCreate>, content_type = "application/json"),
     responses(
         (status = 200, description = "The thread", body = Object),
         (status = 400, description = "The body is not JSON", body = DetailBody),
@@ -166,7 +171,7 @@ pub async fn get_thread(
 
 /// Update a thread's metadata
 #[utoipa::path(patch, path = "/threads/{thread_id}", tag = "langgraph", params(ThreadPath),
-    request_body(content = ThreadPatch, content_type = "application/json"),
+    request_body(content = Option<ThreadPatch>, content_type = "application/json"),
     responses(
         (status = 200, description = "The thread", body = Object),
         (status = 400, description = "The body is not JSON", body = DetailBody),
@@ -298,10 +303,10 @@ fn sort(rows: &mut [ThreadRow], body: &Value) -> Result<(), ApiError> {
         Some(Value::String(by)) => by.as_str(),
         Some(_) => return Err(invalid("`sort_by` must be a string")),
     };
+    // As LangGraph's server: descending unless `asc`.
     let ascending = match body.get("sort_order") {
         None | Some(Value::Null) => false,
-        Some(Value::String(order)) if order.eq_ignore_ascii_case("asc") => true,
-        Some(Value::String(order)) if order.eq_ignore_ascii_case("desc") => false,
+        Some(Value::String(order)) => order.eq_ignore_ascii_case("asc"),
         Some(_) => return Err(invalid("`sort_order` must be asc or desc")),
     };
     match by {
@@ -326,7 +331,7 @@ fn sort(rows: &mut [ThreadRow], body: &Value) -> Result<(), ApiError> {
 /// By metadata (each key and value held), status and ids; most recently
 /// updated first, with their values.
 #[utoipa::path(post, path = "/threads/search", tag = "langgraph",
-    request_body(content = ThreadSearch, content_type = "application/json"),
+    request_body(content = Option<ThreadSearch>, content_type = "application/json"),
     responses(
         (status = 200, description = "The matching threads", body = Vec<Object>),
         (status = 400, description = "The body is not JSON", body = DetailBody),
@@ -355,9 +360,9 @@ pub async fn search_threads(
 
 /// Count threads
 #[utoipa::path(post, path = "/threads/count", tag = "langgraph",
-    request_body(content = ThreadSearch, content_type = "application/json"),
+    request_body(content = Option<ThreadSearch>, content_type = "application/json"),
     responses(
-        (status = 200, description = "How many threads match", body = u64),
+        (status = 200, description = "How many threads match", body = u64, content_type = "application/json"),
         (status = 400, description = "The body is not JSON", body = DetailBody),
         (status = 413, description = "The body is over MAX_BODY_BYTES", body = DetailBody),
         (status = 422, description = "A field is wrong", body = DetailBody),
@@ -370,7 +375,10 @@ pub async fn count_threads(
     body: Body,
 ) -> Result<Json<u64>, ApiError> {
     let body = optional_body(&state, &headers, body).await?;
-    Ok(Json(matching(&state, &caller, &body).await?.len() as u64))
+    page(&body)?;
+    let mut rows = matching(&state, &caller, &body).await?;
+    sort(&mut rows, &body)?;
+    Ok(Json(rows.len() as u64))
 }
 
 /// A state of the thread: the conversation `messages` as of a checkpoint,
@@ -456,7 +464,7 @@ pub async fn get_state(
 ///
 /// One state per run of the thread, newest first.
 #[utoipa::path(post, path = "/threads/{thread_id}/history", tag = "langgraph", params(ThreadPath),
-    request_body(content = HistoryRequest, content_type = "application/json"),
+    request_body(content = Option<HistoryRequest>, content_type = "application/json"),
     responses(
         (status = 200, description = "The thread's states, newest first", body = Vec<Object>),
         (status = 400, description = "The body is not JSON", body = DetailBody),
@@ -486,10 +494,17 @@ pub async fn get_history(
             .or_else(|| b.get("checkpoint_id"))
             .and_then(Value::as_str)
             .map(str::to_string),
-        Some(Value::String(id)) => Some(id.clone()),
-        Some(_) => return Err(invalid("`before` must be a checkpoint (`{\"checkpoint_id\": …}`)")),
+        Some(_) => return Err(invalid("`before` must be a checkpoint config (`{\"configurable\": {\"checkpoint_id\": …}}`)")),
     };
-    let states = states(&state, &row).await?;
+    let metadata = metadata_of(&body)?.map(Value::Object).unwrap_or(Value::Null);
+    if body.get("checkpoint").is_some_and(|c| !c.is_null() && !c.is_object()) {
+        return Err(invalid("`checkpoint` must be an object"));
+    }
+    let states: Vec<Value> = states(&state, &row)
+        .await?
+        .into_iter()
+        .filter(|s| holds(&s["metadata"], &metadata))
+        .collect();
     let from = match &before {
         Some(id) => states
             .iter()
