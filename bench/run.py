@@ -808,9 +808,10 @@ def langgraph_workload(server, assistant, phase, concurrency):
     point["rss_after_mb"] = tree_rss_mb(pid)
     point["peak_rss_mb"] = max(peak[0], point["rss_after_mb"])
     point["server_cpu_s"] = server_cpu
-    # Server CPU per counted iteration (warm-up included in the CPU, so an
-    # upper bound): comparable when the load generator is the limit.
-    point["server_cpu_ms_per_run"] = 1000 * server_cpu / max(point["iterations"], 1)
+    # Server CPU per iteration, over all the iterations that ended (warm-up
+    # included, as in the CPU time): comparable even where the load
+    # generator, not the server, is the limit.
+    point["server_cpu_ms_per_run"] = 1000 * server_cpu / max(point["completed_with_warmup"], 1)
     return point
 
 
@@ -866,8 +867,8 @@ def langgraph_rows(result):
     lines += ["", "| | Bulkhead | LangGraph (in-memory) |", "|---|---|---|"]
     both = {name: result[name] for name in ("bulkhead", "langgraph")}
     pick = lambda name, key, f: f(p[key] for p in both[name])
-    lines.append(f"| start to ready (median) | {statistics.median(p['ready_ms'] for p in both['bulkhead']):,.0f} ms "
-                 f"| {statistics.median(p['ready_ms'] for p in both['langgraph']):,.0f} ms |")
+    lines.append(f"| start to ready (median) | {ms(statistics.median(p['ready_ms'] for p in both['bulkhead']))} ms "
+                 f"| {ms(statistics.median(p['ready_ms'] for p in both['langgraph']))} ms |")
     lines.append(f"| resident memory, idle (process tree, 1 s after ready, largest) "
                  f"| {pick('bulkhead', 'idle_rss_mb', max):.1f} MB | {pick('langgraph', 'idle_rss_mb', max):.1f} MB |")
     lines.append(f"| resident memory after the load (largest over the points) "

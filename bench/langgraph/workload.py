@@ -90,13 +90,13 @@ async def one_stream(client, assistant):
 async def phase(client, assistant, step, concurrency, seconds, warmup):
     """Runs `step` in `concurrency` workers for warmup + seconds; only the
     iterations that start and end inside the measured window count."""
-    samples, errors, first_errors = [], 0, []
+    samples, errors, first_errors, completed = [], 0, [], 0
     begin = time.perf_counter()
     measure_from = begin + warmup
     stop_at = measure_from + seconds
 
     async def worker():
-        nonlocal errors
+        nonlocal errors, completed
         while True:
             started = time.perf_counter()
             if started >= stop_at:
@@ -109,6 +109,7 @@ async def phase(client, assistant, step, concurrency, seconds, warmup):
                     if len(first_errors) < 3:
                         first_errors.append(f"{type(error).__name__}: {error}"[:500])
                 continue
+            completed += 1
             if started >= measure_from and started + iteration <= stop_at:
                 samples.append((iteration, run))
 
@@ -124,6 +125,7 @@ async def phase(client, assistant, step, concurrency, seconds, warmup):
         "concurrency": concurrency,
         "seconds": seconds,
         "iterations": len(samples),
+        "completed_with_warmup": completed,
         "errors": errors,
         "first_errors": first_errors,
         "rps": len(samples) / seconds,
