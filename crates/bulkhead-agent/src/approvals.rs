@@ -153,6 +153,40 @@ impl Engine {
         stream: bool,
         account: Option<Box<dyn RunAccount>>,
     ) -> Result<RunHandle, DecideError> {
+        self.decide_or_cancel(run_id, Some(call_id), decision, stream, account, None)
+            .await
+    }
+
+    /// Ends a paused run without running its call: the call is recorded
+    /// denied (by `decided_by`), every call of its step gets a result
+    /// saying so, and the run ends `interrupted` with `reason`.
+    pub async fn cancel_paused(
+        self: &Arc<Self>,
+        run_id: &str,
+        decided_by: &str,
+        reason: &'static str,
+    ) -> Result<RunHandle, DecideError> {
+        let decision = Decision {
+            audit_id: String::new(),
+            approve: false,
+            decision: "cancelled",
+            decided_by: decided_by.to_string(),
+            comment: Some(reason.to_string()),
+        };
+        self.decide_or_cancel(run_id, None, decision, false, None, Some(reason))
+            .await
+    }
+
+    async fn decide_or_cancel(
+        self: &Arc<Self>,
+        run_id: &str,
+        call_id: Option<&str>,
+        decision: Decision,
+        stream: bool,
+        account: Option<Box<dyn RunAccount>>,
+        cancel_reason: Option<&'static str>,
+    ) -> Result<RunHandle, DecideError> {
+        let cancel = cancel_reason.is_some();
         let in_flight = self.runs.token();
         if !self.is_accepting() {
             return Err(DecideError::ShuttingDown);
@@ -167,11 +201,12 @@ impl Engine {
             Some(awaiting) if run.status == RunStatus::AwaitingApproval.as_str() => awaiting,
             _ => return Err(DecideError::NotAwaiting { status: run.status }),
         };
-        if awaiting.call_id != call_id {
+        if call_id.is_some_and(|call_id| awaiting.call_id != call_id) {
             return Err(DecideError::UnknownCall {
                 awaiting: awaiting.call_id,
             });
         }
+        let call_id = awaiting.call_id.as_str();
         let session = self
             .store
             .session(&run.session_id)
@@ -223,6 +258,13 @@ impl Engine {
         state.steps = run.steps;
         state.tokens_used = run.tokens_used;
         state.seq = self.store.last_event_seq(run_id).await?;
+        let feed = self
+            .feeds
+            .open(&state.run_id, state.seq + 1, &self.interrupt);
+        if let Some(reason) = cancel_reason {
+            feed.mark_cancelled(reason);
+        }
+        state.attach_feed(Arc::clone(&feed));
         let events = state.take_receiver();
         let (outcome_tx, outcome_rx) = oneshot::channel();
         let spans = self.settings.spans;
@@ -240,7 +282,9 @@ impl Engine {
                 let _in_flight = in_flight;
                 let run_metrics = telemetry::RunMetrics::start(Instant::now());
                 tracing::info!(agent = %session_agent, "run resumed");
-                let ended = if known_agent {
+                let ended = if cancel {
+                    engine.cancelled_pause(&mut state).await
+                } else if known_agent {
                     engine.resumed_loop(&mut state, decision).await
                 } else {
                     Err(Failure {
@@ -253,6 +297,8 @@ impl Engine {
                 };
                 let outcome = engine.close(&mut state, ended).await;
                 engine.report(&state, &outcome, run_metrics, spans);
+                engine.feeds.close(&state.run_id, &feed);
+                engine.run_ended(&state.session_id);
                 let _ = outcome_tx.send(outcome);
             }
             .instrument(span),
@@ -272,6 +318,31 @@ impl Engine {
         state: &mut RunState,
         decision: Decision,
     ) -> Result<LoopEnd, Failure> {
+        let (conversation, left) = self.paused_step(state).await?;
+        self.agent_loop(state, conversation, Some((left, decision)))
+            .await
+    }
+
+    /// A paused run cancelled: the calls of its step are left open, so
+    /// that closing the run answers each.
+    async fn cancelled_pause(&self, state: &mut RunState) -> Result<LoopEnd, Failure> {
+        let (_, left) = self.paused_step(state).await?;
+        state.open_calls = left
+            .into_iter()
+            .map(|call| OpenCall {
+                call,
+                audit_id: None,
+            })
+            .collect();
+        Err(state.interruption())
+    }
+
+    /// The conversation up to and with the step that paused, and that
+    /// step's calls still without a result, the decided one first.
+    async fn paused_step(
+        &self,
+        state: &RunState,
+    ) -> Result<(Vec<ChatMessage>, Vec<ToolCall>), Failure> {
         let stored = self
             .store
             .messages(&state.session_id)
@@ -307,8 +378,7 @@ impl Engine {
             .filter(|call| !answered.contains(&call.id.as_str()))
             .collect();
         conversation.extend(step);
-        self.agent_loop(state, conversation, Some((left, decision)))
-            .await
+        Ok((conversation, left))
     }
 
     /// Denies every call whose wait is over, letting its run go on. Returns

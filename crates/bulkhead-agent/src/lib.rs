@@ -9,8 +9,10 @@
 
 mod agents;
 mod approvals;
+mod feeds;
 mod mcp_tools;
 mod planner;
+mod queue;
 pub mod roles;
 mod run;
 mod run_state;
@@ -38,6 +40,8 @@ use run_state::{OpenCall, RunState};
 
 pub use agents::{Agent, Agents, ApprovalPolicy, DEFAULT_AGENT, ToolPolicy};
 pub use approvals::{DecideError, Decision, PendingApproval};
+pub use feeds::{FeedItem, RunFollower};
+pub use queue::{CancelAction, CancelOutcome, EnqueueError, QueueRequest};
 pub use roles::{PeerClient, Peers, RoleKind};
 pub use sandboxes::SandboxManager;
 pub use telemetry::SpanSettings;
@@ -131,6 +135,9 @@ pub enum StartError {
         session_id: String,
         active_run_id: String,
     },
+    /// A queued run that was cancelled or started meanwhile.
+    #[error("the run is no longer queued")]
+    NotQueued,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -167,6 +174,16 @@ pub struct StartRun {
     pub owner: Option<String>,
     /// Told of the model tokens the run spends; dropped when the run ends.
     pub account: Option<Box<dyn RunAccount>>,
+    /// Set when the run comes from the run queue: its id and the client's
+    /// options, kept on the run.
+    pub queued: Option<QueuedStart>,
+}
+
+/// A queued run being started.
+#[derive(Debug, Clone)]
+pub struct QueuedStart {
+    pub run_id: String,
+    pub kwargs: String,
 }
 
 impl std::fmt::Debug for StartRun {
@@ -200,6 +217,8 @@ pub struct Engine {
     runs: TaskTracker,
     interrupt: CancellationToken,
     accepting: AtomicBool,
+    feeds: feeds::RunFeeds,
+    queue: queue::RunQueue,
 }
 
 /// A new id for a session, run or tool call: a UUIDv7, time-ordered so that
@@ -249,6 +268,8 @@ impl Engine {
             runs: TaskTracker::new(),
             interrupt: CancellationToken::new(),
             accepting: AtomicBool::new(true),
+            feeds: Default::default(),
+            queue: Default::default(),
         }
     }
 

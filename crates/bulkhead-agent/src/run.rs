@@ -13,7 +13,10 @@ impl Engine {
         if !self.is_accepting() {
             return Err(StartError::ShuttingDown);
         }
-        let run_id = new_id();
+        let queued = start.queued;
+        let run_id = queued
+            .as_ref()
+            .map_or_else(new_id, |queued| queued.run_id.clone());
         let (session_id, is_new_session) = match start.session_id {
             Some(id) => (id, false),
             None => (new_id(), true),
@@ -45,6 +48,8 @@ impl Engine {
         state.new_session = is_new_session;
         state.named_session = !is_new_session && start.create_if_missing;
         state.history = start.history;
+        let feed = self.feeds.open(&run_id, 1, &self.interrupt);
+        state.attach_feed(Arc::clone(&feed));
         let started = state.next_event(
             "run_started",
             json!({"run_id": run_id, "session_id": session_id}),
@@ -91,6 +96,12 @@ impl Engine {
                         run_id: &state.run_id,
                         input: &state.input,
                         history: &state.history,
+                        unbound_agent: asked.as_ref().map_or_else(
+                            || engine.agents.default_agent().id.as_str(),
+                            |agent| agent.id.as_str(),
+                        ),
+                        dequeue: queued.is_some(),
+                        kwargs: queued.as_ref().map(|queued| queued.kwargs.as_str()),
                         now,
                         lock_stale_before,
                         first_event: started,
@@ -108,6 +119,7 @@ impl Engine {
                         begun.agent
                     }
                     Err(e) => {
+                        engine.feeds.close(&state.run_id, &feed);
                         let _ = begun_tx.send(Err(e));
                         return;
                     }
@@ -135,6 +147,8 @@ impl Engine {
                     }
                 };
                 engine.report(&state, &outcome, run_metrics, spans);
+                engine.feeds.close(&state.run_id, &feed);
+                engine.run_ended(&state.session_id);
                 let _ = outcome_tx.send(outcome);
             }
             .instrument(span),
@@ -151,6 +165,7 @@ impl Engine {
                     active_run_id,
                 });
             }
+            Ok(Err(BeginRunError::NotQueued)) => return Err(StartError::NotQueued),
             Ok(Err(BeginRunError::Store(e))) => return Err(StartError::Store(e)),
             Err(_) => {
                 return Err(StartError::Store(StoreError::WriterFailed(
@@ -268,6 +283,8 @@ impl Engine {
                     "session_id": state.session_id,
                     "response": response,
                     "tokens_used": state.tokens_used,
+                    "input_tokens": state.input_tokens,
+                    "output_tokens": state.output_tokens,
                 });
                 state.emit("run_completed", data, now);
             }
@@ -289,6 +306,7 @@ impl Engine {
                 status,
                 output,
                 error: error.map(|f| (f.code, f.message.as_str())),
+                usage: Some((state.input_tokens, state.output_tokens)),
             })
             .await;
         let tokens_used = state.tokens_used;
@@ -388,10 +406,11 @@ impl Engine {
         for step in (state.steps as u32 + 1)..=max_steps {
             state.steps = step as i64;
             let completion = self.call_model(state, &conversation).await?;
-            state.tokens_used += completion
-                .usage
-                .map(|u| u.total_tokens as i64)
-                .unwrap_or_default();
+            if let Some(usage) = completion.usage {
+                state.tokens_used += usage.total_tokens as i64;
+                state.input_tokens += usage.prompt_tokens as i64;
+                state.output_tokens += usage.completion_tokens as i64;
+            }
             if completion.tool_calls.is_empty() {
                 return Ok(LoopEnd::Answer(sanitize(completion.content)));
             }
@@ -440,6 +459,7 @@ impl Engine {
         );
         let agent = Arc::clone(&state.agent);
         let offered = self.offered_tools(&agent, &state.session_id).await;
+        let cancel = state.cancel.clone();
         let result = {
             let mut sink = |text: &str| {
                 let now = now_ms();
@@ -449,9 +469,12 @@ impl Engine {
                 if streaming { Some(&mut sink) } else { None };
             let call = agent.model.complete(conversation, &offered, deltas);
             tokio::select! {
-                result = call.instrument(span.clone()) => result,
-                () = self.interrupt.cancelled() => return Err(interrupted()),
+                result = call.instrument(span.clone()) => Some(result),
+                () = cancel.cancelled() => None,
             }
+        };
+        let Some(result) = result else {
+            return Err(state.interruption());
         };
         telemetry::chat_ended(&span, spans, &result, &self.settings.secrets);
         let completion = result.map_err(|e| {

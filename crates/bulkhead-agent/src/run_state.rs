@@ -33,12 +33,21 @@ pub(crate) struct RunState {
     pub(crate) seq: i64,
     pub(crate) steps: i64,
     pub(crate) tokens_used: i64,
+    /// What the model's calls took in and gave out, as they reported it.
+    pub(crate) input_tokens: i64,
+    pub(crate) output_tokens: i64,
     pub(crate) pending_events: Vec<NewEvent>,
     pub(crate) pending_messages: Vec<NewMessage>,
     /// The current step's calls still without a result, in order.
     pub(crate) open_calls: Vec<OpenCall>,
     pub(crate) sender: Option<mpsc::UnboundedSender<EventRecord>>,
     pub(crate) receiver: Option<mpsc::UnboundedReceiver<EventRecord>>,
+    /// The run's live feed while its task runs in this process: every
+    /// event, for whoever follows the run (see `feeds.rs`).
+    pub(crate) feed: Option<Arc<feeds::RunFeed>>,
+    /// Cancels this run alone (a client's cancel), or every run (shutdown
+    /// past the grace): a child of the engine's interrupt.
+    pub(crate) cancel: CancellationToken,
 }
 
 impl RunState {
@@ -68,11 +77,33 @@ impl RunState {
             seq: 0,
             steps: 0,
             tokens_used: 0,
+            input_tokens: 0,
+            output_tokens: 0,
             pending_events: Vec::new(),
             pending_messages: Vec::new(),
             open_calls: Vec::new(),
             sender,
             receiver,
+            feed: None,
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    /// Attaches the run's live feed, whose token cancels the run.
+    pub(crate) fn attach_feed(&mut self, feed: Arc<feeds::RunFeed>) {
+        self.cancel = feed.cancel.clone();
+        self.feed = Some(feed);
+    }
+
+    /// Why the run is being stopped: a client's cancel, or shutdown.
+    pub(crate) fn interruption(&self) -> Failure {
+        match self.feed.as_ref().and_then(|feed| feed.cancel_reason()) {
+            Some(reason) => Failure {
+                kind: FailureKind::Interrupted,
+                code: "run_cancelled",
+                message: reason.to_string(),
+            },
+            None => interrupted(),
         }
     }
 
@@ -90,13 +121,19 @@ impl RunState {
     pub(crate) fn next_event(&mut self, kind: &'static str, data: Value, now: i64) -> NewEvent {
         self.seq += 1;
         let data = data.to_string();
-        if let Some(sender) = &self.sender {
-            // A client that went away does not stop the run.
-            let _ = sender.send(EventRecord {
+        if self.sender.is_some() || self.feed.is_some() {
+            let record = EventRecord {
                 seq: self.seq,
                 kind,
                 data: Arc::from(data.as_str()),
-            });
+            };
+            if let Some(feed) = &self.feed {
+                feed.push(record.clone());
+            }
+            if let Some(sender) = &self.sender {
+                // A client that went away does not stop the run.
+                let _ = sender.send(record);
+            }
         }
         NewEvent {
             seq: self.seq,

@@ -325,6 +325,7 @@ impl Engine {
             limits: &state.agent.limits,
         };
         let ran = Instant::now();
+        let cancel = state.cancel.clone();
         let result = tokio::select! {
             result = async {
                 if mcp_server.is_some() {
@@ -333,17 +334,23 @@ impl Engine {
                     tools.call(context, name, &call.function.arguments).await
                 }
             } => result,
-            () = self.interrupt.cancelled() => {
+            () = cancel.cancelled() => {
                 telemetry::tool_call_ended(label, "interrupted", Some(ran.elapsed()));
                 telemetry::tool_ended(&tracing::Span::current(), spans, "interrupted", None, &[]);
+                let failure = state.interruption();
+                let error = if failure.code == "run_cancelled" {
+                    format!("the run was cancelled during the call: {}", failure.message)
+                } else {
+                    "the server shut down during the call".to_string()
+                };
                 let end = ToolExecutionEnd {
                     status: "interrupted",
                     finished_at: now_ms(),
-                    error: Some("the server shut down during the call".into()),
+                    error: Some(error),
                     ..ToolExecutionEnd::default()
                 };
                 let _ = self.store.finish_tool_execution(audit_id, &end).await;
-                return Err(interrupted());
+                return Err(failure);
             }
         };
         let finished_at = now_ms();

@@ -61,6 +61,7 @@ async fn a_run_whose_caller_hangs_up_while_it_opens_still_ends() {
             stream: false,
             owner: None,
             account: None,
+            queued: None,
         })
         .await
         .unwrap();
@@ -77,6 +78,7 @@ async fn a_run_whose_caller_hangs_up_while_it_opens_still_ends() {
             stream: false,
             owner: None,
             account: None,
+            queued: None,
         });
         // One poll: the opening is handed to the store, then the caller goes.
         let _ = tokio::time::timeout(Duration::ZERO, start).await;
@@ -134,6 +136,7 @@ async fn a_run_carries_the_history_it_is_given_and_a_name_finds_its_session() {
         stream: false,
         owner: Some("team-a".into()),
         account: None,
+            queued: None,
     };
     let (_, bare) = tokens(&engine, start(None, false, Vec::new())).await;
     let history = || {

@@ -13,6 +13,9 @@
 //!   system prompt, or none>` (which agent is answering, and through what);
 //! - the last user message is `tools?` → `tools: <name>(<argument>, …); …`,
 //!   the tools offered with the properties of each one's schema;
+//! - the last message is a user message `sleep:<ms>` (up to 60000) → waits
+//!   that long, then `slept <ms> ms` (a slow run, to cancel or queue
+//!   behind);
 //! - anything else → `echo: <last user message>`.
 //!
 //! Usage counts whitespace-separated words: the prompt's message contents,
@@ -148,6 +151,9 @@ impl MockModel {
         if let Some(text) = user.strip_prefix("say:") {
             return MockReply::Text(text.to_string());
         }
+        if let Some(delay) = Self::asked_delay(messages) {
+            return MockReply::Text(format!("slept {} ms", delay.as_millis()));
+        }
         MockReply::Text(format!("echo: {user}"))
     }
 
@@ -175,6 +181,13 @@ impl MockModel {
         )
     }
 
+    /// The wait a conversation ending in a user's `sleep:<ms>` asks for.
+    pub fn asked_delay(messages: &[ChatMessage]) -> Option<Duration> {
+        let last = messages.last().filter(|m| m.role == "user")?;
+        let ms: u64 = last.content.as_deref()?.strip_prefix("sleep:")?.trim().parse().ok()?;
+        (ms <= 60_000).then(|| Duration::from_millis(ms))
+    }
+
     /// The in-process path: the same answers as the HTTP server, without a
     /// socket. Text is handed to `deltas` word by word when streaming.
     pub async fn complete(
@@ -191,6 +204,9 @@ impl MockModel {
         }
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
+        }
+        if let Some(delay) = Self::asked_delay(messages) {
+            tokio::time::sleep(delay).await;
         }
         let reply = Self::reply_as(MOCK_MODEL_NAME, "built-in", messages, tools);
         let usage = Self::usage(messages, &reply);
@@ -320,6 +336,9 @@ async fn chat_completions(
     }
     if !mock.latency.is_zero() {
         tokio::time::sleep(mock.latency).await;
+    }
+    if let Some(delay) = MockModel::asked_delay(&request.messages) {
+        tokio::time::sleep(delay).await;
     }
     let host = headers
         .get(axum::http::header::HOST)
@@ -501,6 +520,15 @@ mod tests {
             MockModel::reply(&[user("fail:200")]),
             MockReply::Text("echo: fail:200".into())
         );
+        assert_eq!(
+            MockModel::reply(&[user("sleep:250")]),
+            MockReply::Text("slept 250 ms".into())
+        );
+        assert_eq!(
+            MockModel::asked_delay(&[user("sleep:250")]),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(MockModel::asked_delay(&[user("sleep:999999")]), None);
         assert_eq!(
             MockModel::reply(&[user("say:step one\nstep two")]),
             MockReply::Text("step one\nstep two".into())

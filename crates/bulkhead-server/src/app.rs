@@ -521,12 +521,15 @@ async fn start_sandboxes(config: &Config) -> anyhow::Result<Arc<SandboxManager>>
 
 /// Every second: denies the tool calls whose wait for a person is over
 /// (any replica may: a call is decided once), and drops the MCP connections
-/// of sessions gone idle. Ends with the engine.
+/// of sessions gone idle. At start and every five seconds: starts the
+/// queued runs whose session is free (queued before a restart, or by
+/// another replica). Ends with the engine.
 fn spawn_approval_expiry(engine: &Arc<Engine>) {
     let engine = Arc::downgrade(engine);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u64 = 0;
         loop {
             tick.tick().await;
             let Some(engine) = engine.upgrade() else {
@@ -534,7 +537,11 @@ fn spawn_approval_expiry(engine: &Arc<Engine>) {
             };
             if engine.is_accepting() {
                 engine.expire_approvals().await;
+                if ticks % 5 == 0 {
+                    engine.dispatch_all().await;
+                }
             }
+            ticks += 1;
             engine.reap_idle_mcp();
         }
     });

@@ -168,6 +168,9 @@ macro_rules! with_reader {
 // After the macros above, which they use.
 mod approvals;
 mod keys;
+mod threads;
+
+pub use threads::{NewQueuedRun, QueuedRun, ThreadRow};
 
 /// SQLite caps bound parameters per statement; stay well under it.
 const ROWS_PER_INSERT: usize = 500;
@@ -427,9 +430,11 @@ impl Store {
             new_session_agent(begin)?.to_owned()
         } else {
             let locked: Option<(String,)> = sqlx::query_as(
-                "UPDATE sessions SET active_run_id = $1, locked_at = $2, updated_at = $2 \
+                "UPDATE sessions SET active_run_id = $1, locked_at = $2, updated_at = $2, \
+                 agent = CASE WHEN agent = '' THEN $7 ELSE agent END \
                  WHERE id = $3 AND (active_run_id IS NULL OR locked_at < $4) \
-                 AND ($5::text IS NULL OR owner = $5) AND ($6::text IS NULL OR agent = $6) \
+                 AND ($5::text IS NULL OR owner = $5) \
+                 AND ($6::text IS NULL OR agent = $6 OR agent = '') \
                  RETURNING agent",
             )
             .bind(begin.run_id)
@@ -438,6 +443,7 @@ impl Store {
             .bind(begin.lock_stale_before)
             .bind(begin.owner)
             .bind(begin.agent)
+            .bind(begin.unbound_agent)
             .fetch_optional(&mut *tx)
             .await
             .map_err(StoreError::from)?;
@@ -480,18 +486,38 @@ impl Store {
             }
             agent
         };
+        if begin.dequeue {
+            // Locked first, so a refusal above left the queue as it was.
+            let taken = sqlx::query(
+                "DELETE FROM queued_runs WHERE id = $1 AND status = 'pending'",
+            )
+            .bind(begin.run_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?
+            .rows_affected();
+            if taken == 0 {
+                return Err(BeginRunError::NotQueued);
+            }
+        }
         sqlx::query(
-            "INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at) \
-             VALUES ($1, $2, 'running', $3, 0, 0, $4)",
+            "INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at, kwargs) \
+             VALUES ($1, $2, 'running', $3, 0, 0, $4, $5)",
         )
         .bind(begin.run_id)
         .bind(session_id)
         .bind(begin.input)
         .bind(begin.now)
+        .bind(begin.kwargs)
         .execute(&mut *tx)
         .await
         .map_err(StoreError::from)?;
-        let history: &[NewMessage] = if created { begin.history } else { &[] };
+        let history: &[NewMessage] =
+            if created || matches!(begin.session, SessionRef::Existing(_)) {
+                begin.history
+            } else {
+                &[]
+            };
         // The history, then the user's message: one list, so one insert
         // in their order.
         let mut messages = Vec::with_capacity(history.len() + 1);
@@ -566,7 +592,8 @@ impl Store {
                      AS e(seq, kind, data, created_at)), \
                  run AS (\
                    UPDATE runs SET status = $12, output = $13, tokens_used = $14, steps = $15, \
-                   error_code = $16, error_message = $17, finished_at = $3 WHERE id = $2) \
+                   error_code = $16, error_message = $17, finished_at = $3, \
+                   input_tokens = $18, output_tokens = $19 WHERE id = $2) \
                  UPDATE sessions SET active_run_id = NULL, locked_at = NULL, updated_at = $3 \
                  WHERE id = $1 AND active_run_id = $2",
             )
@@ -587,6 +614,8 @@ impl Store {
             .bind(progress.steps)
             .bind(finish.error.map(|e| e.0))
             .bind(finish.error.map(|e| e.1))
+            .bind(finish.usage.map(|u| u.0))
+            .bind(finish.usage.map(|u| u.1))
             .execute(pool)
             .await?;
             Ok(())
@@ -680,7 +709,7 @@ impl Store {
     pub async fn session(&self, id: &str) -> Result<Option<Session>, StoreError> {
         with_reader!(self, |pool| {
             Ok(sqlx::query_as::<_, Session>(
-                "SELECT id, created_at, updated_at, active_run_id, owner, agent FROM sessions WHERE id = $1",
+                "SELECT id, created_at, updated_at, active_run_id, owner, agent, metadata FROM sessions WHERE id = $1",
             )
             .bind(id)
             .fetch_optional(pool)
@@ -798,7 +827,7 @@ pub(crate) fn refusal(
     match holder {
         None => BeginRunError::SessionNotFound,
         Some((_, owner, _)) if !reaches(caller, owner.as_deref()) => BeginRunError::SessionNotFound,
-        Some((_, _, held_by)) if agent.is_some_and(|a| a != held_by) => {
+        Some((_, _, held_by)) if !held_by.is_empty() && agent.is_some_and(|a| a != held_by) => {
             BeginRunError::WrongAgent { agent: held_by }
         }
         Some((active_run_id, _, _)) => BeginRunError::SessionBusy {
@@ -823,7 +852,7 @@ pub fn reaches(caller: Option<&str>, owner: Option<&str>) -> bool {
 }
 
 const RUN_COLUMNS: &str = "id, session_id, status, input, output, tokens_used, steps, \
-    error_code, error_message, created_at, finished_at";
+    error_code, error_message, created_at, finished_at, kwargs, input_tokens, output_tokens";
 
 /// The file an `sqlite:` URL keeps its database in; `None` for an
 /// in-memory database and for PostgreSQL. What a server locks so that one
@@ -971,6 +1000,9 @@ mod tests {
                 run_id: "r1",
                 input: "hello",
                 history: &[],
+                unbound_agent: "default",
+                dequeue: false,
+                kwargs: None,
                 now: 1,
                 lock_stale_before: 0,
                 first_event: event,

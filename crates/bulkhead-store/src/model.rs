@@ -14,8 +14,11 @@ pub struct Session {
     /// The tenant the session belongs to; `None` when it was made with
     /// authentication off.
     pub owner: Option<String>,
-    /// The agent the session belongs to, for life.
+    /// The agent the session belongs to, for life; `''` for a session made
+    /// before any run (a thread), until its first run binds it.
     pub agent: String,
+    /// The JSON object a client set on it (a thread's metadata), if any.
+    pub metadata: Option<String>,
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -77,6 +80,11 @@ pub struct Run {
     pub error_message: Option<String>,
     pub created_at: i64,
     pub finished_at: Option<i64>,
+    /// How a protocol's client asked for the run (JSON), for a run that
+    /// came through the run queue.
+    pub kwargs: Option<String>,
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -122,9 +130,19 @@ pub struct BeginRun<'a> {
     pub run_id: &'a str,
     pub input: &'a str,
     /// Stored before `input`, with this run's id, when this opening creates
-    /// the session (`New`, or `Named` on first use); ignored when it
-    /// continues one. What a client that keeps its own history sent.
+    /// the session (`New`, or `Named` on first use) or continues an
+    /// `Existing` one (whose caller knows it holds no conversation yet: a
+    /// thread's first run); ignored when it continues a `Named` one. What
+    /// a client that keeps its own history sent.
     pub history: &'a [NewMessage],
+    /// The agent an existing session that belongs to none yet (made before
+    /// any run, agent `''`) is bound to by this run.
+    pub unbound_agent: &'a str,
+    /// The run was queued: its row in `queued_runs` is taken in the same
+    /// transaction (refused with `NotQueued` if it is no longer pending),
+    /// and its `kwargs` kept on the run.
+    pub dequeue: bool,
+    pub kwargs: Option<&'a str>,
     pub now: i64,
     /// A session lock taken before this instant is considered abandoned.
     pub lock_stale_before: i64,
@@ -149,6 +167,9 @@ pub enum BeginRunError {
     /// The session belongs to another agent than the one asked for.
     #[error("session belongs to agent {agent}")]
     WrongAgent { agent: String },
+    /// A queued run that is no longer pending (cancelled, or started).
+    #[error("the run is no longer queued")]
+    NotQueued,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -172,6 +193,8 @@ pub struct FinishRun<'a> {
     pub output: Option<&'a str>,
     /// Error code and message of a run that did not complete.
     pub error: Option<(&'a str, &'a str)>,
+    /// Tokens the model's calls took in and gave out.
+    pub usage: Option<(i64, i64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,6 +18,9 @@ pub(crate) struct OwnedBeginRun {
     pub run_id: String,
     pub input: String,
     pub history: Vec<NewMessage>,
+    pub unbound_agent: String,
+    pub dequeue: bool,
+    pub kwargs: Option<String>,
     pub now: i64,
     pub lock_stale_before: i64,
     pub first_event: NewEvent,
@@ -46,6 +49,9 @@ impl OwnedBeginRun {
             run_id: begin.run_id.to_owned(),
             input: begin.input.to_owned(),
             history: begin.history.to_vec(),
+            unbound_agent: begin.unbound_agent.to_owned(),
+            dequeue: begin.dequeue,
+            kwargs: begin.kwargs.map(str::to_owned),
             now: begin.now,
             lock_stale_before: begin.lock_stale_before,
             first_event: begin.first_event.clone(),
@@ -135,15 +141,27 @@ pub(crate) fn begin_run(
             inserted == 1
         }
     };
+    // One writer: nothing can take the queued run between this look and
+    // the delete below, and a refusal here has written nothing.
+    if begin.dequeue {
+        let pending: Option<i64> = c
+            .prepare_cached("SELECT 1 FROM queued_runs WHERE id = ?1 AND status = 'pending'")?
+            .query_row(params![begin.run_id], |row| row.get(0))
+            .optional()?;
+        if pending.is_none() {
+            return Ok(Err(BeginRunError::NotQueued));
+        }
+    }
     let agent: String;
     if created {
         agent = begin.agent.clone().unwrap_or_default();
     } else {
         let locked: Option<String> = c
             .prepare_cached(
-                "UPDATE sessions SET active_run_id = ?1, locked_at = ?2, updated_at = ?2 \
+                "UPDATE sessions SET active_run_id = ?1, locked_at = ?2, updated_at = ?2, \
+                 agent = CASE WHEN agent = '' THEN ?7 ELSE agent END \
                  WHERE id = ?3 AND (active_run_id IS NULL OR locked_at < ?4) \
-                 AND (?5 IS NULL OR owner = ?5) AND (?6 IS NULL OR agent = ?6) \
+                 AND (?5 IS NULL OR owner = ?5) AND (?6 IS NULL OR agent = ?6 OR agent = '') \
                  RETURNING agent",
             )?
             .query_row(
@@ -153,7 +171,8 @@ pub(crate) fn begin_run(
                     session_id,
                     begin.lock_stale_before,
                     begin.owner,
-                    begin.agent
+                    begin.agent,
+                    begin.unbound_agent
                 ],
                 |row| row.get(0),
             )
@@ -188,12 +207,16 @@ pub(crate) fn begin_run(
                 .execute(params![begin.now, session_id])?;
         }
     }
+    if begin.dequeue {
+        c.prepare_cached("DELETE FROM queued_runs WHERE id = ?1")?
+            .execute(params![begin.run_id])?;
+    }
     c.prepare_cached(
-        "INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at) \
-         VALUES (?1, ?2, 'running', ?3, 0, 0, ?4)",
+        "INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at, kwargs) \
+         VALUES (?1, ?2, 'running', ?3, 0, 0, ?4, ?5)",
     )?
-    .execute(params![begin.run_id, session_id, begin.input, begin.now])?;
-    if created {
+    .execute(params![begin.run_id, session_id, begin.input, begin.now, begin.kwargs])?;
+    if created || begin.session == SessionMode::Existing {
         write_messages(c, session_id, &begin.run_id, &begin.history, begin.now)?;
     }
     c.prepare_cached(
@@ -278,6 +301,7 @@ pub(crate) struct OwnedFinish {
     pub status: &'static str,
     pub output: Option<String>,
     pub error: Option<(String, String)>,
+    pub usage: Option<(i64, i64)>,
 }
 
 impl OwnedFinish {
@@ -289,6 +313,7 @@ impl OwnedFinish {
             error: finish
                 .error
                 .map(|(code, message)| (code.to_owned(), message.to_owned())),
+            usage: finish.usage,
         }
     }
 }
@@ -299,7 +324,8 @@ pub(crate) fn finish_run(c: &Connection, finish: &OwnedFinish) -> Result<(), Sto
     insert_events(c, &progress.run_id, &progress.events)?;
     c.prepare_cached(
         "UPDATE runs SET status = ?1, output = ?2, tokens_used = ?3, steps = ?4, \
-         error_code = ?5, error_message = ?6, finished_at = ?7 WHERE id = ?8",
+         error_code = ?5, error_message = ?6, finished_at = ?7, \
+         input_tokens = ?9, output_tokens = ?10 WHERE id = ?8",
     )?
     .execute(params![
         finish.status,
@@ -309,7 +335,9 @@ pub(crate) fn finish_run(c: &Connection, finish: &OwnedFinish) -> Result<(), Sto
         finish.error.as_ref().map(|e| e.0.as_str()),
         finish.error.as_ref().map(|e| e.1.as_str()),
         progress.now,
-        progress.run_id
+        progress.run_id,
+        finish.usage.map(|u| u.0),
+        finish.usage.map(|u| u.1)
     ])?;
     c.prepare_cached(
         "UPDATE sessions SET active_run_id = NULL, locked_at = NULL, updated_at = ?1 \

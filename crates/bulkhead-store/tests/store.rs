@@ -40,6 +40,9 @@ fn begin<'a>(
         run_id,
         input: "hello",
         history: &[],
+        unbound_agent: "default",
+        dequeue: false,
+        kwargs: None,
         now,
         lock_stale_before: stale_before,
         first_event: started(now),
@@ -103,6 +106,7 @@ async fn finish(store: &Store, session_id: &str, run_id: &str, now: i64) {
             status: RunStatus::Completed,
             output: Some("hi"),
             error: None,
+            usage: Some((2, 1)),
         })
         .await
         .unwrap();
@@ -651,6 +655,9 @@ async fn a_new_session_can_be_opened_with_history(kind: DbKind) {
     let begun = store
         .begin_run(&BeginRun {
             history: &history,
+            unbound_agent: "default",
+            dequeue: false,
+            kwargs: None,
             ..begin(SessionRef::New("s1"), "r1", 1_000, 0)
         })
         .await
@@ -676,6 +683,9 @@ async fn a_new_session_can_be_opened_with_history(kind: DbKind) {
     let begun = store
         .begin_run(&BeginRun {
             history: &history,
+            unbound_agent: "default",
+            dequeue: false,
+            kwargs: None,
             ..begin(SessionRef::Existing("s1"), "r2", 1_200, 0)
         })
         .await
@@ -698,6 +708,9 @@ async fn a_named_session_is_made_once_then_continued(kind: DbKind) {
         owner,
         agent,
         history: &history,
+        unbound_agent: "default",
+        dequeue: false,
+        kwargs: None,
         ..begin(SessionRef::Named("n1"), run, now, 0)
     };
     let first = store

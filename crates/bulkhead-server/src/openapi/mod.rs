@@ -40,6 +40,7 @@ use crate::routes::openai::OpenAiErrorBody;
         (name = "documentation", description = "This document and its page (open)"),
         (name = "keys", description = "API keys, for whoever holds ADMIN_TOKEN (the admin API is off without it)"),
         (name = "openai", description = "The OpenAI-compatible API: each agent is a model (errors in OpenAI's shape)"),
+        (name = "langgraph", description = "LangGraph's Agent Server API, as `langgraph-sdk` and Agent Chat UI speak it: assistants are the agents, threads are sessions (errors as `{\"detail\"}`)"),
     ),
     components(schemas(ErrorBody, OpenAiErrorBody)),
     modifiers(&Keys),

@@ -299,6 +299,7 @@ pub async fn post_agent(
             stream,
             owner: caller.tenant().map(str::to_string),
             account,
+            queued: None,
         })
         .await
         .map_err(start_error)?;
@@ -341,6 +342,12 @@ pub(crate) fn start_error(error: StartError) -> ApiError {
         )
         .with("session_id", session_id)
         .with("active_run_id", active_run_id),
+        // Only the run queue starts queued runs, and it handles this.
+        StartError::NotQueued => ApiError::new(
+            StatusCode::CONFLICT,
+            "run_not_queued",
+            "the run is no longer queued",
+        ),
         StartError::Store(e) => ApiError::internal(&e),
     }
 }

@@ -146,34 +146,39 @@ pub async fn decide(
         .engine
         .decide(&id, &call_id, decision, stream, account)
         .await
-        .map_err(|e| match e {
-            DecideError::RunNotFound => ApiError::not_found("run_not_found", "no run has this id"),
-            DecideError::NotAwaiting { status } => ApiError::new(
-                StatusCode::CONFLICT,
-                "not_awaiting_approval",
-                format!("the run waits for no decision: it is {status}"),
-            )
-            .with("status", status),
-            DecideError::UnknownCall { awaiting } => ApiError::unprocessable(
-                "unknown_call_id",
-                format!("the run waits for a decision on call {awaiting:?}, not on this one"),
-            )
-            .with("awaiting_call_id", awaiting),
-            DecideError::AlreadyDecided => ApiError::new(
-                StatusCode::CONFLICT,
-                "already_decided",
-                "this call has been decided already (by someone else, or it expired)",
-            ),
-            DecideError::ShuttingDown => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "the server is shutting down; retry on another instance",
-            ),
-            DecideError::Store(e) => ApiError::internal(&e),
-        })?;
+        .map_err(decide_error)?;
     if stream {
         Ok(event_stream(handle))
     } else {
         finished(handle).await
+    }
+}
+
+/// A decision the engine refused, as an answer.
+pub(crate) fn decide_error(e: DecideError) -> ApiError {
+    match e {
+        DecideError::RunNotFound => ApiError::not_found("run_not_found", "no run has this id"),
+        DecideError::NotAwaiting { status } => ApiError::new(
+            StatusCode::CONFLICT,
+            "not_awaiting_approval",
+            format!("the run waits for no decision: it is {status}"),
+        )
+        .with("status", status),
+        DecideError::UnknownCall { awaiting } => ApiError::unprocessable(
+            "unknown_call_id",
+            format!("the run waits for a decision on call {awaiting:?}, not on this one"),
+        )
+        .with("awaiting_call_id", awaiting),
+        DecideError::AlreadyDecided => ApiError::new(
+            StatusCode::CONFLICT,
+            "already_decided",
+            "this call has been decided already (by someone else, or it expired)",
+        ),
+        DecideError::ShuttingDown => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down; retry on another instance",
+        ),
+        DecideError::Store(e) => ApiError::internal(&e),
     }
 }

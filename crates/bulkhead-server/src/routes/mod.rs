@@ -5,6 +5,7 @@ mod agent;
 mod agents;
 mod approvals;
 mod health;
+pub mod langgraph;
 pub mod openai;
 mod sessions;
 
@@ -54,6 +55,28 @@ pub(crate) fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(openai::models::get_model))
         .routes(routes!(openai::chat::chat_completions))
         .routes(routes!(openai::responses::create_response))
+        .routes(routes!(langgraph::assistants::search_assistants))
+        .routes(routes!(langgraph::assistants::get_assistant))
+        .routes(routes!(langgraph::threads::create_thread))
+        .routes(routes!(langgraph::threads::search_threads))
+        .routes(routes!(langgraph::threads::count_threads))
+        .routes(routes!(
+            langgraph::threads::get_thread,
+            langgraph::threads::patch_thread,
+            langgraph::threads::delete_thread
+        ))
+        .routes(routes!(langgraph::threads::get_state))
+        .routes(routes!(langgraph::threads::get_history))
+        .routes(routes!(langgraph::runs::create_run, langgraph::runs::list_runs))
+        .routes(routes!(langgraph::runs::wait_run))
+        .routes(routes!(langgraph::runs::stream_run))
+        .routes(routes!(langgraph::runs::create_stateless_run))
+        .routes(routes!(langgraph::runs::wait_stateless_run))
+        .routes(routes!(langgraph::runs::stream_stateless_run))
+        .routes(routes!(langgraph::runs::get_run, langgraph::runs::delete_run))
+        .routes(routes!(langgraph::runs::join_run))
+        .routes(routes!(langgraph::runs::join_stream))
+        .routes(routes!(langgraph::runs::cancel_run))
 }
 
 pub fn router(state: AppState) -> Router {
@@ -93,6 +116,8 @@ pub fn router(state: AppState) -> Router {
             // Around the door and the panic catcher: every error a `/v1`
             // client can see is in OpenAI's shape.
             .layer(axum::middleware::from_fn(openai::openai_errors))
+            // Likewise for LangGraph's routes, in its server's shape.
+            .layer(axum::middleware::from_fn(langgraph::langgraph_errors))
             .layer(CatchPanicLayer::custom(panic_response)),
     )
 }

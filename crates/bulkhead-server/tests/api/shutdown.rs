@@ -141,6 +141,9 @@ async fn a_stored_call_without_its_result_does_not_poison_the_session(kind: DbKi
             run_id: run,
             input: "tool:shell {}",
             history: &[],
+            unbound_agent: "default",
+            dequeue: false,
+            kwargs: None,
             now,
             lock_stale_before: 0,
             first_event: NewEvent {
@@ -176,6 +179,7 @@ async fn a_stored_call_without_its_result_does_not_poison_the_session(kind: DbKi
                 "run_interrupted",
                 "the server shut down before the run finished",
             )),
+            usage: None,
         })
         .await
         .unwrap();

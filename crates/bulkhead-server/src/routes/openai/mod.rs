@@ -232,6 +232,7 @@ pub(crate) async fn start(
                 usage: Arc::clone(&usage),
                 door,
             })),
+            queued: None,
         })
         .await
         .map_err(|e| crate::routes::agent::start_error(e).into_response())?;
