@@ -42,7 +42,7 @@ HEADLINE_SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 STARTS = int(os.environ.get("BENCH_STARTS", "7"))
 STREAM_RUNS = int(os.environ.get("BENCH_STREAM_RUNS", "10000"))
 LANGGRAPH_SECONDS = float(os.environ.get("BENCH_LANGGRAPH_SECONDS", "10"))
-LANGGRAPH_CONCURRENCY = [int(c) for c in os.environ.get("BENCH_LANGGRAPH_CONCURRENCY", "1,4,16").split(",")]
+LANGGRAPH_CONCURRENCY = [int(c) for c in os.environ.get("BENCH_LANGGRAPH_CONCURRENCY", "1,4,16,64").split(",")]
 LANGGRAPH_HEADLINE = 16
 
 # The targets of PRODUCT.md.
