@@ -4,7 +4,9 @@ Called by `bench/run` (which makes the virtual environment). Measures both
 services with wrk, the servers pinned to one half of the cores and the load
 generator to the other, then Bulkhead alone with its front door (keys,
 limits, metrics, traces) on and off, its OpenAI-compatible API against
-the mock model it calls (`--openai` for that part alone), on PostgreSQL,
+the mock model it calls (`--openai` for that part alone), its LangGraph
+Agent Server API against LangGraph's own in-memory server with the same
+langgraph-sdk workload (`--langgraph` for that part alone), on PostgreSQL,
 under 10,000
 concurrent streaming runs, in its sandboxes and as an image. Writes
 bench/results/run-<commit>-<time>.{json,md} and PNG plots, and prints the
