@@ -4,7 +4,9 @@ Called by `bench/run` (which makes the virtual environment). Measures both
 services with wrk, the servers pinned to one half of the cores and the load
 generator to the other, then Bulkhead alone with its front door (keys,
 limits, metrics, traces) on and off, its OpenAI-compatible API against
-the mock model it calls (`--openai` for that part alone), on PostgreSQL,
+the mock model it calls (`--openai` for that part alone), its LangGraph
+Agent Server API against LangGraph's own in-memory server with the same
+langgraph-sdk workload (`--langgraph` for that part alone), on PostgreSQL,
 under 10,000
 concurrent streaming runs, in its sandboxes and as an image. Writes
 bench/results/run-<commit>-<time>.{json,md} and PNG plots, and prints the
@@ -32,6 +34,8 @@ STREAM_LOAD = ROOT / "target" / "release" / "stream-load"
 SANDBOX_BENCH = ROOT / "target" / "release" / "examples" / "sandbox_bench"
 REFERENCE = Path(os.environ.get("BULKHEAD_REFERENCE_DIR", ROOT / "bench" / "reference" / "fastapi-agent"))
 VENV = Path(os.environ.get("BULKHEAD_BENCH_VENV", ROOT / "bench" / ".venv"))
+LANGGRAPH_DIR = ROOT / "bench" / "langgraph"
+LANGGRAPH_VENV = Path(os.environ.get("BULKHEAD_LANGGRAPH_VENV", ROOT / "bench" / ".venv-langgraph"))
 
 CONNECTIONS = [1, 4, 16, 64, 256]
 HEADLINE = 64
@@ -39,6 +43,9 @@ SWEEP_SECONDS = int(os.environ.get("BENCH_SWEEP_SECONDS", "4"))
 HEADLINE_SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 STARTS = int(os.environ.get("BENCH_STARTS", "7"))
 STREAM_RUNS = int(os.environ.get("BENCH_STREAM_RUNS", "10000"))
+LANGGRAPH_SECONDS = float(os.environ.get("BENCH_LANGGRAPH_SECONDS", "10"))
+LANGGRAPH_CONCURRENCY = [int(c) for c in os.environ.get("BENCH_LANGGRAPH_CONCURRENCY", "1,4,16,64").split(",")]
+LANGGRAPH_HEADLINE = 16
 
 # The targets of PRODUCT.md.
 TARGETS = {
@@ -128,17 +135,26 @@ def rss_kb(pid, field="VmRSS"):
 class Server:
     """A service under test, pinned to the server cores."""
 
-    def __init__(self, name, argv, env, port, cwd=None):
+    ready_path = "/ready"
+
+    def __init__(self, name, argv, env, port, cwd=None, log=None):
+        """`log`: a file for the server's stdout and stderr (for chatty
+        servers, whose stderr would fill an unread pipe); by default stdout
+        is dropped and stderr kept for the error message."""
         self.name, self.port = name, port
         self.started = time.perf_counter()
+        self.log = log
+        out = open(log, "wb") if log else None
         self.process = subprocess.Popen(
             ["taskset", "-c", SERVER_CPUS, *argv],
             env=env,
             cwd=cwd,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdout=out or subprocess.DEVNULL,
+            stderr=out or subprocess.PIPE,
             preexec_fn=raise_nofile,
         )
+        if out:
+            out.close()
 
     @property
     def base(self):
@@ -148,12 +164,17 @@ class Server:
         """Seconds from spawn to the first 200 from /ready."""
         deadline = self.started + timeout
         while time.perf_counter() < deadline:
-            if get(self.base + "/ready", timeout=0.5) == 200:
+            if get(self.base + self.ready_path, timeout=0.5) == 200:
                 return time.perf_counter() - self.started
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.process.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"{self.name} exited: {self.output()}")
             time.sleep(0.0005)
         raise RuntimeError(f"{self.name} not ready within {timeout}s")
+
+    def output(self):
+        if self.log:
+            return Path(self.log).read_bytes().decode(errors="replace")[-2000:]
+        return self.process.stderr.read().decode()[-2000:]
 
     def rss_mb(self, field="VmRSS"):
         return rss_kb(self.process.pid, field) / 1024
@@ -482,6 +503,19 @@ def table(results):
         verdict(b["idle_rss_mb"], TARGETS["idle_rss_mb"]))
     row("resident memory, `/agent` load (peak)", f"{b['peak_rss_mb']:.1f} MB", f"{r['peak_rss_mb']:.1f} MB",
         "", "", "")
+    lg = results.get("langgraph")
+    if lg:
+        for phase, call in (("wait", "runs.wait"), ("stream", "runs.stream")):
+            b_lg = langgraph_point(lg, "bulkhead", phase, LANGGRAPH_HEADLINE)
+            g_lg = langgraph_point(lg, "langgraph", phase, LANGGRAPH_HEADLINE)
+            if b_lg and g_lg:
+                row(f"LangGraph SDK: thread + `{call}`, {LANGGRAPH_HEADLINE} workers: runs/s, p50 / p99",
+                    f"{b_lg['rps']:,.0f}, {b_lg['p50_ms']:.1f} / {b_lg['p99_ms']:.1f} ms", "",
+                    f"LangGraph in-memory: {g_lg['rps']:,.0f}, {g_lg['p50_ms']:.0f} / {g_lg['p99_ms']:.0f} ms "
+                    f"({b_lg['rps'] / max(g_lg['rps'], 1e-9):.1f}×)", "", f"{b_lg['errors']} errors")
+        row("resident memory, LangGraph SDK load (peak, process tree)",
+            f"{max(p['peak_rss_mb'] for p in lg['bulkhead']):.1f} MB", "",
+            f"LangGraph in-memory: {max(p['peak_rss_mb'] for p in lg['langgraph']):.1f} MB", "", "")
     pg = results.get("postgres")
     if pg:
         row("`/agent` on PostgreSQL req/s, p50 / p99", f"{pg['rps']:,.0f}, {pg['p50_ms']:.2f} / {pg['p99_ms']:.2f} ms",
@@ -662,6 +696,218 @@ def front_door_only():
           f"without exporting traces: {door['cost_without_traces_pct']:.1f} %")
 
 
+# --- The LangGraph Agent Server API, Bulkhead's and LangGraph's own -------
+
+def tree_pids(pid):
+    """The process and all its descendants."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        todo.extend(children.get(current, []))
+    return pids
+
+
+def tree_rss_mb(pid):
+    """Resident memory of the process tree: the sum of each process's RSS."""
+    return sum(rss_kb(p) for p in tree_pids(pid)) / 1024
+
+
+def tree_cpu_s(pid):
+    """CPU time (user + system) the process tree has used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+class LangGraphServer(Server):
+    """LangGraph's own Agent Server in its in-memory mode, as its docs start
+    it for local use: `langgraph dev` (langgraph-cli[inmem]), in a fresh
+    project folder holding the echo graph and its langgraph.json, with no
+    browser, no hot reload (a file watcher and a process that is not the
+    server's), and nothing sent out: no LangSmith tracing, no CLI analytics,
+    no version check. It keeps its state in memory and flushes it to
+    `.langgraph_api/` in that folder every 10 s, as `langgraph dev` does."""
+
+    ready_path = "/ok"
+
+    def __init__(self):
+        port = free_port()
+        self.data = Path(tempfile.mkdtemp(prefix="langgraph-bench-"))
+        for name in ("echo_graph.py", "langgraph.json"):
+            shutil.copy(LANGGRAPH_DIR / name, self.data / name)
+        env = {
+            "PATH": f"{LANGGRAPH_VENV}/bin:" + os.environ["PATH"],
+            "HOME": os.environ.get("HOME", "/root"),
+            "LANGSMITH_TRACING": "false",
+            "LANGCHAIN_TRACING_V2": "false",
+            # langgraph_cli.analytics: no anonymous usage report per command.
+            "LANGGRAPH_CLI_NO_ANALYTICS": "1",
+            # langgraph_api.cli: no PyPI query for a newer langgraph-api.
+            "LANGGRAPH_NO_VERSION_CHECK": "true",
+        }
+        argv = [str(LANGGRAPH_VENV / "bin" / "langgraph"), "dev", "--no-browser", "--no-reload",
+                "--host", "127.0.0.1", "--port", str(port)]
+        super().__init__("langgraph", argv, env, port, cwd=self.data, log=self.data / "server.log")
+
+
+def langgraph_sides():
+    """The two servers of the comparison: how to start each, and the
+    assistant the workload names (Bulkhead's only agent is `default`; the
+    echo graph is `agent` in its langgraph.json)."""
+    return {
+        "bulkhead": (lambda: bulkhead(extra={"AUTH_MODE": "none"}), "default"),
+        "langgraph": (LangGraphServer, "agent"),
+    }
+
+
+def langgraph_workload(server, assistant, phase, concurrency):
+    """One point: bench/langgraph/workload.py on the load cores against a
+    server, sampling the server tree's memory meanwhile."""
+    import threading
+
+    argv = ["taskset", "-c", LOAD_CPUS, str(LANGGRAPH_VENV / "bin" / "python"),
+            str(LANGGRAPH_DIR / "workload.py"), "--url", server.base, "--assistant", assistant,
+            "--phases", phase, "--concurrency", str(concurrency),
+            "--seconds", str(LANGGRAPH_SECONDS), "--warmup", "2"]
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
+    pid = server.process.pid
+    peak, done = [tree_rss_mb(pid)], threading.Event()
+
+    def sample():
+        while not done.wait(0.1):
+            peak[0] = max(peak[0], tree_rss_mb(pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    cpu_before = tree_cpu_s(pid)
+    try:
+        output = subprocess.run(argv, env=env, capture_output=True, text=True,
+                                timeout=LANGGRAPH_SECONDS + 180, preexec_fn=raise_nofile)
+    finally:
+        done.set()
+        sampler.join()
+    server_cpu = tree_cpu_s(pid) - cpu_before
+    if output.returncode != 0:
+        raise RuntimeError(f"workload against {server.name} failed: {output.stderr[-2000:]}")
+    point = json.loads(output.stdout)["phases"][phase]
+    point["rss_after_mb"] = tree_rss_mb(pid)
+    point["peak_rss_mb"] = max(peak[0], point["rss_after_mb"])
+    point["server_cpu_s"] = server_cpu
+    # Server CPU per iteration, over all the iterations that ended (warm-up
+    # included, as in the CPU time): comparable even where the load
+    # generator, not the server, is the limit.
+    point["server_cpu_ms_per_run"] = 1000 * server_cpu / max(point["completed_with_warmup"], 1)
+    return point
+
+
+def measure_langgraph():
+    """The same langgraph-sdk workload against Bulkhead (its LangGraph API,
+    the in-process mock model, SQLite) and LangGraph's in-memory server
+    (the echo graph): per phase (`runs.wait`, `runs.stream`) and number of
+    concurrent workers, a fresh server of each, one after the other."""
+    sides = langgraph_sides()
+    result = {"seconds_per_point": LANGGRAPH_SECONDS, "concurrency": LANGGRAPH_CONCURRENCY,
+              **{name: [] for name in sides}}
+    for phase in ("wait", "stream"):
+        for concurrency in LANGGRAPH_CONCURRENCY:
+            for name, (make, assistant) in sides.items():
+                server = make()
+                try:
+                    ready = server.wait_ready(timeout=120)
+                    time.sleep(1.0)
+                    idle = tree_rss_mb(server.process.pid)
+                    log(f"langgraph API: {name}, runs.{phase}, {concurrency} workers, {LANGGRAPH_SECONDS:g}s")
+                    point = langgraph_workload(server, assistant, phase, concurrency)
+                    point.update(phase=phase, ready_ms=ready * 1000, idle_rss_mb=idle)
+                    result[name].append(point)
+                finally:
+                    server.stop()
+                    shutil.rmtree(server.data, ignore_errors=True)
+    return result
+
+
+def langgraph_point(result, name, phase, concurrency):
+    return next((p for p in result[name] if p["phase"] == phase and p["concurrency"] == concurrency), None)
+
+
+def langgraph_rows(result):
+    """The side-by-side table of `bench/run --langgraph`."""
+    ms = lambda v: "–" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:.1f}")
+    lines = [
+        "| SDK call | workers | Bulkhead runs/s | Bulkhead p50 / p99 | LangGraph runs/s | LangGraph p50 / p99 "
+        "| runs/s ratio | errors (B / LG) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    calls = {"wait": "`threads.create` + `runs.wait`", "stream": "`threads.create` + `runs.stream` (values)"}
+    for phase in ("wait", "stream"):
+        for concurrency in result["concurrency"]:
+            b = langgraph_point(result, "bulkhead", phase, concurrency)
+            g = langgraph_point(result, "langgraph", phase, concurrency)
+            if not b or not g:
+                continue
+            lines.append(
+                f"| {calls[phase]} | {concurrency} | {b['rps']:,.1f} | {ms(b['p50_ms'])} / {ms(b['p99_ms'])} ms "
+                f"| {g['rps']:,.1f} | {ms(g['p50_ms'])} / {ms(g['p99_ms'])} ms "
+                f"| {b['rps'] / max(g['rps'], 1e-9):,.1f}× | {b['errors']} / {g['errors']} |")
+    lines += ["", "| | Bulkhead | LangGraph (in-memory) |", "|---|---|---|"]
+    both = {name: result[name] for name in ("bulkhead", "langgraph")}
+    pick = lambda name, key, f: f(p[key] for p in both[name])
+    lines.append(f"| start to ready (median) | {ms(statistics.median(p['ready_ms'] for p in both['bulkhead']))} ms "
+                 f"| {ms(statistics.median(p['ready_ms'] for p in both['langgraph']))} ms |")
+    lines.append(f"| resident memory, idle (process tree, 1 s after ready, largest) "
+                 f"| {pick('bulkhead', 'idle_rss_mb', max):.1f} MB | {pick('langgraph', 'idle_rss_mb', max):.1f} MB |")
+    lines.append(f"| resident memory after the load (largest over the points) "
+                 f"| {pick('bulkhead', 'rss_after_mb', max):.1f} MB | {pick('langgraph', 'rss_after_mb', max):.1f} MB |")
+    lines.append(f"| resident memory, peak during the load "
+                 f"| {pick('bulkhead', 'peak_rss_mb', max):.1f} MB | {pick('langgraph', 'peak_rss_mb', max):.1f} MB |")
+    for phase in ("wait", "stream"):
+        b = langgraph_point(result, "bulkhead", phase, LANGGRAPH_HEADLINE)
+        g = langgraph_point(result, "langgraph", phase, LANGGRAPH_HEADLINE)
+        if b and g:
+            lines.append(f"| server CPU per iteration, {phase}, {LANGGRAPH_HEADLINE} workers "
+                         f"| {b['server_cpu_ms_per_run']:.2f} ms | {g['server_cpu_ms_per_run']:.2f} ms |")
+            lines.append(f"| load generator's CPU, {phase}, {LANGGRAPH_HEADLINE} workers (share of its core) "
+                         f"| {100 * b['client_cpu_share']:.0f} % | {100 * g['client_cpu_share']:.0f} % |")
+    return "\n".join(lines)
+
+
+def langgraph_only():
+    """`bench/run --langgraph`: only the LangGraph API comparison."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    started = time.time()
+    result = measure_langgraph()
+    result.update(commit=commit, time=stamp, cores=os.cpu_count(), server_cpus=SERVER_CPUS,
+                  load_cpus=LOAD_CPUS, seconds=round(time.time() - started))
+    stem = f"langgraph-{commit}-{stamp}"
+    markdown = (f"Run {commit} at {stamp} on {result['cores']} cores (servers on CPU {SERVER_CPUS}, "
+                f"the SDK workload on CPU {LOAD_CPUS}), {LANGGRAPH_SECONDS:g} s per point after a 2 s "
+                f"warm-up, in {result['seconds']} s.\n\n" + langgraph_rows(result) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{stem}.md").write_text(markdown)
+    print(markdown)
+    log(f"written: bench/results/{stem}.json and .md")
+
+
 def main():
     if "--front-door" in sys.argv[1:]:
         raise_nofile()
@@ -670,6 +916,10 @@ def main():
     if "--openai" in sys.argv[1:]:
         raise_nofile()
         openai_only()
+        return
+    if "--langgraph" in sys.argv[1:]:
+        raise_nofile()
+        langgraph_only()
         return
     raise_nofile()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -689,6 +939,7 @@ def main():
     results["bulkhead"] = measure_service(bulkhead, "bulkhead")
     results["front_door"] = measure_front_door()
     results["openai"] = measure_openai()
+    results["langgraph"] = measure_langgraph()
     results["postgres"] = measure_postgres()
     results["streams"] = measure_streams()
     results["sandboxes"] = measure_sandboxes()
@@ -698,6 +949,9 @@ def main():
     results["plots"] = plots(results, stem)
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
     markdown = table(results)
+    if results.get("langgraph"):
+        markdown += "\nThe LangGraph Agent Server API, the same langgraph-sdk workload:\n\n"
+        markdown += langgraph_rows(results["langgraph"]) + "\n"
     (RESULTS / f"{stem}.md").write_text(markdown)
     (RESULTS / "latest.md").write_text(markdown)
     print(markdown)
