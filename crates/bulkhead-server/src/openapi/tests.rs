@@ -9,13 +9,14 @@ fn json() -> Value {
 }
 
 /// What anyone may call, without a key (`/metrics` once it is served).
-const OPEN: [&str; 6] = [
+const OPEN: [&str; 7] = [
     "/health",
     "/ready",
     "/ready/replica",
     "/openapi.json",
     "/docs",
     "/metrics",
+    "/info",
 ];
 const METHODS: [&str; 8] = [
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
