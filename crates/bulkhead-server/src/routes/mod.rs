@@ -68,19 +68,19 @@ pub(crate) fn api() -> OpenApiRouter<AppState> {
         ))
         .routes(routes!(langgraph::threads::get_state))
         .routes(routes!(langgraph::threads::get_history))
-        .routes(routes!(langgraph::runs::create_run, langgraph::runs::list_runs))
+        .routes(routes!(langgraph::runs::create_run, langgraph::run_control::list_runs))
         .routes(routes!(langgraph::runs::wait_run))
         .routes(routes!(langgraph::runs::stream_run))
         .routes(routes!(langgraph::runs::create_stateless_run))
         .routes(routes!(langgraph::runs::wait_stateless_run))
         .routes(routes!(langgraph::runs::stream_stateless_run))
         .routes(routes!(
-            langgraph::runs::get_thread_run,
-            langgraph::runs::delete_thread_run
+            langgraph::run_control::get_thread_run,
+            langgraph::run_control::delete_thread_run
         ))
-        .routes(routes!(langgraph::runs::join_run))
-        .routes(routes!(langgraph::runs::join_stream))
-        .routes(routes!(langgraph::runs::cancel_run))
+        .routes(routes!(langgraph::run_control::join_run))
+        .routes(routes!(langgraph::run_control::join_stream))
+        .routes(routes!(langgraph::run_control::cancel_run))
 }
 
 /// `CORS_ALLOWED_ORIGINS` as a layer: a browser page of those origins may

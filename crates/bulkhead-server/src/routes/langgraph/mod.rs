@@ -10,8 +10,10 @@
 pub mod assistants;
 mod errors;
 mod messages;
+pub mod run_control;
 pub mod runs;
 mod stream;
+mod translate;
 pub mod threads;
 
 use std::collections::HashMap;
