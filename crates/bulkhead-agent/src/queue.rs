@@ -146,7 +146,11 @@ impl Engine {
                     return;
                 }
             };
-            let history = next.history.as_deref().map(history_from_json).unwrap_or_default();
+            let history = next
+                .history
+                .as_deref()
+                .map(history_from_json)
+                .unwrap_or_default();
             let account = self.queue.take_account(&next.id);
             let started = self
                 .start_run(StartRun {
@@ -175,13 +179,18 @@ impl Engine {
                     tracing::warn!(run_id = %next.id, error = %e, "could not start a queued run");
                     return;
                 }
-                Err(e @ (StartError::SessionNotFound
-                | StartError::UnknownAgent(_)
-                | StartError::WrongAgent { .. })) => {
+                Err(
+                    e @ (StartError::SessionNotFound
+                    | StartError::UnknownAgent(_)
+                    | StartError::WrongAgent { .. }),
+                ) => {
                     // It can never start: leave it cancelled, not blocking
                     // the runs queued after it.
                     tracing::warn!(run_id = %next.id, error = %e, "a queued run cannot start; it is cancelled");
-                    let _ = self.store.cancel_queued_run(&next.id, false, now_ms()).await;
+                    let _ = self
+                        .store
+                        .cancel_queued_run(&next.id, false, now_ms())
+                        .await;
                 }
             }
         }

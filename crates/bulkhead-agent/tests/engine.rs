@@ -136,7 +136,7 @@ async fn a_run_carries_the_history_it_is_given_and_a_name_finds_its_session() {
         stream: false,
         owner: Some("team-a".into()),
         account: None,
-            queued: None,
+        queued: None,
     };
     let (_, bare) = tokens(&engine, start(None, false, Vec::new())).await;
     let history = || {

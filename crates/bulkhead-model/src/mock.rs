@@ -184,7 +184,13 @@ impl MockModel {
     /// The wait a conversation ending in a user's `sleep:<ms>` asks for.
     pub fn asked_delay(messages: &[ChatMessage]) -> Option<Duration> {
         let last = messages.last().filter(|m| m.role == "user")?;
-        let ms: u64 = last.content.as_deref()?.strip_prefix("sleep:")?.trim().parse().ok()?;
+        let ms: u64 = last
+            .content
+            .as_deref()?
+            .strip_prefix("sleep:")?
+            .trim()
+            .parse()
+            .ok()?;
         (ms <= 60_000).then(|| Duration::from_millis(ms))
     }
 

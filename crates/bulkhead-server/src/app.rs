@@ -537,7 +537,7 @@ fn spawn_approval_expiry(engine: &Arc<Engine>) {
             };
             if engine.is_accepting() {
                 engine.expire_approvals().await;
-                if ticks % 5 == 0 {
+                if ticks.is_multiple_of(5) {
                     engine.dispatch_all().await;
                 }
             }

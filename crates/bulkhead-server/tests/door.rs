@@ -396,7 +396,12 @@ async fn every_protected_route_needs_a_valid_key(kind: DbKind) {
         ("POST", "/runs/stream".to_string()),
     ] {
         let answer = app
-            .call(None, method, &path, Some(json!({"assistant_id": "default"})))
+            .call(
+                None,
+                method,
+                &path,
+                Some(json!({"assistant_id": "default"})),
+            )
             .await;
         assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{method} {path}");
         assert!(
@@ -406,7 +411,11 @@ async fn every_protected_route_needs_a_valid_key(kind: DbKind) {
             "{method} {path}: {}",
             answer.body
         );
-        assert!(answer.headers.contains_key(reqwest::header::WWW_AUTHENTICATE));
+        assert!(
+            answer
+                .headers
+                .contains_key(reqwest::header::WWW_AUTHENTICATE)
+        );
     }
     for open in ["/health", "/ready", "/ready/replica", "/info"] {
         let answer = app.call(None, "GET", open, None).await;
@@ -890,7 +899,11 @@ async fn a_planner_sends_its_peers_their_keys(kind: DbKind) {
 /// API with its key (the preflight carries none, and is answered before
 /// the door) and read where a run is; another origin gets no CORS grant.
 async fn allowed_origins_may_call_from_a_browser(kind: DbKind) {
-    let app = spawn_app(kind, &[("CORS_ALLOWED_ORIGINS", "https://chat.example.com")]).await;
+    let app = spawn_app(
+        kind,
+        &[("CORS_ALLOWED_ORIGINS", "https://chat.example.com")],
+    )
+    .await;
     let key = app.key_named("browser").await;
     let client = reqwest::Client::new();
     let preflight = |origin: &str| {

@@ -488,14 +488,12 @@ impl Store {
         };
         if begin.dequeue {
             // Locked first, so a refusal above left the queue as it was.
-            let taken = sqlx::query(
-                "DELETE FROM queued_runs WHERE id = $1 AND status = 'pending'",
-            )
-            .bind(begin.run_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from)?
-            .rows_affected();
+            let taken = sqlx::query("DELETE FROM queued_runs WHERE id = $1 AND status = 'pending'")
+                .bind(begin.run_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from)?
+                .rows_affected();
             if taken == 0 {
                 return Err(BeginRunError::NotQueued);
             }
@@ -512,12 +510,12 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(StoreError::from)?;
-        let history: &[NewMessage] =
-            if created || matches!(begin.session, SessionRef::Existing(_)) {
-                begin.history
-            } else {
-                &[]
-            };
+        let history: &[NewMessage] = if created || matches!(begin.session, SessionRef::Existing(_))
+        {
+            begin.history
+        } else {
+            &[]
+        };
         // The history, then the user's message: one list, so one insert
         // in their order.
         let mut messages = Vec::with_capacity(history.len() + 1);

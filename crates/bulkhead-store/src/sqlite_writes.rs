@@ -215,7 +215,13 @@ pub(crate) fn begin_run(
         "INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at, kwargs) \
          VALUES (?1, ?2, 'running', ?3, 0, 0, ?4, ?5)",
     )?
-    .execute(params![begin.run_id, session_id, begin.input, begin.now, begin.kwargs])?;
+    .execute(params![
+        begin.run_id,
+        session_id,
+        begin.input,
+        begin.now,
+        begin.kwargs
+    ])?;
     if created || begin.session == SessionMode::Existing {
         write_messages(c, session_id, &begin.run_id, &begin.history, begin.now)?;
     }

@@ -32,27 +32,8 @@ const CORS_ORIGIN: &str = "https://chat.example.com";
 /// The longest the whole suite may take before it counts as hung.
 const SUITE_DEADLINE: Duration = Duration::from_secs(900);
 
-/// The venv's python with `langgraph_sdk` and `pytest`, or `None` (a skip)
-/// outside CI.
-fn python() -> Option<&'static str> {
-    let python = "tools-python3";
-    let usable = Command::new(python)
-        .args(["-c", "import langgraph_sdk, pytest"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if usable {
-        return Some(python);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "tools-python3 with langgraph-sdk and pytest must be on PATH under CI (scripts/ensure-tools)"
-    );
-    eprintln!("skipped: no tools-python3 with langgraph-sdk and pytest (run scripts/ensure-tools)");
-    None
-}
-
 async fn the_langgraph_sdk_drives_every_call(kind: DbKind) {
-    let Some(python) = python() else {
+    let Some(python) = support::tools_python("langgraph_sdk, pytest") else {
         return;
     };
     let db = TestDb::new(kind).await;

@@ -25,28 +25,9 @@ agents:
         current_time: ask
 ";
 
-/// The venv's python with `openai` and `pytest`, or `None` (a skip)
-/// outside CI.
-fn python() -> Option<&'static str> {
-    let python = "tools-python3";
-    let usable = Command::new(python)
-        .args(["-c", "import openai, pytest"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if usable {
-        return Some(python);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "tools-python3 with openai and pytest must be on PATH under CI (scripts/ensure-tools)"
-    );
-    eprintln!("skipped: no tools-python3 with openai and pytest (run scripts/ensure-tools)");
-    None
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_sdk_talks_to_every_agent() {
-    let Some(python) = python() else {
+    let Some(python) = support::tools_python("openai, pytest") else {
         return;
     };
     let db = TestDb::new(DbKind::Sqlite).await;

@@ -624,7 +624,9 @@ fn cors_origins(raw: Option<String>) -> Result<Vec<String>, ConfigError> {
         if parsed.is_none() {
             return Err(reader::invalid(
                 "CORS_ALLOWED_ORIGINS",
-                format!("{origin:?} is not an origin: write scheme://host[:port] (no path, no trailing slash), or *"),
+                format!(
+                    "{origin:?} is not an origin: write scheme://host[:port] (no path, no trailing slash), or *"
+                ),
             ));
         }
         origins.push(origin.to_string());

@@ -185,9 +185,10 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
         .is_some_and(|length| length != "0")
         || request.headers().contains_key(header::TRANSFER_ENCODING);
     let mut response = admit(state, request, next).await;
-    if has_body && (response.status() == StatusCode::UNAUTHORIZED
-        || response.status() == StatusCode::TOO_MANY_REQUESTS
-        || response.status() == StatusCode::SERVICE_UNAVAILABLE)
+    if has_body
+        && (response.status() == StatusCode::UNAUTHORIZED
+            || response.status() == StatusCode::TOO_MANY_REQUESTS
+            || response.status() == StatusCode::SERVICE_UNAVAILABLE)
         && response.extensions().get::<Refusal>().is_some()
     {
         response

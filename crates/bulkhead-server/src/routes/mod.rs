@@ -68,7 +68,10 @@ pub(crate) fn api() -> OpenApiRouter<AppState> {
         ))
         .routes(routes!(langgraph::threads::get_state))
         .routes(routes!(langgraph::threads::get_history))
-        .routes(routes!(langgraph::runs::create_run, langgraph::run_control::list_runs))
+        .routes(routes!(
+            langgraph::runs::create_run,
+            langgraph::run_control::list_runs
+        ))
         .routes(routes!(langgraph::runs::wait_run))
         .routes(routes!(langgraph::runs::stream_run))
         .routes(routes!(langgraph::runs::create_stateless_run))

@@ -160,3 +160,24 @@ pub fn client_with_key(key: &str) -> reqwest::Client {
         .build()
         .unwrap()
 }
+
+/// The tools venv's python (`tools-python3`, made by `scripts/ensure-tools`)
+/// if it can import `modules` (a reference client and pytest), or `None`
+/// (a skip) outside CI; under CI its absence fails the test.
+#[allow(dead_code)]
+pub fn tools_python(modules: &str) -> Option<&'static str> {
+    let python = "tools-python3";
+    let usable = Command::new(python)
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if usable {
+        return Some(python);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "tools-python3 able to import {modules} must be on PATH under CI (scripts/ensure-tools)"
+    );
+    eprintln!("skipped: no tools-python3 able to import {modules} (run scripts/ensure-tools)");
+    None
+}

@@ -87,11 +87,19 @@ pub(crate) fn page(body: &Value) -> Result<(usize, usize), ApiError> {
                     .map(|f| f as u64)
             })
             .filter(|n| (min..=max).contains(n))
-            .ok_or_else(|| ApiError::unprocessable("invalid_request", format!("`{key}` must be a whole number from {min} to {max}"))),
+            .ok_or_else(|| {
+                ApiError::unprocessable(
+                    "invalid_request",
+                    format!("`{key}` must be a whole number from {min} to {max}"),
+                )
+            }),
     };
     let limit = number("limit", 10, 1, 1000)?;
     let offset = number("offset", 0, 0, i64::MAX as u64)?;
-    Ok((limit as usize, usize::try_from(offset).unwrap_or(usize::MAX)))
+    Ok((
+        limit as usize,
+        usize::try_from(offset).unwrap_or(usize::MAX),
+    ))
 }
 
 /// Search assistants
@@ -116,7 +124,10 @@ pub async fn search_assistants(
     let text = |key: &str| match body.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(ApiError::unprocessable("invalid_request", format!("`{key}` must be a string"))),
+        Some(_) => Err(ApiError::unprocessable(
+            "invalid_request",
+            format!("`{key}` must be a string"),
+        )),
     };
     let graph_id = text("graph_id")?;
     // Accepted, and of no use: the agents are few, in the file's order.
@@ -125,7 +136,10 @@ pub async fn search_assistants(
     let name = text("name")?.map(|n| n.to_lowercase());
     let metadata = body.get("metadata").cloned().unwrap_or(Value::Null);
     if !metadata.is_null() && !metadata.is_object() {
-        return Err(ApiError::unprocessable("invalid_request", "`metadata` must be an object"));
+        return Err(ApiError::unprocessable(
+            "invalid_request",
+            "`metadata` must be an object",
+        ));
     }
     let found = state
         .engine
@@ -135,7 +149,11 @@ pub async fn search_assistants(
         .filter(|a| graph_id.as_ref().is_none_or(|g| a["graph_id"] == *g))
         .filter(|a| {
             name.as_ref().is_none_or(|n| {
-                a["name"].as_str().unwrap_or_default().to_lowercase().contains(n)
+                a["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_lowercase()
+                    .contains(n)
             })
         })
         .filter(|a| holds(&a["metadata"], &metadata))
@@ -152,9 +170,13 @@ pub(crate) async fn optional_body(
     body: Body,
 ) -> Result<Value, ApiError> {
     let limit = state.config.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::new(axum::http::StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("the body is larger than {limit} bytes")))?;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body is larger than {limit} bytes"),
+        )
+    })?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(json!({}));
     }
@@ -163,7 +185,10 @@ pub(crate) async fn optional_body(
         return Ok(json!({}));
     }
     if !value.is_object() {
-        return Err(ApiError::unprocessable("invalid_request", "the body must be a JSON object"));
+        return Err(ApiError::unprocessable(
+            "invalid_request",
+            "the body must be a JSON object",
+        ));
     }
     Ok(value)
 }

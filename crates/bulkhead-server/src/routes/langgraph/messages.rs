@@ -171,7 +171,9 @@ pub(crate) fn read_input(input: &Value) -> Result<Input, ApiError> {
         read.push(read_message(item).map_err(|e| invalid(format!("`input.messages[{i}]`: {e}")))?);
     }
     let Some(last) = read.pop() else {
-        return Err(invalid("`input.messages` is empty: send the new human message"));
+        return Err(invalid(
+            "`input.messages` is empty: send the new human message",
+        ));
     };
     if last.role != "user" {
         return Err(invalid(format!(
@@ -192,17 +194,19 @@ pub(crate) fn read_input(input: &Value) -> Result<Input, ApiError> {
 fn read_message(item: &Value) -> Result<NewMessage, String> {
     let (kind, content) = match item {
         Value::String(text) => ("user", Value::String(text.clone())),
-        Value::Array(pair) if pair.len() == 2 => (
-            role(pair[0].as_str().unwrap_or_default())?,
-            pair[1].clone(),
-        ),
+        Value::Array(pair) if pair.len() == 2 => {
+            (role(pair[0].as_str().unwrap_or_default())?, pair[1].clone())
+        }
         Value::Object(m) => {
             let kind = m
                 .get("role")
                 .or_else(|| m.get("type"))
                 .and_then(Value::as_str)
                 .ok_or("a message needs `role` or `type`")?;
-            (role(kind)?, m.get("content").cloned().unwrap_or(Value::Null))
+            (
+                role(kind)?,
+                m.get("content").cloned().unwrap_or(Value::Null),
+            )
         }
         _ => return Err("a message is a dict, a [role, content] pair or a string".into()),
     };
@@ -271,7 +275,7 @@ fn text_of(content: &Value) -> Result<String, String> {
                     }
                     _ => {
                         return Err(
-                            "only text content is supported (blocks of `type: text`)".into(),
+                            "only text content is supported (blocks of `type: text`)".into()
                         );
                     }
                 }

@@ -13,8 +13,8 @@ mod messages;
 pub mod run_control;
 pub mod runs;
 mod stream;
-mod translate;
 pub mod threads;
+mod translate;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,6 +30,16 @@ use crate::door::Caller;
 use crate::error::ApiError;
 use crate::routes::timestamp;
 use messages::Usage;
+
+/// A thread's id in a path.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)]
+pub struct ThreadPath {
+    /// The thread's UUID.
+    #[param(format = Uuid)]
+    thread_id: String,
+}
 
 /// The namespace of assistants' UUIDs: an assistant's id is the same on
 /// every server that runs an agent of that id.
@@ -61,7 +71,9 @@ pub(crate) fn find_assistant(state: &AppState, id: &str) -> Result<Arc<Agent>, A
 pub(crate) fn uuid_of(what: &str, id: &str) -> Result<String, ApiError> {
     uuid::Uuid::parse_str(id)
         .map(|u| u.hyphenated().to_string())
-        .map_err(|_| ApiError::unprocessable("invalid_id", format!("Invalid {what} ID: must be a UUID")))
+        .map_err(|_| {
+            ApiError::unprocessable("invalid_id", format!("Invalid {what} ID: must be a UUID"))
+        })
 }
 
 pub(crate) fn thread_not_found(id: &str) -> ApiError {

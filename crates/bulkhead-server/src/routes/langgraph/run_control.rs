@@ -11,9 +11,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use utoipa::IntoParams;
 
-use super::runs::{ThreadPath, invalid, location, read_run};
+use super::runs::{invalid, location, read_run};
 use super::stream::{self, Follow, Modes};
-use super::{DetailBody, decided_by, object, owned_thread, run_json, run_status, uuid_of};
+use super::{
+    DetailBody, ThreadPath, decided_by, object, owned_thread, run_json, run_status, uuid_of,
+};
 use crate::app::AppState;
 use crate::door::Caller;
 use crate::error::ApiError;
@@ -113,7 +115,9 @@ pub async fn list_runs(
     let number = |key: &str, default: usize| -> Result<usize, ApiError> {
         match query_values(query.as_deref(), key).first() {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| invalid(format!("`{key}` must be a number"))),
+            Some(v) => v
+                .parse()
+                .map_err(|_| invalid(format!("`{key}` must be a number"))),
         }
     };
     let limit = number("limit", 10)?;
@@ -125,8 +129,13 @@ pub async fn list_runs(
         return Err(invalid("`offset` is too large"));
     }
     let status = query_values(query.as_deref(), "status").into_iter().next();
-    if status.as_deref().is_some_and(|s| !["pending", "running", "success", "error", "interrupted"].contains(&s)) {
-        return Err(invalid("`status` must be pending, running, success, error or interrupted"));
+    if status
+        .as_deref()
+        .is_some_and(|s| !["pending", "running", "success", "error", "interrupted"].contains(&s))
+    {
+        return Err(invalid(
+            "`status` must be pending, running, success, error or interrupted",
+        ));
     }
     let store = state.engine.store();
     let agent = row.agent.clone();
@@ -136,13 +145,38 @@ pub async fn list_runs(
         .into_iter()
         .map(|run| {
             let kwargs = object(run.kwargs.as_deref());
-            (run.created_at, run_json(&run.id, &row.id, &agent, run.created_at, run.finished_at.unwrap_or(run.created_at), run_status(&run.status), &kwargs))
+            (
+                run.created_at,
+                run_json(
+                    &run.id,
+                    &row.id,
+                    &agent,
+                    run.created_at,
+                    run.finished_at.unwrap_or(run.created_at),
+                    run_status(&run.status),
+                    &kwargs,
+                ),
+            )
         })
         .collect();
     runs.extend(store.queued_runs(&row.id).await?.into_iter().map(|q| {
-        (q.created_at, run_json(&q.id, &row.id, &q.agent, q.created_at, q.updated_at, run_status(&q.status), &object(Some(&q.kwargs))))
+        (
+            q.created_at,
+            run_json(
+                &q.id,
+                &row.id,
+                &q.agent,
+                q.created_at,
+                q.updated_at,
+                run_status(&q.status),
+                &object(Some(&q.kwargs)),
+            ),
+        )
     }));
-    runs.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| b.1["run_id"].as_str().cmp(&a.1["run_id"].as_str())));
+    runs.sort_by(|a, b| {
+        b.0.cmp(&a.0)
+            .then_with(|| b.1["run_id"].as_str().cmp(&a.1["run_id"].as_str()))
+    });
     Ok(Json(
         runs.into_iter()
             .map(|(_, run)| run)
@@ -166,7 +200,9 @@ pub async fn get_thread_run(
     caller: Caller,
     Path((thread, run)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(owned_thread_run(&state, &caller, &thread, &run).await?.2))
+    Ok(Json(
+        owned_thread_run(&state, &caller, &thread, &run).await?.2,
+    ))
 }
 
 /// Delete a run
@@ -190,7 +226,11 @@ pub async fn delete_thread_run(
     if state.engine.store().delete_run(&run_id, false).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
-        Err(ApiError::new(StatusCode::CONFLICT, "run_in_flight", format!("Run {run_id} is in flight: cancel it first")))
+        Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "run_in_flight",
+            format!("Run {run_id} is in flight: cancel it first"),
+        ))
     }
 }
 
@@ -259,7 +299,10 @@ pub async fn join_stream(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     if !state.config.enable_streaming {
-        return Err(ApiError::bad_request("streaming_disabled", "streaming is turned off on this server (ENABLE_STREAMING=false)"));
+        return Err(ApiError::bad_request(
+            "streaming_disabled",
+            "streaming is turned off on this server (ENABLE_STREAMING=false)",
+        ));
     }
     let (row, run_id, run) = owned_thread_run(&state, &caller, &thread, &run).await?;
     // `?stream_mode=` is how httpx writes the SDK's default, None: the
@@ -327,31 +370,54 @@ pub async fn cancel_run(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let (row, run_id, _) = owned_thread_run(&state, &caller, &thread, &run).await?;
-    let action = match query_values(query.as_deref(), "action").first().map(String::as_str) {
+    let action = match query_values(query.as_deref(), "action")
+        .first()
+        .map(String::as_str)
+    {
         None | Some("interrupt") => CancelAction::Interrupt,
         Some("rollback") => CancelAction::Rollback,
         Some(_) => return Err(invalid("`action` must be interrupt or rollback")),
     };
     let outcome = state
         .engine
-        .cancel(&run_id, action, &decided_by(&caller), "cancelled by a client")
+        .cancel(
+            &run_id,
+            action,
+            &decided_by(&caller),
+            "cancelled by a client",
+        )
         .await?;
     match outcome {
         CancelOutcome::Cancelled => {}
         CancelOutcome::NotFound => {
-            return Err(ApiError::not_found("run_not_found", format!("Run {run_id} not found")));
+            return Err(ApiError::not_found(
+                "run_not_found",
+                format!("Run {run_id} not found"),
+            ));
         }
         CancelOutcome::Finished => {
-            return Err(ApiError::new(StatusCode::CONFLICT, "run_ended", format!("Run {run_id} has ended already: there is nothing to cancel")));
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "run_ended",
+                format!("Run {run_id} has ended already: there is nothing to cancel"),
+            ));
         }
         CancelOutcome::Elsewhere => {
-            return Err(ApiError::new(StatusCode::CONFLICT, "run_elsewhere", format!("Run {run_id} executes on another replica, which alone can cancel it")));
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "run_elsewhere",
+                format!("Run {run_id} executes on another replica, which alone can cancel it"),
+            ));
         }
     }
     if query_flag(query.as_deref(), "wait") {
         let values = stream::final_values(&state, &run_id, &row.id).await;
         let mut response = Json(values).into_response();
-        location(response.headers_mut(), header::CONTENT_LOCATION, &format!("/threads/{}/runs/{run_id}", row.id));
+        location(
+            response.headers_mut(),
+            header::CONTENT_LOCATION,
+            &format!("/threads/{}/runs/{run_id}", row.id),
+        );
         return Ok(response);
     }
     Ok(StatusCode::ACCEPTED.into_response())

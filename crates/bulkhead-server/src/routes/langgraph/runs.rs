@@ -15,26 +15,17 @@ use bulkhead_agent::{CancelAction, Decision, EnqueueError, QueueRequest};
 use bulkhead_store::ThreadRow;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 
 use super::assistants::optional_body;
 use super::stream::{self, Follow, Modes};
 use super::{
-    DetailBody, assistant_id, decided_by, find_assistant, object, run_json,
-    run_status, thread_not_found, uuid_of,
+    DetailBody, ThreadPath, assistant_id, decided_by, find_assistant, object, run_json, run_status,
+    thread_not_found, uuid_of,
 };
 use crate::app::AppState;
 use crate::door::Caller;
 use crate::error::ApiError;
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Path)]
-#[allow(dead_code)]
-pub struct ThreadPath {
-    /// The thread's UUID.
-    #[param(format = Uuid)]
-    thread_id: String,
-}
 
 /// The body that makes a run. Read by hand, so that each wrong field gets
 /// its own message; this type only describes it.
@@ -80,18 +71,28 @@ pub(super) fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::unprocessable("invalid_request", message)
 }
 
-fn choice<'a>(body: &'a Value, key: &str, allowed: &[&'a str], default: &'a str) -> Result<&'a str, ApiError> {
+fn choice<'a>(
+    body: &'a Value,
+    key: &str,
+    allowed: &[&'a str],
+    default: &'a str,
+) -> Result<&'a str, ApiError> {
     match body.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(Value::String(s)) if allowed.contains(&s.as_str()) => Ok(s.as_str()),
-        Some(_) => Err(invalid(format!("`{key}` must be one of {}", allowed.join(", ")))),
+        Some(_) => Err(invalid(format!(
+            "`{key}` must be one of {}",
+            allowed.join(", ")
+        ))),
     }
 }
 
 /// A decision from what a client sends as `command.resume`.
 fn decision_of(resume: &Value) -> Result<(bool, Option<String>), ApiError> {
     let unknown = || {
-        invalid("`command.resume` must approve or reject the call: {\"decisions\": [{\"type\": \"approve\"}]}, {\"type\": \"reject\", \"message\": …}, true or false")
+        invalid(
+            "`command.resume` must approve or reject the call: {\"decisions\": [{\"type\": \"approve\"}]}, {\"type\": \"reject\", \"message\": …}, true or false",
+        )
     };
     match resume {
         Value::Bool(approve) => Ok((*approve, None)),
@@ -144,15 +145,35 @@ async fn make_run(
 ) -> Result<Result<Made, Response>, ApiError> {
     let assistant = match body.get("assistant_id") {
         Some(Value::String(id)) => find_assistant(state, id)?,
-        _ => return Err(invalid("`assistant_id` is required: an assistant's UUID or graph id")),
+        _ => {
+            return Err(invalid(
+                "`assistant_id` is required: an assistant's UUID or graph id",
+            ));
+        }
     };
-    for unsupported in ["interrupt_before", "interrupt_after", "webhook", "feedback_keys"] {
-        if body.get(unsupported).is_some_and(|v| !v.is_null() && v != &json!([])) {
-            return Err(invalid(format!("`{unsupported}` is not supported by Bulkhead")));
+    for unsupported in [
+        "interrupt_before",
+        "interrupt_after",
+        "webhook",
+        "feedback_keys",
+    ] {
+        if body
+            .get(unsupported)
+            .is_some_and(|v| !v.is_null() && v != &json!([]))
+        {
+            return Err(invalid(format!(
+                "`{unsupported}` is not supported by Bulkhead"
+            )));
         }
     }
-    if body.get("after_seconds").and_then(Value::as_f64).is_some_and(|s| s > 0.0) {
-        return Err(invalid("`after_seconds` (scheduled runs) is not supported by Bulkhead"));
+    if body
+        .get("after_seconds")
+        .and_then(Value::as_f64)
+        .is_some_and(|s| s > 0.0)
+    {
+        return Err(invalid(
+            "`after_seconds` (scheduled runs) is not supported by Bulkhead",
+        ));
     }
     let modes = Modes::parse(body.get("stream_mode"))?;
     let resumable = match body.get("stream_resumable") {
@@ -160,13 +181,31 @@ async fn make_run(
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(invalid("`stream_resumable` must be true or false")),
     };
-    let strategy = choice(body, "multitask_strategy", &["reject", "enqueue", "interrupt", "rollback"], "enqueue")?;
+    let strategy = choice(
+        body,
+        "multitask_strategy",
+        &["reject", "enqueue", "interrupt", "rollback"],
+        "enqueue",
+    )?;
     let stateless = thread.is_none();
-    let if_not_exists = choice(body, "if_not_exists", &["reject", "create"], if stateless { "create" } else { "reject" })?;
+    let if_not_exists = choice(
+        body,
+        "if_not_exists",
+        &["reject", "create"],
+        if stateless { "create" } else { "reject" },
+    )?;
     let on_disconnect = choice(body, "on_disconnect", &["cancel", "continue"], "continue")?;
-    let on_completion = choice(body, "on_completion", &["delete", "keep"], if stateless { "delete" } else { "keep" })?;
+    let on_completion = choice(
+        body,
+        "on_completion",
+        &["delete", "keep"],
+        if stateless { "delete" } else { "keep" },
+    )?;
     for key in ["metadata", "config", "context"] {
-        if body.get(key).is_some_and(|v| !v.is_null() && !v.is_object()) {
+        if body
+            .get(key)
+            .is_some_and(|v| !v.is_null() && !v.is_object())
+        {
             return Err(invalid(format!("`{key}` must be an object")));
         }
     }
@@ -177,17 +216,26 @@ async fn make_run(
         None | Some(Value::Null) => (None, false),
         Some(Value::Object(command)) => {
             if command.keys().any(|k| k != "resume" && k != "goto") {
-                return Err(invalid("only `command.resume` and `command.goto: \"__end__\"` are supported by Bulkhead (not update)"));
+                return Err(invalid(
+                    "only `command.resume` and `command.goto: \"__end__\"` are supported by Bulkhead (not update)",
+                ));
             }
             let resolve = match command.get("goto") {
                 None | Some(Value::Null) => false,
                 Some(Value::String(to)) if to == "__end__" => true,
-                Some(_) => return Err(invalid("`command.goto` can only be \"__end__\" (end the paused run without its call)")),
+                Some(_) => {
+                    return Err(invalid(
+                        "`command.goto` can only be \"__end__\" (end the paused run without its call)",
+                    ));
+                }
             };
             if resolve && command.get("resume").is_some_and(|r| !r.is_null()) {
                 return Err(invalid("send `command.resume` or `command.goto`, not both"));
             }
-            (command.get("resume").cloned().filter(|r| !r.is_null()), resolve)
+            (
+                command.get("resume").cloned().filter(|r| !r.is_null()),
+                resolve,
+            )
         }
         Some(_) => return Err(invalid("`command` must be an object")),
     };
@@ -196,7 +244,9 @@ async fn make_run(
     let empty_input = |input: &Value| {
         input.is_null()
             || input.as_object().is_some_and(|i| {
-                i.is_empty() || i.get("messages").is_some_and(|m| m.as_array().is_some_and(Vec::is_empty))
+                i.is_empty()
+                    || i.get("messages")
+                        .is_some_and(|m| m.as_array().is_some_and(Vec::is_empty))
             })
     };
     let commanded = resume.is_some() || resolve;
@@ -205,11 +255,18 @@ async fn make_run(
         (true, Some(input)) if empty_input(input) => None,
         (true, Some(_)) => return Err(invalid("send either `input` or a `command`, not both")),
         (false, Some(input)) if input.is_object() => Some(super::messages::read_input(input)?),
-        (false, _) => return Err(invalid("`input` is required: {\"messages\": [...]}, the new human message last")),
+        (false, _) => {
+            return Err(invalid(
+                "`input` is required: {\"messages\": [...]}, the new human message last",
+            ));
+        }
     };
     let decision = resume.as_ref().map(decision_of).transpose()?;
     if commanded && stateless {
-        return Err(ApiError::bad_request("invalid_request", "You must provide a thread_id when resuming."));
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "You must provide a thread_id when resuming.",
+        ));
     }
     let temporary = stateless && on_completion == "delete";
 
@@ -224,8 +281,13 @@ async fn make_run(
         Some(row) if caller.reaches(row.owner.as_deref()) => row,
         Some(_) => return Err(thread_not_found(&thread_id)),
         None if if_not_exists == "create" => {
-            store.create_thread(&thread_id, caller.tenant(), None, now).await?;
-            store.thread(&thread_id).await?.ok_or_else(|| thread_not_found(&thread_id))?
+            store
+                .create_thread(&thread_id, caller.tenant(), None, now)
+                .await?;
+            store
+                .thread(&thread_id)
+                .await?
+                .ok_or_else(|| thread_not_found(&thread_id))?
         }
         None => return Err(thread_not_found(&thread_id)),
     };
@@ -245,7 +307,9 @@ async fn make_run(
     if metadata.get("graph_id").is_none() {
         metadata["graph_id"] = json!(assistant.id);
         metadata["assistant_id"] = json!(assistant_id(&assistant.id));
-        store.set_thread_metadata(&thread_id, &metadata.to_string(), now).await?;
+        store
+            .set_thread_metadata(&thread_id, &metadata.to_string(), now)
+            .await?;
         row.metadata = Some(metadata.to_string());
     }
     let kwargs = json!({
@@ -278,7 +342,12 @@ async fn make_run(
         follow.after = Some((store.last_event_seq(&paused).await?, u32::MAX));
         state
             .engine
-            .cancel(&paused, CancelAction::Interrupt, &decided_by(caller), "a person marked the interrupt resolved")
+            .cancel(
+                &paused,
+                CancelAction::Interrupt,
+                &decided_by(caller),
+                "a person marked the interrupt resolved",
+            )
             .await?;
         paused
     } else if let Some((approve, comment)) = decision {
@@ -305,7 +374,11 @@ async fn make_run(
             ));
         }
         if matches!(strategy, "interrupt" | "rollback") {
-            let action = if strategy == "rollback" { CancelAction::Rollback } else { CancelAction::Interrupt };
+            let action = if strategy == "rollback" {
+                CancelAction::Rollback
+            } else {
+                CancelAction::Interrupt
+            };
             super::threads::cancel_all(state, caller, &row, action).await?;
         }
         let run_id = bulkhead_agent::new_id();
@@ -339,7 +412,15 @@ async fn make_run(
         run_id
     };
     // As made: it may have started already, but it was made pending.
-    let run = run_json(&run_id, &thread_id, &assistant.id, now, now, "pending", &kwargs);
+    let run = run_json(
+        &run_id,
+        &thread_id,
+        &assistant.id,
+        now,
+        now,
+        "pending",
+        &kwargs,
+    );
     Ok(Ok(Made {
         run,
         run_id,
@@ -355,15 +436,20 @@ async fn make_run(
 /// each run); an earlier one would fork the thread, which Bulkhead does not.
 async fn check_checkpoint(state: &AppState, row: &ThreadRow, body: &Value) -> Result<(), ApiError> {
     let asked = match (body.get("checkpoint"), body.get("checkpoint_id")) {
-        (Some(Value::Object(c)), _) if c.get("checkpoint_id").is_some_and(|id| !id.is_null()) => {
-            c.get("checkpoint_id").and_then(Value::as_str).map(str::to_string)
+        (Some(Value::Object(c)), _) if c.get("checkpoint_id").is_some_and(|id| !id.is_null()) => c
+            .get("checkpoint_id")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        (Some(Value::Object(_)) | None | Some(Value::Null), None | Some(Value::Null)) => {
+            return Ok(());
         }
-        (Some(Value::Object(_)) | None | Some(Value::Null), None | Some(Value::Null)) => return Ok(()),
         (_, Some(Value::String(id))) => Some(id.clone()),
         _ => None,
     };
     let Some(asked) = asked else {
-        return Err(invalid("`checkpoint` must be a checkpoint (`checkpoint_id`), `checkpoint_id` a string"));
+        return Err(invalid(
+            "`checkpoint` must be a checkpoint (`checkpoint_id`), `checkpoint_id` a string",
+        ));
     };
     let runs = state.engine.store().runs(&row.id).await?;
     let latest = runs.last().map_or(row.id.as_str(), |run| run.id.as_str());
@@ -382,7 +468,10 @@ async fn paused_run(state: &AppState, row: &ThreadRow) -> Result<(String, String
         ApiError::new(
             StatusCode::CONFLICT,
             "not_awaiting_approval",
-            format!("Thread {} waits on no interrupt: there is nothing to resume", row.id),
+            format!(
+                "Thread {} waits on no interrupt: there is nothing to resume",
+                row.id
+            ),
         )
     };
     let run_id = row.active_run_id.clone().ok_or_else(nothing)?;
@@ -423,7 +512,15 @@ pub(super) async fn read_run(
         .await?
         .filter(|q| q.session_id == thread_id)
         .map(|q| {
-            run_json(&q.id, thread_id, &q.agent, q.created_at, q.updated_at, run_status(&q.status), &object(Some(&q.kwargs)))
+            run_json(
+                &q.id,
+                thread_id,
+                &q.agent,
+                q.created_at,
+                q.updated_at,
+                run_status(&q.status),
+                &object(Some(&q.kwargs)),
+            )
         }))
 }
 
@@ -464,13 +561,19 @@ pub async fn create_run(
     background(state, caller, Some(thread), body).await
 }
 
-async fn background(state: AppState, caller: Caller, thread: Option<String>, body: Value) -> Result<Response, ApiError> {
+async fn background(
+    state: AppState,
+    caller: Caller,
+    thread: Option<String>,
+    body: Value,
+) -> Result<Response, ApiError> {
     let made = match make_run(&state, &caller, thread.as_deref(), &body).await? {
         Ok(made) => made,
         Err(refused) => return Ok(refused),
     };
     if made.follow.temporary {
-        let (state, run_id, thread_id) = (state.clone(), made.run_id.clone(), made.thread_id.clone());
+        let (state, run_id, thread_id) =
+            (state.clone(), made.run_id.clone(), made.thread_id.clone());
         tokio::spawn(async move { stream::remove_when_done(&state, &run_id, &thread_id).await });
     }
     let mut response = Json(made.run).into_response();
@@ -505,7 +608,12 @@ pub async fn create_stateless_run(
     background(state, caller, None, body).await
 }
 
-async fn wait(state: AppState, caller: Caller, thread: Option<String>, body: Value) -> Result<Response, ApiError> {
+async fn wait(
+    state: AppState,
+    caller: Caller,
+    thread: Option<String>,
+    body: Value,
+) -> Result<Response, ApiError> {
     let made = match make_run(&state, &caller, thread.as_deref(), &body).await? {
         Ok(made) => made,
         Err(refused) => return Ok(refused),
@@ -572,7 +680,12 @@ pub async fn wait_stateless_run(
     wait(state, caller, None, body).await
 }
 
-async fn streamed(state: AppState, caller: Caller, thread: Option<String>, body: Value) -> Result<Response, ApiError> {
+async fn streamed(
+    state: AppState,
+    caller: Caller,
+    thread: Option<String>,
+    body: Value,
+) -> Result<Response, ApiError> {
     if !state.config.enable_streaming {
         return Err(ApiError::bad_request(
             "streaming_disabled",

@@ -15,8 +15,8 @@ use bulkhead_agent::{CancelAction, EventRecord, FeedItem};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-pub(crate) use super::translate::{LangGraphEvent, Modes};
 use super::translate::Translator;
+pub(crate) use super::translate::{LangGraphEvent, Modes};
 use crate::app::AppState;
 
 /// Where a run's events are read: the feed while this process executes it,
@@ -137,10 +137,9 @@ pub(crate) fn sse(
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Event>(256);
     tokio::spawn(async move {
-        let conversation = match load_conversation(&state, &thread_id).await {
-            Some(conversation) => conversation,
-            None => Vec::new(),
-        };
+        let conversation = load_conversation(&state, &thread_id)
+            .await
+            .unwrap_or_default();
         let mut translator =
             Translator::new(follow.modes, &run_id, &thread_id, &agent, conversation);
         let mut gone = false;
@@ -171,7 +170,9 @@ pub(crate) fn sse(
                 if follow.after.is_some_and(|after| part.at <= after) {
                     continue;
                 }
-                let mut sse = Event::default().event(part.event).data(part.data.to_string());
+                let mut sse = Event::default()
+                    .event(part.event)
+                    .data(part.data.to_string());
                 if follow.resumable {
                     sse = sse.id(format!("{}-{}", part.at.0, part.at.1));
                 }
@@ -185,7 +186,12 @@ pub(crate) fn sse(
         if gone && follow.cancel_on_disconnect {
             let _ = state
                 .engine
-                .cancel(&run_id, CancelAction::Interrupt, "disconnect", "the client disconnected (on_disconnect=cancel)")
+                .cancel(
+                    &run_id,
+                    CancelAction::Interrupt,
+                    "disconnect",
+                    "the client disconnected (on_disconnect=cancel)",
+                )
                 .await;
         }
         if follow.temporary {
@@ -193,10 +199,16 @@ pub(crate) fn sse(
         }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|event| (Ok::<_, Infallible>(event), rx))
+        rx.recv()
+            .await
+            .map(|event| (Ok::<_, Infallible>(event), rx))
     });
     let mut response = Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(5)).text("heartbeat"))
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(5))
+                .text("heartbeat"),
+        )
         .into_response();
     let headers = response.headers_mut();
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
@@ -231,7 +243,8 @@ pub(crate) async fn final_values(state: &AppState, run_id: &str, thread_id: &str
         .await
         .unwrap_or_else(|_| json!({}));
     if let Ok(Some(call)) = store.awaiting_approval(run_id).await {
-        values["__interrupt__"] = json!([super::interrupt(&call.call_id, &call.tool, &call.arguments)]);
+        values["__interrupt__"] =
+            json!([super::interrupt(&call.call_id, &call.tool, &call.arguments)]);
     }
     values
 }
@@ -263,7 +276,15 @@ pub(crate) fn wait_body(
                 () = tx.closed(), if !gone => gone = true,
             }
             if gone && cancel_on_disconnect {
-                let _ = state.engine.cancel(&run_id, CancelAction::Interrupt, "disconnect", "the client disconnected (on_disconnect=cancel)").await;
+                let _ = state
+                    .engine
+                    .cancel(
+                        &run_id,
+                        CancelAction::Interrupt,
+                        "disconnect",
+                        "the client disconnected (on_disconnect=cancel)",
+                    )
+                    .await;
                 break;
             }
         }
@@ -274,11 +295,16 @@ pub(crate) fn wait_body(
         }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|chunk| (Ok::<_, Infallible>(chunk), rx))
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, Infallible>(chunk), rx))
     });
     let mut response = Response::new(Body::from_stream(stream));
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Ok(value) = HeaderValue::from_str(&location) {
         headers.insert(header::LOCATION, value);
     }
@@ -298,7 +324,12 @@ pub(crate) async fn remove_when_done(state: &AppState, run_id: &str, thread_id: 
     {
         let _ = state
             .engine
-            .cancel(run_id, CancelAction::Interrupt, "stateless", "a stateless run cannot wait for a person")
+            .cancel(
+                run_id,
+                CancelAction::Interrupt,
+                "stateless",
+                "a stateless run cannot wait for a person",
+            )
             .await;
     }
     if let Err(e) = state.engine.delete_session(thread_id).await {

@@ -12,26 +12,17 @@ use bulkhead_agent::CancelAction;
 use bulkhead_store::ThreadRow;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 
 use super::assistants::{holds, optional_body, page};
 use super::{
-    DetailBody, messages, object, owned_thread, thread_interrupts, thread_json, thread_status,
-    thread_values, usage_of, uuid_of,
+    DetailBody, ThreadPath, messages, object, owned_thread, thread_interrupts, thread_json,
+    thread_status, thread_values, usage_of, uuid_of,
 };
 use crate::app::AppState;
 use crate::door::Caller;
 use crate::error::ApiError;
 use crate::routes::timestamp;
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Path)]
-#[allow(dead_code)]
-pub struct ThreadPath {
-    /// The thread's UUID.
-    #[param(format = Uuid)]
-    thread_id: String,
-}
 
 /// The body of `POST /threads`; every field may be left out.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -134,16 +125,32 @@ pub async fn create_thread(
     let raise = match body.get("if_exists").and_then(Value::as_str) {
         None | Some("raise") => true,
         Some("do_nothing") => false,
-        Some(other) => return Err(invalid(format!("`if_exists` must be raise or do_nothing, not {other:?}"))),
+        Some(other) => {
+            return Err(invalid(format!(
+                "`if_exists` must be raise or do_nothing, not {other:?}"
+            )));
+        }
     };
     let metadata = metadata_of(&body)?.map(|m| Value::Object(m).to_string());
     let store = state.engine.store();
     let created = store
-        .create_thread(&id, caller.tenant(), metadata.as_deref(), bulkhead_agent::now_ms())
+        .create_thread(
+            &id,
+            caller.tenant(),
+            metadata.as_deref(),
+            bulkhead_agent::now_ms(),
+        )
         .await?;
-    let row = store.thread(&id).await?.ok_or_else(|| super::thread_not_found(&id))?;
+    let row = store
+        .thread(&id)
+        .await?
+        .ok_or_else(|| super::thread_not_found(&id))?;
     if !created && (raise || !caller.reaches(row.owner.as_deref())) {
-        return Err(ApiError::new(StatusCode::CONFLICT, "thread_exists", format!("Thread {id} already exists")));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "thread_exists",
+            format!("Thread {id} already exists"),
+        ));
     }
     let values = thread_values(&state, &id).await?;
     let interrupts = thread_interrupts(&state, &row).await?;
@@ -258,7 +265,12 @@ pub(crate) async fn cancel_all(
     for run in runs {
         state
             .engine
-            .cancel(&run, action, &super::decided_by(caller), "superseded: the thread's runs were cancelled")
+            .cancel(
+                &run,
+                action,
+                &super::decided_by(caller),
+                "superseded: the thread's runs were cancelled",
+            )
             .await?;
     }
     Ok(())
@@ -266,18 +278,30 @@ pub(crate) async fn cancel_all(
 
 /// The caller's threads that match a search body, most recently updated
 /// first.
-async fn matching(state: &AppState, caller: &Caller, body: &Value) -> Result<Vec<ThreadRow>, ApiError> {
+async fn matching(
+    state: &AppState,
+    caller: &Caller,
+    body: &Value,
+) -> Result<Vec<ThreadRow>, ApiError> {
     let metadata = metadata_of(body)?.map(Value::Object).unwrap_or(Value::Null);
     let status = match body.get("status") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) if ["idle", "busy", "interrupted", "error"].contains(&s.as_str()) => Some(s.clone()),
+        Some(Value::String(s))
+            if ["idle", "busy", "interrupted", "error"].contains(&s.as_str()) =>
+        {
+            Some(s.clone())
+        }
         Some(_) => return Err(invalid("`status` must be idle, busy, interrupted or error")),
     };
     let ids: Option<Vec<String>> = match body.get("ids") {
         None | Some(Value::Null) => None,
         Some(Value::Array(ids)) => Some(
             ids.iter()
-                .map(|id| id.as_str().map(str::to_string).ok_or_else(|| invalid("`ids` must be thread ids")))
+                .map(|id| {
+                    id.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| invalid("`ids` must be thread ids"))
+                })
                 .collect::<Result<_, _>>()?,
         ),
         Some(_) => return Err(invalid("`ids` must be a list of thread ids")),
@@ -313,7 +337,9 @@ fn sort(rows: &mut [ThreadRow], body: &Value) -> Result<(), ApiError> {
         "thread_id" => rows.sort_by(|a, b| a.id.cmp(&b.id)),
         "created_at" => rows.sort_by_key(|r| (r.created_at, r.id.clone())),
         "updated_at" | "state_updated_at" => rows.sort_by_key(|r| (r.updated_at, r.id.clone())),
-        "status" => rows.sort_by(|a, b| thread_status(a).cmp(thread_status(b)).then(a.id.cmp(&b.id))),
+        "status" => {
+            rows.sort_by(|a, b| thread_status(a).cmp(thread_status(b)).then(a.id.cmp(&b.id)))
+        }
         other => {
             return Err(invalid(format!(
                 "`sort_by` {other:?} is not one of thread_id, created_at, updated_at, state_updated_at, status"
@@ -424,7 +450,11 @@ async fn states(state: &AppState, row: &ThreadRow) -> Result<Vec<Value>, ApiErro
             .rposition(|m| m.run_id.as_deref() == Some(run.id.as_str()))
             .map_or(0, |at| at + 1);
         let parent = i.checked_sub(1).map(|p| runs[p].id.as_str());
-        let waiting: &[Value] = if i + 1 == runs.len() { &interrupts } else { &[] };
+        let waiting: &[Value] = if i + 1 == runs.len() {
+            &interrupts
+        } else {
+            &[]
+        };
         states.push(thread_state(
             row,
             &conversation[..end.min(conversation.len())],
@@ -455,7 +485,14 @@ pub async fn get_state(
     let mut states = states(&state, &row).await?;
     if states.is_empty() {
         // No run yet: the empty conversation, at no checkpoint of a run.
-        return Ok(Json(thread_state(&row, &[], &row.id, None, row.created_at, &[])));
+        return Ok(Json(thread_state(
+            &row,
+            &[],
+            &row.id,
+            None,
+            row.created_at,
+            &[],
+        )));
     }
     Ok(Json(states.remove(0)))
 }
@@ -494,10 +531,19 @@ pub async fn get_history(
             .or_else(|| b.get("checkpoint_id"))
             .and_then(Value::as_str)
             .map(str::to_string),
-        Some(_) => return Err(invalid("`before` must be a checkpoint config (`{\"configurable\": {\"checkpoint_id\": …}}`)")),
+        Some(_) => {
+            return Err(invalid(
+                "`before` must be a checkpoint config (`{\"configurable\": {\"checkpoint_id\": …}}`)",
+            ));
+        }
     };
-    let metadata = metadata_of(&body)?.map(Value::Object).unwrap_or(Value::Null);
-    if body.get("checkpoint").is_some_and(|c| !c.is_null() && !c.is_object()) {
+    let metadata = metadata_of(&body)?
+        .map(Value::Object)
+        .unwrap_or(Value::Null);
+    if body
+        .get("checkpoint")
+        .is_some_and(|c| !c.is_null() && !c.is_object())
+    {
         return Err(invalid("`checkpoint` must be an object"));
     }
     let states: Vec<Value> = states(&state, &row)

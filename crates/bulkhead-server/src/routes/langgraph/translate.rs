@@ -286,7 +286,8 @@ impl Translator {
             }
             "approval_requested" => {
                 self.flush(None);
-                let interrupt = super::interrupt(&text("call_id"), &text("tool"), &text("arguments"));
+                let interrupt =
+                    super::interrupt(&text("call_id"), &text("tool"), &text("arguments"));
                 if self.modes.updates {
                     self.push("updates", json!({ "__interrupt__": [interrupt.clone()] }));
                 }
@@ -299,7 +300,10 @@ impl Translator {
             "approval_decided" => self.custom("approval_decided", &data),
             "run_completed" => {
                 let response = text("response");
-                let usage = match (data["input_tokens"].as_i64(), data["output_tokens"].as_i64()) {
+                let usage = match (
+                    data["input_tokens"].as_i64(),
+                    data["output_tokens"].as_i64(),
+                ) {
                     (Some(input), Some(output)) => Some(Usage { input, output }),
                     _ => None,
                 };
