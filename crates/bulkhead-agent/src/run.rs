@@ -217,6 +217,16 @@ impl Engine {
                 call_id = %approval.call_id,
                 "run paused: a tool call awaits approval"
             ),
+            // A client's cancel is what the client asked for, not a fault.
+            RunOutcome::Failed {
+                failure,
+                tokens_used,
+            } if failure.code == "run_cancelled" => tracing::info!(
+                tokens_used,
+                steps = state.steps,
+                reason = %failure.message,
+                "run cancelled"
+            ),
             RunOutcome::Failed {
                 failure,
                 tokens_used,

@@ -285,7 +285,90 @@ async fn a_denied_tool_is_refused_by_policy(kind: DbKind) {
     assert_eq!(call["status"], "refused", "{call}");
 }
 
+/// A run queued behind a paused one (LangGraph's `enqueue`) is stored, not
+/// held in memory: it outlives a restart and starts once the paused run,
+/// decided on the new process, has ended.
+async fn a_queued_run_outlives_a_restart_and_starts_when_its_thread_frees(kind: DbKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = careful_file(&dir);
+    let env = [("AGENTS_FILE", file.as_str())];
+    let app = spawn_app(kind, &env).await;
+    let post = |app: &TestApp, path: String, body: Value| {
+        let request = app.client.post(format!("{}{path}", app.base)).json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (status, thread) = post(&app, "/threads".into(), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{thread}");
+    let thread = thread["thread_id"].as_str().unwrap().to_string();
+    let message = |text: &str| json!({"messages": [{"role": "user", "content": text}]});
+    let (status, paused) = post(
+        &app,
+        format!("/threads/{thread}/runs/wait"),
+        json!({"assistant_id": "careful", "input": message("tool:current_time {}")}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{paused}");
+    let call_id = paused["__interrupt__"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, queued) = post(
+        &app,
+        format!("/threads/{thread}/runs"),
+        json!({"assistant_id": "careful", "input": message("after the pause")}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{queued}");
+    assert_eq!(queued["status"], "pending");
+    let queued_id = queued["run_id"].as_str().unwrap().to_string();
+
+    let app = app.restart(&env).await;
+    let (_, run) = app
+        .get(&format!("/threads/{thread}/runs/{queued_id}"))
+        .await;
+    assert_eq!(run["status"], "pending", "{run}");
+    let (_, runs) = app.get(&format!("/sessions/{thread}/runs")).await;
+    let paused_id = runs["runs"][0]["run_id"].as_str().unwrap().to_string();
+    let (status, done) = app
+        .decide(
+            &paused_id,
+            json!({"call_id": call_id, "decision": "approve"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{done}");
+
+    let mut status = Value::Null;
+    for _ in 0..100 {
+        let (_, run) = app
+            .get(&format!("/threads/{thread}/runs/{queued_id}"))
+            .await;
+        status = run["status"].clone();
+        if status == "success" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, "success");
+    let (_, session) = app.get(&format!("/sessions/{thread}")).await;
+    let said: Vec<&str> = session["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "assistant" && m["tool_calls"].is_null())
+        .filter_map(|m| m["content"].as_str())
+        .collect();
+    assert_eq!(said.last(), Some(&"echo: after the pause"), "{session}");
+}
+
 on_both_databases!(
+    a_queued_run_outlives_a_restart_and_starts_when_its_thread_frees,
     an_approved_call_runs_after_a_restart,
     a_denied_call_tells_the_model_and_is_audited,
     an_unanswered_call_expires_as_denied,

@@ -930,6 +930,10 @@ def test_agent_chat_uis_requests_continue_a_thread_and_decide():
     refused = refusal(422, lambda: client().runs.wait(thread, "guarded", input=say("fork"),
                                                         checkpoint=head))
     assert "earlier checkpoint" in refused.response.json()["detail"], refused
+    # A regenerate sends the earlier checkpoint and no input: the fork is
+    # what it is refused for.
+    refused = refusal(422, lambda: client().runs.wait(thread, "guarded", checkpoint=head))
+    assert "earlier checkpoint" in refused.response.json()["detail"], refused
 
     client().runs.wait(thread, "guarded", input=say("tool:current_time {}"))
     head = client().threads.get_history(thread, limit=1)[0]["checkpoint"]

@@ -250,17 +250,23 @@ async fn make_run(
             })
     };
     let commanded = resume.is_some() || resolve;
+    // Checked after the checkpoint: a run from an earlier one (a fork, such
+    // as a regenerate, which sends no input) is refused for that first.
     let input = match (commanded, body.get("input")) {
-        (true, None) => None,
-        (true, Some(input)) if empty_input(input) => None,
-        (true, Some(_)) => return Err(invalid("send either `input` or a `command`, not both")),
-        (false, Some(input)) if input.is_object() => Some(super::messages::read_input(input)?),
-        (false, _) => {
-            return Err(invalid(
-                "`input` is required: {\"messages\": [...]}, the new human message last",
-            ));
-        }
+        (true, None) => Ok(None),
+        (true, Some(input)) if empty_input(input) => Ok(None),
+        (true, Some(_)) => Err(invalid("send either `input` or a `command`, not both")),
+        (false, Some(input)) if input.is_object() => super::messages::read_input(input).map(Some),
+        (false, _) => Err(invalid(
+            "`input` is required: {\"messages\": [...]}, the new human message last",
+        )),
     };
+    // Without a checkpoint a bad input is refused now, before a thread is
+    // made for it.
+    let names_checkpoint = ["checkpoint", "checkpoint_id"]
+        .iter()
+        .any(|key| body.get(*key).is_some_and(|v| !v.is_null()));
+    let input = if names_checkpoint { input } else { Ok(input?) };
     let decision = resume.as_ref().map(decision_of).transpose()?;
     if commanded && stateless {
         return Err(ApiError::bad_request(
@@ -303,6 +309,7 @@ async fn make_run(
         ));
     }
     check_checkpoint(state, &row, body).await?;
+    let input = input?;
     let mut metadata = object(row.metadata.as_deref());
     if metadata.get("graph_id").is_none() {
         metadata["graph_id"] = json!(assistant.id);
