@@ -61,9 +61,9 @@ async fn the_image_is_small_non_root_healthy_and_stops_cleanly() {
         .unwrap();
     // A guard against bloat, not the target: the 15 MB budget lives in
     // bench/run, and BENCHMARKS.md says where the image stands against it
-    // (21.2 MB with agents, MCP and the OpenAI facade) and what would win
-    // it back.
-    assert!(size <= 22 << 20, "the image is {size} bytes, over 22 MB");
+    // (25.2 MB with agents, MCP, the OpenAI facade and the LangGraph API)
+    // and what would win it back.
+    assert!(size <= 26 << 20, "the image is {size} bytes, over 26 MiB");
     assert_eq!(
         docker(&["image", "inspect", "-f", "{{.Config.User}}", IMAGE]),
         "65532:65532"

@@ -208,9 +208,15 @@ pub(crate) async fn start(
     };
     let agent_id = agent.id.clone();
     let owner = caller.tenant().map(str::to_string);
+    // A session named by its id holds its conversation: what the client
+    // sent before its new message is not stored again.
+    let mut history = turn.history;
     let (session_id, create_if_missing) = match turn.conversation {
         Conversation::Stateless => (None, false),
-        Conversation::Session(id) => (Some(id), false),
+        Conversation::Session(id) => {
+            history.clear();
+            (Some(id), false)
+        }
         Conversation::Named(name) => (
             Some(named_session_id(owner.as_deref(), &agent_id, &name)),
             true,
@@ -223,7 +229,7 @@ pub(crate) async fn start(
         .start_run(StartRun {
             session_id,
             create_if_missing,
-            history: turn.history,
+            history,
             agent: Some(agent_id.clone()),
             message: turn.message,
             stream: turn.stream,
