@@ -48,13 +48,17 @@ impl Engine {
         state.new_session = is_new_session;
         state.named_session = !is_new_session && start.create_if_missing;
         state.history = start.history;
+        // Registered now, so that a cancel finds the run while it opens;
+        // attached (and given `run_started`) only once the opening is
+        // committed, so that a follower that hears of the run finds its
+        // message in the store.
         let feed = self.feeds.open(&run_id, 1, &self.interrupt);
-        state.attach_feed(Arc::clone(&feed));
         let started = state.next_event(
             "run_started",
             json!({"run_id": run_id, "session_id": session_id}),
             now,
         );
+        let started_data = started.data.clone();
         let lock_stale_before = now - self.settings.lock_ttl.as_millis() as i64;
         let events = state.take_receiver();
         let (begun_tx, begun_rx) = oneshot::channel();
@@ -109,6 +113,12 @@ impl Engine {
                     .await;
                 let session_agent = match begun {
                     Ok(begun) => {
+                        feed.push(EventRecord {
+                            seq: 1,
+                            kind: "run_started",
+                            data: Arc::from(started_data.as_str()),
+                        });
+                        state.attach_feed(Arc::clone(&feed));
                         let _ = begun_tx.send(Ok(()));
                         // Made now, it holds what the state holds; else
                         // it is read back, history and all.

@@ -776,6 +776,26 @@ def test_multitask_enqueue_runs_them_in_order():
     assert statuses == ["success"] * 3
 
 
+def test_a_queued_runs_stream_starts_from_the_conversation_before_it():
+    # Streamed while it waits behind another run: its parts start from the
+    # conversation as that run left it, its own message last, and its
+    # answer has the same id in the chunks and in the state.
+    thread = new_thread()
+    client().runs.create(thread, "default", input=say("sleep:800"))
+    parts = list(client().runs.stream(thread, "default", input=say("queued"),
+                                      stream_mode=["values", "messages-tuple"]))
+    run_id = parts[0].data["run_id"]
+    values = [p.data for p in parts if p.event == "values"]
+    first = [text_of(m["content"]) for m in values[0]["messages"]]
+    assert first == ["sleep:800", "slept 800 ms", "queued"], first
+    chunk_ids = {p.data[0]["id"] for p in parts if p.event == "messages"}
+    assert chunk_ids == {f"{run_id}-1"}, chunk_ids
+    answer = values[-1]["messages"][-1]
+    assert (answer["id"], text_of(answer["content"])) == (f"{run_id}-1", "echo: queued"), answer
+    state = client().threads.get_state(thread)["values"]["messages"]
+    assert [m["id"] for m in state][-2:] == [f"{run_id}-0", f"{run_id}-1"], state
+
+
 def test_multitask_interrupt_stops_the_first_run():
     thread = new_thread()
     first = client().runs.create(thread, "default", input=say("sleep:5000"))

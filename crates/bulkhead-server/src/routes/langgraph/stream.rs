@@ -137,11 +137,9 @@ pub(crate) fn sse(
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Event>(256);
     tokio::spawn(async move {
-        let conversation = load_conversation(&state, &thread_id)
-            .await
-            .unwrap_or_default();
-        let mut translator =
-            Translator::new(follow.modes, &run_id, &thread_id, &agent, conversation);
+        // Made at the run's first event: by then its opening (its message,
+        // and whatever runs before it in the queue said) is in the store.
+        let mut translator: Option<Translator> = None;
         let mut gone = false;
         if follow.metadata {
             let mut metadata = Event::default()
@@ -166,6 +164,19 @@ pub(crate) fn sse(
             let Some(event) = event else {
                 break;
             };
+            if translator.is_none() {
+                let conversation = load_conversation(&state, &thread_id)
+                    .await
+                    .unwrap_or_default();
+                translator = Some(Translator::new(
+                    follow.modes,
+                    &run_id,
+                    &thread_id,
+                    &agent,
+                    conversation,
+                ));
+            }
+            let translator = translator.as_mut().expect("made above");
             for part in translator.on(&event) {
                 if follow.after.is_some_and(|after| part.at <= after) {
                     continue;
