@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use bulkhead_store::{Message, NewMessage};
 use serde_json::{Value, json};
 
+use super::invalid;
 use crate::error::ApiError;
 
 /// A run's token usage, for the answer that ends it.
@@ -145,10 +146,6 @@ pub(crate) fn conversation(stored: &[Message], usage: &HashMap<String, Usage>) -
 pub(crate) struct Input {
     pub history: Vec<NewMessage>,
     pub message: String,
-}
-
-fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::unprocessable("invalid_request", message)
 }
 
 /// Reads `input.messages`: a list of message dicts (`role` or `type`,

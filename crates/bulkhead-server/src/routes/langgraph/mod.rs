@@ -67,6 +67,11 @@ pub(crate) fn find_assistant(state: &AppState, id: &str) -> Result<Arc<Agent>, A
         })
 }
 
+/// A field of a request that is wrong, as every LangGraph route says it.
+pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::unprocessable("invalid_request", message)
+}
+
 /// A UUID from a path or body, or 422 naming what it should have been.
 pub(crate) fn uuid_of(what: &str, id: &str) -> Result<String, ApiError> {
     uuid::Uuid::parse_str(id)

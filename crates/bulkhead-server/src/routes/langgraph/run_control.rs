@@ -11,7 +11,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use utoipa::IntoParams;
 
-use super::runs::{invalid, location, read_run};
+use super::invalid;
+use super::runs::{location, read_run};
 use super::stream::{self, Follow, Modes};
 use super::{
     DetailBody, ThreadPath, decided_by, object, owned_thread, run_json, run_status, uuid_of,

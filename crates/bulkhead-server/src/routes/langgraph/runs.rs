@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use super::assistants::optional_body;
+use super::invalid;
 use super::stream::{self, Follow, Modes};
 use super::{
     DetailBody, ThreadPath, assistant_id, decided_by, find_assistant, object, run_json, run_status,
@@ -65,10 +66,6 @@ pub struct RunCreate {
     config: Option<Value>,
     #[schema(value_type = Option<Object>)]
     context: Option<Value>,
-}
-
-pub(super) fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::unprocessable("invalid_request", message)
 }
 
 fn choice<'a>(

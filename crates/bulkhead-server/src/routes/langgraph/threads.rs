@@ -15,6 +15,7 @@ use serde_json::{Map, Value, json};
 use utoipa::ToSchema;
 
 use super::assistants::{holds, optional_body, page};
+use super::invalid;
 use super::{
     DetailBody, ThreadPath, messages, object, owned_thread, thread_interrupts, thread_json,
     thread_status, thread_values, usage_of, uuid_of,
@@ -85,10 +86,6 @@ pub struct HistoryRequest {
     metadata: Option<Value>,
     #[schema(value_type = Option<Object>)]
     checkpoint: Option<Value>,
-}
-
-fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::unprocessable("invalid_request", message)
 }
 
 fn metadata_of(body: &Value) -> Result<Option<Map<String, Value>>, ApiError> {
