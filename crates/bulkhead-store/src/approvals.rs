@@ -37,15 +37,19 @@ impl Store {
             Pools::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
                 crate::insert_messages_pg(&mut tx, step).await?;
-                sqlx::query(
+                let running = sqlx::query(
                     "UPDATE runs SET tokens_used = $1, steps = $2, status = 'awaiting_approval' \
-                     WHERE id = $3",
+                     WHERE id = $3 AND status = 'running'",
                 )
                 .bind(step.tokens_used)
                 .bind(step.steps)
                 .bind(step.run_id)
                 .execute(&mut *tx)
-                .await?;
+                .await?
+                .rows_affected();
+                if running == 0 {
+                    return Err(StoreError::RunTakenOver);
+                }
                 sqlx::query(
                     "UPDATE sessions SET locked_at = $1 WHERE id = $2 AND active_run_id = $3",
                 )
@@ -87,10 +91,13 @@ impl Store {
                 if decided == 0 {
                     return Ok(false);
                 }
+                // Resumed by this replica: its lease now covers the run.
                 sqlx::query(
-                    "UPDATE runs SET status = 'running' WHERE id = $1 AND status = 'awaiting_approval'",
+                    "UPDATE runs SET status = 'running', replica_id = $2 \
+                     WHERE id = $1 AND status = 'awaiting_approval'",
                 )
                 .bind(d.run_id)
+                .bind(self.replica.as_deref())
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query("UPDATE sessions SET locked_at = $1 WHERE active_run_id = $2")

@@ -62,6 +62,40 @@ pub enum StoreError {
     Closed,
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A write for a run that is no longer `running`: another replica
+    /// ended it when this one's lease lapsed. Nothing was written.
+    #[error("the run is no longer running here (its replica's lease lapsed and it was ended)")]
+    RunTakenOver,
+}
+
+impl StoreError {
+    /// Whether the database could not be reached (down, restarting, the
+    /// pool found no connection in time): what waiting can heal, unlike a
+    /// refused statement.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::ConnectTimeout(_) | StoreError::Closed => true,
+            StoreError::Database(e) => database_unavailable(e),
+            _ => false,
+        }
+    }
+}
+
+fn database_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_) => true,
+        // Shutting down, starting up, or out of connections: 57P01
+        // admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now,
+        // 53300 too_many_connections, and class 08 (connection exceptions).
+        sqlx::Error::Database(e) => e.code().is_some_and(|code| {
+            matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "53300") || code.starts_with("08")
+        }),
+        _ => false,
+    }
 }
 
 /// Which engine a [`Store`] runs on.
@@ -125,6 +159,9 @@ enum Pools {
 #[derive(Clone)]
 pub struct Store {
     pools: Pools,
+    /// The replica the runs this handle opens belong to (PostgreSQL only;
+    /// see `leases`).
+    replica: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -168,7 +205,10 @@ macro_rules! with_reader {
 // After the macros above, which they use.
 mod approvals;
 mod keys;
+mod leases;
 mod threads;
+
+pub use leases::{LeaseRenewal, OrphanedRun, REPLICA_LOST_CODE, REPLICA_LOST_MESSAGE};
 
 pub use threads::{NewQueuedRun, QueuedRun, ThreadRow};
 
@@ -255,7 +295,10 @@ impl Store {
                 Pools::Postgres(pool)
             }
         };
-        Ok(Store { pools })
+        Ok(Store {
+            pools,
+            replica: None,
+        })
     }
 
     pub fn backend(&self) -> Backend {
@@ -373,8 +416,8 @@ impl Store {
                    INSERT INTO sessions (id, created_at, updated_at, active_run_id, locked_at, owner, agent) \
                    VALUES ($1, $2, $2, $3, $2, $9, $10)), \
                  run AS (\
-                   INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at) \
-                   VALUES ($3, $1, 'running', $4, 0, 0, $2)), \
+                   INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at, replica_id) \
+                   VALUES ($3, $1, 'running', $4, 0, 0, $2, $11)), \
                  message AS (\
                    INSERT INTO messages (session_id, run_id, role, content, created_at) \
                    VALUES ($1, $3, 'user', $4, $2)) \
@@ -391,6 +434,7 @@ impl Store {
             .bind(event.created_at)
             .bind(begin.owner)
             .bind(new_session_agent(begin)?)
+            .bind(self.replica.as_deref())
             .execute(pool)
             .await
             .map_err(StoreError::from)?;
@@ -499,14 +543,15 @@ impl Store {
             }
         }
         sqlx::query(
-            "INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at, kwargs) \
-             VALUES ($1, $2, 'running', $3, 0, 0, $4, $5)",
+            "INSERT INTO runs (id, session_id, status, input, tokens_used, steps, created_at, kwargs, replica_id) \
+             VALUES ($1, $2, 'running', $3, 0, 0, $4, $5, $6)",
         )
         .bind(begin.run_id)
         .bind(session_id)
         .bind(begin.input)
         .bind(begin.now)
         .bind(begin.kwargs)
+        .bind(self.replica.as_deref())
         .execute(&mut *tx)
         .await
         .map_err(StoreError::from)?;
@@ -548,14 +593,22 @@ impl Store {
     pub async fn record_step(&self, step: &RunProgress<'_>) -> Result<(), StoreError> {
         write_with!(self, sqlite: (step = OwnedProgress::from(step)) |c| sqlite_writes::record_step(c, &step), postgres: |pool| {
             let mut tx = pool.begin().await?;
+            // First, and guarded: a run ended by another replica (this
+            // one's lease lapsed) gets nothing more written.
+            let running = sqlx::query(
+                "UPDATE runs SET tokens_used = $1, steps = $2 WHERE id = $3 AND status = 'running'",
+            )
+            .bind(step.tokens_used)
+            .bind(step.steps)
+            .bind(step.run_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if running == 0 {
+                return Err(StoreError::RunTakenOver);
+            }
             insert_messages!(tx, step.session_id, step.run_id, step.messages, step.now);
             insert_events!(tx, step.run_id, step.events);
-            sqlx::query("UPDATE runs SET tokens_used = $1, steps = $2 WHERE id = $3")
-                .bind(step.tokens_used)
-                .bind(step.steps)
-                .bind(step.run_id)
-                .execute(&mut *tx)
-                .await?;
             sqlx::query("UPDATE sessions SET locked_at = $1 WHERE id = $2 AND active_run_id = $3")
                 .bind(step.now)
                 .bind(step.session_id)
@@ -573,27 +626,34 @@ impl Store {
         let progress = &finish.progress;
         write_with!(self, sqlite: (finish = OwnedFinish::from(finish)) |c| sqlite_writes::finish_run(c, &finish), postgres: |pool| {
             // One statement, so one round trip instead of six: the messages
-            // and events go in as arrays, kept in their order.
+            // and events go in as arrays, kept in their order. Every part
+            // hangs on the run still `running`: one ended by another
+            // replica (this one's lease lapsed) gets nothing more written.
             let messages = progress.messages;
             let events = progress.events;
-            sqlx::query(
-                "WITH message AS (\
+            let (finished,): (i64,) = sqlx::query_as(
+                "WITH run AS (\
+                   UPDATE runs SET status = $12, output = $13, tokens_used = $14, steps = $15, \
+                   error_code = $16, error_message = $17, finished_at = $3, \
+                   input_tokens = $18, output_tokens = $19 WHERE id = $2 AND status = 'running' \
+                   RETURNING id), \
+                 message AS (\
                    INSERT INTO messages (session_id, run_id, role, content, tool_calls, tool_call_id, created_at) \
                    SELECT $1, $2, m.role, m.content, m.tool_calls, m.tool_call_id, $3 \
                    FROM UNNEST($4::text[], $5::text[], $6::text[], $7::text[]) \
                      WITH ORDINALITY AS m(role, content, tool_calls, tool_call_id, n) \
+                   WHERE EXISTS (SELECT 1 FROM run) \
                    ORDER BY m.n), \
                  event AS (\
                    INSERT INTO run_events (run_id, seq, kind, data, created_at) \
                    SELECT $2, e.seq, e.kind, e.data, e.created_at \
                    FROM UNNEST($8::bigint[], $9::text[], $10::text[], $11::bigint[]) \
-                     AS e(seq, kind, data, created_at)), \
-                 run AS (\
-                   UPDATE runs SET status = $12, output = $13, tokens_used = $14, steps = $15, \
-                   error_code = $16, error_message = $17, finished_at = $3, \
-                   input_tokens = $18, output_tokens = $19 WHERE id = $2) \
-                 UPDATE sessions SET active_run_id = NULL, locked_at = NULL, updated_at = $3 \
-                 WHERE id = $1 AND active_run_id = $2",
+                     AS e(seq, kind, data, created_at) \
+                   WHERE EXISTS (SELECT 1 FROM run)), \
+                 session AS (\
+                   UPDATE sessions SET active_run_id = NULL, locked_at = NULL, updated_at = $3 \
+                   WHERE id = $1 AND active_run_id = $2 AND EXISTS (SELECT 1 FROM run)) \
+                 SELECT count(*) FROM run",
             )
             .bind(progress.session_id)
             .bind(progress.run_id)
@@ -614,8 +674,11 @@ impl Store {
             .bind(finish.error.map(|e| e.1))
             .bind(finish.usage.map(|u| u.0))
             .bind(finish.usage.map(|u| u.1))
-            .execute(pool)
+            .fetch_one(pool)
             .await?;
+            if finished == 0 {
+                return Err(StoreError::RunTakenOver);
+            }
             Ok(())
         })
     }
@@ -1056,7 +1119,7 @@ mod tests {
         let store = Store::connect(&url, &StoreOptions::default())
             .await
             .unwrap();
-        assert_eq!(store.migrate().await.unwrap(), 7);
+        assert_eq!(store.migrate().await.unwrap(), 8);
         let run = store.run("r1").await.unwrap().unwrap();
         // A call recorded before egress refusals were kept has none.
         let calls = store.tool_executions("s1").await.unwrap();

@@ -115,7 +115,7 @@ async fn finish(store: &Store, session_id: &str, run_id: &str, now: i64) {
 async fn migrations_apply_once_and_are_idempotent(kind: DbKind) {
     let db = TestDb::new(kind).await;
     let store = open(&db).await;
-    assert_eq!(store.migrate().await.unwrap(), 7);
+    assert_eq!(store.migrate().await.unwrap(), 8);
     store.ping().await.unwrap();
     if kind == DbKind::Sqlite {
         assert!(
@@ -825,4 +825,140 @@ async fn sqlite_writes_fail_cleanly_while_another_process_holds_the_lock() {
         .unwrap();
     assert!(store.run("r0").await.unwrap().is_none());
     assert!(store.run("r-after").await.unwrap().is_some());
+}
+
+/// Two replicas on one PostgreSQL: a run whose replica stops renewing its
+/// lease is ended `interrupted` by the other, once, with a `run_failed`
+/// event after what it recorded and its session freed; the replica that
+/// lost it can write nothing more for it, and hears that it lost its lease.
+/// A run under a lease still held is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_replica_stops_renewing_is_ended_by_another() {
+    use bulkhead_store::{LeaseRenewal, REPLICA_LOST_CODE, StoreError};
+    let db = TestDb::new(DbKind::Postgres).await;
+    let plain = open(&db).await;
+    let dying = plain.clone().for_replica("replica-a");
+    let alive = plain.clone().for_replica("replica-b");
+    assert_eq!(
+        dying.renew_lease(300).await.unwrap(),
+        LeaseRenewal::Registered
+    );
+    assert_eq!(
+        alive.renew_lease(60_000).await.unwrap(),
+        LeaseRenewal::Registered
+    );
+    assert_eq!(
+        alive.renew_lease(60_000).await.unwrap(),
+        LeaseRenewal::Renewed
+    );
+    dying
+        .begin_run(&begin(SessionRef::New("s-dying"), "r-dying", 1, 0))
+        .await
+        .unwrap();
+    dying
+        .record_step(&RunProgress {
+            run_id: "r-dying",
+            session_id: "s-dying",
+            messages: &[],
+            events: &[NewEvent {
+                seq: 2,
+                kind: "tool_call",
+                data: "{}".into(),
+                created_at: 2,
+            }],
+            tokens_used: 7,
+            steps: 1,
+            now: 2,
+        })
+        .await
+        .unwrap();
+    alive
+        .begin_run(&begin(SessionRef::New("s-alive"), "r-alive", 1, 0))
+        .await
+        .unwrap();
+
+    // Its lease still runs: nothing is ended.
+    assert!(alive.end_orphaned_runs(3, 100).await.unwrap().is_empty());
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let ended = alive.end_orphaned_runs(4, 100).await.unwrap();
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(
+        (
+            ended[0].run_id.as_str(),
+            ended[0].session_id.as_str(),
+            ended[0].seq
+        ),
+        ("r-dying", "s-dying", 3)
+    );
+    let data: serde_json::Value = serde_json::from_str(&ended[0].data).unwrap();
+    assert_eq!(data["error"]["code"], REPLICA_LOST_CODE);
+    assert_eq!(data["tokens_used"], 7);
+    // Once.
+    assert!(alive.end_orphaned_runs(5, 100).await.unwrap().is_empty());
+
+    let run = plain.run("r-dying").await.unwrap().unwrap();
+    assert_eq!(
+        (run.status.as_str(), run.error_code.as_deref()),
+        ("interrupted", Some(REPLICA_LOST_CODE))
+    );
+    let events = plain.run_events("r-dying", 0).await.unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.seq, e.kind.as_str()))
+            .collect::<Vec<_>>(),
+        [(1, "run_started"), (2, "tool_call"), (3, "run_failed")]
+    );
+    assert_eq!(
+        conversation(&plain, "s-dying").await.len(),
+        1,
+        "the user's message stays"
+    );
+    assert_eq!(
+        plain.run("r-alive").await.unwrap().unwrap().status,
+        "running"
+    );
+
+    // The replica that lost it writes nothing more for it.
+    let late = dying
+        .finish_run(&FinishRun {
+            progress: RunProgress {
+                run_id: "r-dying",
+                session_id: "s-dying",
+                messages: &[said("assistant", "too late")],
+                events: &[NewEvent {
+                    seq: 3,
+                    kind: "run_completed",
+                    data: "{}".into(),
+                    created_at: 6,
+                }],
+                tokens_used: 9,
+                steps: 2,
+                now: 6,
+            },
+            status: RunStatus::Completed,
+            output: Some("too late"),
+            error: None,
+            usage: None,
+        })
+        .await;
+    assert!(matches!(late, Err(StoreError::RunTakenOver)), "{late:?}");
+    assert_eq!(conversation(&plain, "s-dying").await.len(), 1);
+    assert_eq!(
+        plain.run("r-dying").await.unwrap().unwrap().status,
+        "interrupted"
+    );
+
+    // Its session is free for the next run, on any replica.
+    alive
+        .begin_run(&begin(SessionRef::Existing("s-dying"), "r-next", 7, 0))
+        .await
+        .unwrap();
+    // The lapsed replica was forgotten: its next renewal registers anew,
+    // which is how it learns that its runs were ended.
+    assert_eq!(
+        dying.renew_lease(300).await.unwrap(),
+        LeaseRenewal::Registered
+    );
+    finish(&alive, "s-alive", "r-alive", 8).await;
 }
