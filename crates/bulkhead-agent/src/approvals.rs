@@ -122,9 +122,9 @@ impl Engine {
         approval: PendingApproval,
     ) -> RunOutcome {
         let now = now_ms();
+        let progress = state.progress(now);
         match self
-            .store
-            .pause_run(&state.progress(now), approval.expires_at)
+            .persist(|| self.store.pause_run(&progress, approval.expires_at))
             .await
         {
             Ok(()) => {
@@ -260,7 +260,7 @@ impl Engine {
         state.seq = self.store.last_event_seq(run_id).await?;
         let feed = self
             .feeds
-            .open(&state.run_id, state.seq + 1, &self.interrupt);
+            .open(&state.run_id, state.seq + 1, &self.interrupt, self.cluster.get());
         if let Some(reason) = cancel_reason {
             feed.mark_cancelled(reason);
         }

@@ -29,30 +29,63 @@ pub(crate) struct RunFeed {
     /// The seq of the first event this feed holds: a resumed run's task
     /// starts after what the store holds already.
     first_seq: i64,
-    events: Mutex<Vec<EventRecord>>,
+    events: Mutex<FeedEvents>,
     /// How many events `events` holds, and whether the task ended.
     progress: watch::Sender<(usize, bool)>,
     pub(crate) cancel: CancellationToken,
-    cancelled_by: Mutex<Option<&'static str>>,
+    cancelled_by: Mutex<Option<Arc<str>>>,
+    /// Where its events go once a follower on another replica asks.
+    cluster: Option<(Arc<str>, Arc<dyn Cluster>)>,
+}
+
+#[derive(Debug, Default)]
+struct FeedEvents {
+    list: Vec<EventRecord>,
+    /// A follower on another replica asked for the run: every event is
+    /// published to the cluster as well (those before, when it asked).
+    relayed: bool,
 }
 
 impl RunFeed {
     pub(crate) fn push(&self, event: EventRecord) {
         let len = {
             let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
-            events.push(event);
-            events.len()
+            // Under the lock: published in the order they are numbered.
+            if events.relayed
+                && let Some((run_id, cluster)) = &self.cluster
+            {
+                cluster.publish_event(run_id, &event);
+            }
+            events.list.push(event);
+            events.list.len()
         };
         self.progress.send_replace((len, false));
     }
 
-    pub(crate) fn mark_cancelled(&self, reason: &'static str) {
-        *self.cancelled_by.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+    /// Publishes every event so far (again, for a follower that came
+    /// after others: they drop what they have), and from now on each as
+    /// it comes.
+    fn relay(&self) {
+        let Some((run_id, cluster)) = &self.cluster else {
+            return;
+        };
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        events.relayed = true;
+        for event in &events.list {
+            cluster.publish_event(run_id, event);
+        }
+    }
+
+    pub(crate) fn mark_cancelled(&self, reason: &str) {
+        *self.cancelled_by.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.into());
     }
 
     /// Why the run was cancelled, if a client cancelled it.
-    pub(crate) fn cancel_reason(&self) -> Option<&'static str> {
-        *self.cancelled_by.lock().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn cancel_reason(&self) -> Option<Arc<str>> {
+        self.cancelled_by
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -69,13 +102,15 @@ impl RunFeeds {
         run_id: &str,
         first_seq: i64,
         parent: &CancellationToken,
+        cluster: Option<&Arc<dyn Cluster>>,
     ) -> Arc<RunFeed> {
         let feed = Arc::new(RunFeed {
             first_seq,
-            events: Mutex::new(Vec::new()),
+            events: Mutex::new(FeedEvents::default()),
             progress: watch::channel((0, false)).0,
             cancel: parent.child_token(),
             cancelled_by: Mutex::new(None),
+            cluster: cluster.map(|cluster| (Arc::from(run_id), Arc::clone(cluster))),
         });
         self.live
             .lock()
@@ -92,6 +127,24 @@ impl RunFeeds {
         }
         drop(live);
         feed.progress.send_modify(|(_, ended)| *ended = true);
+        let relayed = feed
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .relayed;
+        if relayed && let Some((run_id, cluster)) = &feed.cluster {
+            cluster.publish_end(run_id);
+        }
+    }
+
+    /// The ids of the runs whose task is alive here.
+    pub(crate) fn run_ids(&self) -> Vec<String> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     pub(crate) fn get(&self, run_id: &str) -> Option<Arc<RunFeed>> {
@@ -125,7 +178,7 @@ impl RunFollower {
             let (len, ended) = *self.progress.borrow_and_update();
             if self.next < len {
                 let events = self.feed.events.lock().unwrap_or_else(|e| e.into_inner());
-                let event = events[self.next].clone();
+                let event = events.list[self.next].clone();
                 self.next += 1;
                 return FeedItem::Event(event);
             }
@@ -155,11 +208,21 @@ impl Engine {
         })
     }
 
+    /// A follower on another replica asks for a run: if it executes here,
+    /// its events are published to the cluster from its first on.
+    pub fn relay_run(&self, run_id: &str) -> bool {
+        let Some(feed) = self.feeds.get(run_id) else {
+            return false;
+        };
+        feed.relay();
+        true
+    }
+
     /// Cancels a run executing in this process: it stops at once (a model
     /// call or a tool call in progress is abandoned, as at shutdown) and
     /// ends `interrupted` with `reason`. `false` when no task of this
     /// process runs it.
-    pub fn cancel_run(&self, run_id: &str, reason: &'static str) -> bool {
+    pub fn cancel_run(&self, run_id: &str, reason: &str) -> bool {
         let Some(feed) = self.feeds.get(run_id) else {
             return false;
         };

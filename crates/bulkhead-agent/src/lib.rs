@@ -9,7 +9,9 @@
 
 mod agents;
 mod approvals;
+mod cluster;
 mod feeds;
+mod leases;
 mod mcp_tools;
 mod planner;
 mod queue;
@@ -40,6 +42,7 @@ use run_state::{OpenCall, RunState};
 
 pub use agents::{Agent, Agents, ApprovalPolicy, DEFAULT_AGENT, ToolPolicy};
 pub use approvals::{DecideError, Decision, PendingApproval};
+pub use cluster::Cluster;
 pub use feeds::{FeedItem, RunFollower};
 pub use queue::{CancelAction, CancelOutcome, EnqueueError, QueueRequest};
 pub use roles::{PeerClient, Peers, RoleKind};
@@ -57,6 +60,10 @@ pub struct EngineSettings {
     /// A session lock not refreshed for this long is presumed abandoned
     /// (its holder crashed) and may be taken over.
     pub lock_ttl: Duration,
+    /// On PostgreSQL, how long this replica's runs stay its own without it
+    /// renewing its lease (`RUN_LEASE_SECONDS`); then another replica ends
+    /// them.
+    pub lease: Duration,
     /// Values never to be written into the audit trail (API keys, database
     /// passwords), should a model echo them into tool arguments.
     pub secrets: Vec<String>,
@@ -219,6 +226,9 @@ pub struct Engine {
     accepting: AtomicBool,
     feeds: feeds::RunFeeds,
     queue: queue::RunQueue,
+    /// The other replicas, when there are any to reach (see `cluster`).
+    cluster: std::sync::OnceLock<Arc<dyn Cluster>>,
+    leases: leases::Leases,
 }
 
 /// A new id for a session, run or tool call: a UUIDv7, time-ordered so that
@@ -270,6 +280,8 @@ impl Engine {
             accepting: AtomicBool::new(true),
             feeds: Default::default(),
             queue: Default::default(),
+            cluster: Default::default(),
+            leases: Default::default(),
         }
     }
 
@@ -348,11 +360,57 @@ fn sanitize(text: String) -> String {
     }
 }
 
+impl Engine {
+    /// Runs a write of a run in progress, waiting out an outage of the
+    /// database: what a run did must not be lost because PostgreSQL
+    /// restarted meanwhile. Gives up on shutdown past the grace (the
+    /// lease then lapses and another replica ends the run) and on any
+    /// other error.
+    pub(crate) async fn persist<T, F, Fut>(&self, mut write: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut wait = Duration::from_millis(100);
+        let mut warned = false;
+        loop {
+            match write().await {
+                Err(e) if e.is_unavailable() && !self.interrupt.is_cancelled() => {
+                    if !warned {
+                        tracing::warn!(error = %e, "the database is unreachable; the run's write waits for it");
+                        warned = true;
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = self.interrupt.cancelled() => {}
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                result => {
+                    if warned && result.is_ok() {
+                        tracing::info!("the database is back; the run's write is done");
+                    }
+                    return result;
+                }
+            }
+        }
+    }
+}
+
 fn interrupted() -> Failure {
     Failure {
         kind: FailureKind::Interrupted,
         code: "run_interrupted",
         message: "the server shut down before the run finished".into(),
+    }
+}
+
+/// The run was ended by another replica when this one's lease lapsed.
+fn replica_lost() -> Failure {
+    Failure {
+        kind: FailureKind::Interrupted,
+        code: bulkhead_store::REPLICA_LOST_CODE,
+        message: bulkhead_store::REPLICA_LOST_MESSAGE.into(),
     }
 }
 

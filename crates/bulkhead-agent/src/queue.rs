@@ -55,7 +55,8 @@ pub enum CancelOutcome {
     Cancelled,
     /// It had ended already.
     Finished,
-    /// It runs in another process (a replica) and cannot be stopped here.
+    /// It runs in another process (a replica) that could not be reached
+    /// (no Redis to reach it through, or no answer in time).
     Elsewhere,
     NotFound,
 }
@@ -270,7 +271,24 @@ impl Engine {
                     }
                 }
             } else if run.status == RunStatus::Running.as_str() {
-                return Ok(CancelOutcome::Elsewhere);
+                // Executing on another replica: ask it, and wait for the
+                // run's end there (or for the lease to end it).
+                let Some(cluster) = self.cluster.get() else {
+                    return Ok(CancelOutcome::Elsewhere);
+                };
+                cluster.request_cancel(run_id, reason);
+                let deadline = Instant::now() + self.settings.lease + Duration::from_secs(5);
+                loop {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    match self.store.run(run_id).await? {
+                        Some(run) if run.status == RunStatus::Running.as_str() => {
+                            if Instant::now() > deadline {
+                                return Ok(CancelOutcome::Elsewhere);
+                            }
+                        }
+                        _ => break,
+                    }
+                }
             } else {
                 if rollback {
                     self.store.delete_run(run_id, true).await?;

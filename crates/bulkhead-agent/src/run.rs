@@ -52,7 +52,7 @@ impl Engine {
         // attached (and given `run_started`) only once the opening is
         // committed, so that a follower that hears of the run finds its
         // message in the store.
-        let feed = self.feeds.open(&run_id, 1, &self.interrupt);
+        let feed = self.feeds.open(&run_id, 1, &self.interrupt, self.cluster.get());
         let started = state.next_event(
             "run_started",
             json!({"run_id": run_id, "session_id": session_id}),
@@ -319,16 +319,14 @@ impl Engine {
                 state.emit("run_failed", data, now);
             }
         }
-        let recorded = self
-            .store
-            .finish_run(&FinishRun {
-                progress: state.progress(now),
-                status,
-                output,
-                error: error.map(|f| (f.code, f.message.as_str())),
-                usage: Some((state.input_tokens, state.output_tokens)),
-            })
-            .await;
+        let finish = FinishRun {
+            progress: state.progress(now),
+            status,
+            output,
+            error: error.map(|f| (f.code, f.message.as_str())),
+            usage: Some((state.input_tokens, state.output_tokens)),
+        };
+        let recorded = self.persist(|| self.store.finish_run(&finish)).await;
         let tokens_used = state.tokens_used;
         match (outcome, recorded) {
             (Ok(response), Ok(())) => RunOutcome::Completed {
@@ -339,6 +337,13 @@ impl Engine {
                 failure,
                 tokens_used,
             },
+            (_, Err(StoreError::RunTakenOver)) => {
+                tracing::warn!("the run was ended by another replica (this one's lease lapsed)");
+                RunOutcome::Failed {
+                    failure: replica_lost(),
+                    tokens_used,
+                }
+            }
             (_, Err(e)) => {
                 tracing::error!(error = %e, "could not record the end of the run");
                 RunOutcome::Failed {
@@ -454,10 +459,13 @@ impl Engine {
 
     /// Commits the events and messages gathered since the last commit.
     pub(crate) async fn record_progress(&self, state: &mut RunState) -> Result<(), Failure> {
-        self.store
-            .record_step(&state.progress(now_ms()))
+        let progress = state.progress(now_ms());
+        self.persist(|| self.store.record_step(&progress))
             .await
-            .map_err(|e| internal("could not record the run's progress", &e))?;
+            .map_err(|e| match e {
+                StoreError::RunTakenOver => replica_lost(),
+                e => internal("could not record the run's progress", &e),
+            })?;
         state.pending_events.clear();
         state.pending_messages.clear();
         Ok(())

@@ -23,6 +23,8 @@ pub const RUNS_IN_FLIGHT: &str = "bulkhead_runs_in_flight";
 pub const RUN_DURATION: &str = "bulkhead_run_duration_seconds";
 pub const TOOL_CALLS: &str = "bulkhead_tool_calls_total";
 pub const TOOL_CALL_DURATION: &str = "bulkhead_tool_call_duration_seconds";
+pub const ORPHANED_RUNS: &str = "bulkhead_orphaned_runs_total";
+pub const LEASE_LOSSES: &str = "bulkhead_lease_losses_total";
 pub const SANDBOX_CREATIONS: &str = "bulkhead_sandbox_creations_total";
 pub const SANDBOX_EXEC_DURATION: &str = "bulkhead_sandbox_exec_duration_seconds";
 
@@ -35,6 +37,14 @@ pub fn describe() {
         "Runs by final status (completed, failed, interrupted)"
     );
     describe_gauge!(RUNS_IN_FLIGHT, "Runs recorded and not yet finished");
+    describe_counter!(
+        ORPHANED_RUNS,
+        "Runs of another replica whose lease lapsed, ended interrupted by this one"
+    );
+    describe_counter!(
+        LEASE_LOSSES,
+        "Times this replica found its lease lapsed and its runs ended by another"
+    );
     describe_histogram!(
         RUN_DURATION,
         Unit::Seconds,

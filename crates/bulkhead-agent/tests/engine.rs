@@ -36,6 +36,7 @@ async fn engine(dir: &tempfile::TempDir) -> Arc<Engine> {
             approval_timeout: Duration::from_secs(60),
             egress: Default::default(),
             lock_ttl: Duration::from_secs(600),
+            lease: Duration::from_secs(10),
             secrets: Vec::new(),
             role: RoleKind::General,
             peers: None,

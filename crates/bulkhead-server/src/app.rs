@@ -1,8 +1,6 @@
 //! The application: what a running server holds, how it starts, and how it
 //! stops.
 
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,9 +11,7 @@ use bulkhead_agent::{
 use bulkhead_model::{MockModel, Model, ModelSettings, OpenAiClient};
 use bulkhead_store::{Store, StoreOptions};
 use secrecy::ExposeSecret;
-use tokio::net::TcpListener;
 use tokio::sync::Mutex;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{AgentMode, Config};
 
@@ -38,6 +34,11 @@ pub struct App {
     model_probe: Mutex<Option<(Instant, Result<(), String>)>>,
     /// Checked by `/ready` when `REDIS_URL` is set.
     redis: Option<redis::Client>,
+    /// The link to the other replicas, through that Redis.
+    cluster: Option<Arc<crate::cluster::RedisCluster>>,
+    /// Set on SIGTERM: `/ready` fails and every answer closes its
+    /// connection (see `serve`).
+    draining: std::sync::atomic::AtomicBool,
     /// This server's claim on its SQLite file and local sandbox root.
     _locks: Vec<crate::data_lock::DataLock>,
     /// Renders `/metrics`; `None` when metrics are off.
@@ -101,11 +102,22 @@ impl App {
             }
         };
         let (store, sandboxes) = tokio::try_join!(database, sandboxes)?;
+        // Which replica this process is, for the runs it executes: their
+        // lease is its lease (PostgreSQL; nothing changes on SQLite).
+        let replica = bulkhead_agent::new_id();
+        let store = store.for_replica(&replica);
+        if store.replica().is_some() {
+            tracing::info!(
+                replica = %replica,
+                lease_s = config.run_lease.as_secs(),
+                "runs executed here are held under this replica's lease"
+            );
+        }
         let redis = match &config.redis_url {
             None => None,
             Some(url) => {
                 tracing::info!(
-                    "REDIS_URL is set: per-key limits are counted there, shared by every replica, and /ready checks it"
+                    "REDIS_URL is set: per-key limits are counted there and runs are followed across replicas through it; /ready checks it"
                 );
                 // Parsing only; nothing connects until a limit or /ready asks.
                 Some(
@@ -149,6 +161,7 @@ impl App {
                 approval_timeout: config.approval_timeout,
                 egress: config.sandbox.egress.clone(),
                 lock_ttl,
+                lease: config.run_lease,
                 secrets,
                 role,
                 peers,
@@ -174,9 +187,15 @@ impl App {
             engine.store().clone(),
             redis.clone(),
             config.admin_token.as_ref(),
+            config.run_lease,
         );
         let engine = Arc::new(engine);
+        let cluster = redis.clone().map(crate::cluster::RedisCluster::start);
+        if let Some(cluster) = &cluster {
+            cluster.attach(&engine);
+        }
         spawn_approval_expiry(&engine);
+        engine.spawn_lease_keeper();
         let openapi = crate::openapi::document_for(
             config.enable_streaming,
             &config
@@ -192,13 +211,29 @@ impl App {
             door,
             model_probe: Mutex::new(None),
             redis,
+            cluster,
+            draining: Default::default(),
             _locks: locks,
             metrics,
             metrics_token_digest,
         })
     }
 
-    /// The metrics recorder's handle, when metrics are on.
+    pub(crate) fn set_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the server is stopping: from SIGTERM on.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst) || !self.engine.is_accepting()
+    }
+
+    /// The link to the other replicas, when `REDIS_URL` is set.
+    pub(crate) fn cluster(&self) -> Option<&Arc<crate::cluster::RedisCluster>> {
+        self.cluster.as_ref()
+    }
+
     pub(crate) fn openapi_document(&self) -> &bytes::Bytes {
         &self.openapi
     }
@@ -595,130 +630,4 @@ async fn connect_store(config: &Config) -> anyhow::Result<Store> {
             }
         }
     }
-}
-
-/// A server bound to its port; [`Server::run`] serves until `shutdown`.
-pub struct Server {
-    app: Arc<App>,
-    listener: TcpListener,
-}
-
-impl Server {
-    pub async fn bind(config: Config) -> anyhow::Result<Server> {
-        let address = SocketAddr::new(config.host, config.port);
-        let app = Arc::new(App::build(config).await?);
-        let listener = TcpListener::bind(address)
-            .await
-            .with_context(|| format!("could not listen on {address}"))?;
-        Ok(Server { app, listener })
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("a bound listener has an address")
-    }
-
-    pub fn app(&self) -> Arc<App> {
-        Arc::clone(&self.app)
-    }
-
-    /// Serves until `shutdown` resolves, then drains: from that moment
-    /// `/ready` fails and no run starts, runs in flight get the grace to
-    /// finish and the rest are interrupted; then the listener closes and the
-    /// database pool with it.
-    pub async fn run(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
-        let Server { app, listener } = self;
-        tracing::info!(
-            address = %listener.local_addr()?,
-            mode = app.config.mode.as_str(),
-            role = app.config.role.as_str(),
-            "listening"
-        );
-        let router = crate::routes::router(AppState(Arc::clone(&app)));
-        let stop_accepting = CancellationToken::new();
-        // As a make-service, each connection gets a cheap clone of the router;
-        // a bare `Router` would be rebuilt per connection (`with_state`), about
-        // 8 KB each, which 10,000 open streams notice.
-        // No Nagle: an answer written in parts (a stream's events, a wait's
-        // heartbeat then its JSON) must not sit waiting for the client's
-        // delayed ACK, 40 ms on Linux, before its last part leaves.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
-            }
-        });
-        let server = axum::serve(listener, router.into_make_service())
-            .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
-        let mut server = tokio::spawn(async move { server.await });
-
-        tokio::select! {
-            () = shutdown => {}
-            result = &mut server => {
-                // The server stopped on its own: that is an error.
-                result.context("the server task failed")?.context("the server failed")?;
-                anyhow::bail!("the server stopped unexpectedly");
-            }
-        }
-        tracing::info!(
-            runs_in_flight = app.engine.active_runs(),
-            grace_s = app.config.shutdown_grace.as_secs_f64(),
-            "shutting down"
-        );
-        // Keep answering while runs drain: `/ready` says 503 and new runs
-        // are refused with a clear error, rather than connections refused.
-        app.engine.shutdown(app.config.shutdown_grace).await;
-        if let Some(sandboxes) = app.engine.sandboxes() {
-            sandboxes.destroy_all().await;
-        }
-        stop_accepting.cancel();
-        // Handlers answered as their runs ended; give the last responses a
-        // moment to be written.
-        match tokio::time::timeout(Duration::from_secs(2), &mut server).await {
-            Ok(result) => result
-                .context("the server task failed")?
-                .context("the server failed")?,
-            Err(_) => {
-                tracing::warn!("connections still open after the drain; closing them");
-                server.abort();
-            }
-        }
-        app.engine.store().close().await;
-        crate::observability::traces::flush().await;
-        tracing::info!("stopped");
-        Ok(())
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
-/// called, not when the future is first polled, so that a signal arriving
-/// during start-up is not lost to the default action.
-pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
-    let signal = termination_signal()?;
-    Ok(async move {
-        signal.await;
-    })
-}
-
-/// Resolves to the number of the first SIGTERM or SIGINT received after
-/// this call; each call listens on its own.
-pub fn termination_signal() -> std::io::Result<impl Future<Output = i32> + Send + 'static> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = interrupt.recv() => {
-                tracing::info!(signal = "SIGINT", "signal received");
-                nix::sys::signal::Signal::SIGINT as i32
-            }
-            _ = terminate.recv() => {
-                tracing::info!(signal = "SIGTERM", "signal received");
-                nix::sys::signal::Signal::SIGTERM as i32
-            }
-        }
-    })
 }

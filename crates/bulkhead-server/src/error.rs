@@ -96,6 +96,16 @@ pub struct ErrorObject {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> ApiError {
+        // A database that is down or restarting comes back: the client
+        // may retry, unlike after a fault of ours.
+        if error.is_unavailable() {
+            tracing::warn!(error = %error, "the database is not answering");
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "the database is not answering; nothing was done; retry shortly",
+            );
+        }
         ApiError::internal(&error)
     }
 }

@@ -2,6 +2,7 @@
 //! and probes it serves, and its start and graceful stop.
 
 pub mod app;
+mod cluster;
 pub mod config;
 mod data_lock;
 pub mod door;
@@ -11,8 +12,10 @@ pub mod observability;
 pub mod openapi;
 mod routes;
 pub mod sandbox;
+mod serve;
 
-pub use app::{App, AppState, Server, shutdown_signal, termination_signal};
+pub use app::{App, AppState};
+pub use serve::{Server, shutdown_signal, termination_signal};
 pub use bulkhead_agent::now_ms;
 pub use config::{Config, ConfigError, Environment};
 pub use routes::timestamp;

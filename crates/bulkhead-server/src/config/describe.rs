@@ -116,6 +116,7 @@ impl Config {
             "CORS_ALLOWED_ORIGINS" => json!(self.cors_allowed_origins),
             "MAX_BODY_BYTES" => json!(self.max_body_bytes),
             "SHUTDOWN_GRACE_SECONDS" => seconds(self.shutdown_grace),
+            "RUN_LEASE_SECONDS" => seconds(self.run_lease),
             "LOG_LEVEL" => json!(self.log_level),
             "LOG_FORMAT" => json!(match self.log_format {
                 LogFormat::Json => "json",

@@ -116,6 +116,9 @@ pub struct Config {
     pub max_steps: u32,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
+    /// How long a replica's runs stay its own without it renewing its
+    /// lease (PostgreSQL).
+    pub run_lease: Duration,
     pub sandbox: SandboxConfig,
     /// Metrics and traces.
     pub observability: ObservabilityConfig,
@@ -532,6 +535,11 @@ impl Config {
                 |n: &usize| (1024..=1 << 30).contains(n),
             )?,
             shutdown_grace: r.seconds("SHUTDOWN_GRACE_SECONDS", 3600.0)?,
+            run_lease: Duration::from_secs(r.parse(
+                "RUN_LEASE_SECONDS",
+                "a whole number of seconds from 2 to 300",
+                |n: &u64| (2..=300).contains(n),
+            )?),
             sandbox,
             observability,
             warnings,

@@ -387,8 +387,15 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "REDIS_URL",
         default: Default::None,
-        meaning: "checked by `/ready` (secret); holds the per-key limit counters, shared by every replica (without it they are per process); session locks stay in the database",
+        meaning: "checked by `/ready` (secret); with several replicas, the link between them: each run's events reach followers on every replica live (pub/sub), a cancel reaches the replica running the run, and the per-key limit counters are shared (without it, limits are per process and a run on another replica is followed by polling the database); session locks and run leases stay in the database",
         secret: true,
+        scope: Scope::Server,
+    },
+    Setting {
+        name: "RUN_LEASE_SECONDS",
+        default: Default::Literal("10"),
+        meaning: "on PostgreSQL, how long a replica's runs stay its own without it renewing its lease (every third of it); when a replica dies, another one ends its runs `interrupted` (`replica_lost`) and frees their sessions within this time. From 2 to 300",
+        secret: false,
         scope: Scope::Server,
     },
     Setting {

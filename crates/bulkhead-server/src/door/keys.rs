@@ -22,7 +22,7 @@ const SECRET_HEX: usize = 48;
 /// How long a key looked up in the store is trusted before it is read
 /// again: a revocation made on another replica (or by the CLI) takes
 /// effect within this. The replica that revokes forgets the key at once.
-const KEY_CACHE_TTL: Duration = Duration::from_secs(2);
+const KEY_CACHE_TTL: Duration = Duration::from_millis(500);
 /// `last_used_at` is a write; it is made at most this often per key.
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
 /// Past this many cached ids (most would be made-up ones), the cache starts

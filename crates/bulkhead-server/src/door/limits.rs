@@ -73,8 +73,11 @@ impl Counters {
         Counters::Local(Arc::new(Local::default()))
     }
 
-    pub fn shared(client: redis::Client) -> Counters {
-        Counters::Shared(Arc::new(Shared::new(client)))
+    /// Counters in Redis; a run's place lapses `place_ttl` after its
+    /// replica stopped renewing it (the runs' lease, so that a replica that
+    /// dies gives its places back when its runs are ended).
+    pub fn shared(client: redis::Client, place_ttl: Duration) -> Counters {
+        Counters::Shared(Arc::new(Shared::new(client, place_ttl)))
     }
 
     /// Counts a request against the key's rate.
@@ -261,7 +264,7 @@ return {1, 0, math.floor((now - allow_at) / interval), new_tat - now}
 
 /// A run's place among its key's runs in flight: a sorted set of run
 /// places scored by when each lapses, so that a replica that dies holding
-/// places frees them within [`RUN_PLACE_TTL`]. Answers 1 when admitted.
+/// places frees them within the places' lifetime. Answers 1 when admitted.
 const ADMIT_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -281,7 +284,6 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 ";
 
-const RUN_PLACE_TTL: Duration = Duration::from_secs(60);
 const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 const KEY_PREFIX: &str = "bulkhead:limits";
 
@@ -297,12 +299,15 @@ pub struct Shared {
     request: redis::Script,
     admit: redis::Script,
     renew: redis::Script,
+    /// How long a run's place outlives its last renewal.
+    place_ttl: Duration,
 }
 
 impl Shared {
-    fn new(client: redis::Client) -> Shared {
+    fn new(client: redis::Client, place_ttl: Duration) -> Shared {
         Shared {
             client,
+            place_ttl,
             resting_until: Mutex::new(None),
             connection: tokio::sync::OnceCell::new(),
             request: redis::Script::new(REQUEST_SCRIPT),
@@ -417,7 +422,7 @@ impl Shared {
         let place = bulkhead_agent::new_id();
         let mut renewal = None;
         if let Some(allowed) = max_runs {
-            let ttl_ms = RUN_PLACE_TTL.as_millis() as u64;
+            let ttl_ms = this.place_ttl.as_millis() as u64;
             let admitted: Option<i64> = this
                 .call("runs", async |mut c| {
                     this.admit
@@ -441,7 +446,7 @@ impl Shared {
                     let this = Arc::clone(this);
                     let (runs_key, place) = (runs_key.clone(), place.clone());
                     async move {
-                        let mut tick = tokio::time::interval(RUN_PLACE_TTL / 3);
+                        let mut tick = tokio::time::interval(this.place_ttl / 3);
                         tick.tick().await;
                         loop {
                             tick.tick().await;

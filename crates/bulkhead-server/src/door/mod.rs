@@ -90,12 +90,13 @@ impl Door {
         store: Store,
         redis: Option<redis::Client>,
         admin_token: Option<&SecretString>,
+        run_lease: std::time::Duration,
     ) -> Door {
         Door {
             mode,
             keys: KeyBook::new(store),
             counters: match redis {
-                Some(client) => Counters::shared(client),
+                Some(client) => Counters::shared(client, run_lease),
                 None => Counters::local(),
             },
             admin_token: admin_token.map(token_digest),

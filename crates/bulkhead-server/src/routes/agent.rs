@@ -348,7 +348,7 @@ pub(crate) fn start_error(error: StartError) -> ApiError {
             "run_not_queued",
             "the run is no longer queued",
         ),
-        StartError::Store(e) => ApiError::internal(&e),
+        StartError::Store(e) => ApiError::from(e),
     }
 }
 
@@ -415,10 +415,17 @@ pub(crate) fn event_stream(handle: RunHandle) -> Response {
     let Some(events) = handle.events else {
         return ApiError::internal(&"a streaming run has no event channel").into_response();
     };
-    let events = futures_util::stream::unfold(events, |mut events| async move {
+    sse_of(futures_util::stream::unfold(events, |mut events| async move {
         events.recv().await.map(|event| (event, events))
-    })
-    .map(|event| {
+    }))
+}
+
+/// A run's events as Server-Sent Events, each with its id, until the
+/// channel closes.
+pub(crate) fn sse_of(
+    events: impl futures_util::Stream<Item = bulkhead_agent::EventRecord> + Send + 'static,
+) -> Response {
+    let events = events.map(|event| {
         Ok::<_, Infallible>(
             Event::default()
                 .id(event.seq.to_string())

@@ -179,6 +179,6 @@ pub(crate) fn decide_error(e: DecideError) -> ApiError {
             "shutting_down",
             "the server is shutting down; retry on another instance",
         ),
-        DecideError::Store(e) => ApiError::internal(&e),
+        DecideError::Store(e) => ApiError::from(e),
     }
 }

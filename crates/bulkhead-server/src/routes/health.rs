@@ -167,7 +167,7 @@ async fn readiness(state: &AppState, gate: Gate) -> (StatusCode, Json<Readiness>
         check("sandbox", true, sandbox);
     }
 
-    if !state.engine.is_accepting() {
+    if state.is_draining() {
         check("server", false, Err("shutting down".into()));
     }
     let (status, word) = if ready {

@@ -147,7 +147,7 @@ pub fn router(state: AppState) -> Router {
         ServiceBuilder::new()
             .option_layer(cors)
             .layer(axum::middleware::from_fn_with_state(
-                state,
+                state.clone(),
                 observability::metrics::track,
             ))
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -158,7 +158,11 @@ pub fn router(state: AppState) -> Router {
             .layer(axum::middleware::from_fn(openai::openai_errors))
             // Likewise for LangGraph's routes, in its server's shape.
             .layer(axum::middleware::from_fn(langgraph::langgraph_errors))
-            .layer(CatchPanicLayer::custom(panic_response)),
+            .layer(CatchPanicLayer::custom(panic_response))
+            .layer(axum::middleware::from_fn_with_state(
+                state,
+                crate::serve::close_when_draining,
+            )),
     )
 }
 

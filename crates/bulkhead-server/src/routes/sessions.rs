@@ -397,13 +397,20 @@ pub struct EventsQuery {
     after: Option<i64>,
 }
 
-/// A run's recorded events
+/// A run's events, recorded or live
 ///
 /// In order, each with its id (the same id the event had on the stream).
-#[utoipa::path(get, path = "/runs/{run_id}/events", tag = "runs", params(RunPath, EventsQuery),
+/// With `Accept: text/event-stream`, the run is followed live, from any
+/// replica whatever replica executes it: the events after `after` (or
+/// `Last-Event-ID`) as Server-Sent Events, until the run ends or pauses.
+#[utoipa::path(get, path = "/runs/{run_id}/events", tag = "runs", params(RunPath, EventsQuery,
+        ("Last-Event-ID" = Option<i64>, Header, description = "With `Accept: text/event-stream`: resume after this event id (as `after`)")),
     responses(
-        (status = 200, description = "The run's events", body = RunEvents),
-        (status = 400, description = "`invalid_run_id`: not a UUID; `invalid_query`: `after` is not a whole number", body = ErrorBody),
+        (status = 200, description = "The run's events (JSON), or the run followed live (`Accept: text/event-stream`)", content(
+            (RunEvents = "application/json"),
+            (super::agent::StreamEvent = "text/event-stream"),
+        )),
+        (status = 400, description = "`invalid_run_id`: not a UUID; `invalid_query`: `after` (or `Last-Event-ID`) is not a whole number", body = ErrorBody),
         (status = 404, description = "`run_not_found`", body = ErrorBody),
     ),
 )]
@@ -411,8 +418,10 @@ pub async fn run_events(
     State(state): State<AppState>,
     caller: Caller,
     Path(raw): Path<String>,
+    headers: axum::http::HeaderMap,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<RunEvents>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse as _;
     let id = run_id(&raw)?;
     let Query(query) = query.map_err(|_| {
         ApiError::bad_request(
@@ -421,6 +430,29 @@ pub async fn run_events(
         )
     })?;
     let run = owned_run(&state, &caller, &id).await?;
+    if super::agent::wants_event_stream(&headers) {
+        let resume = match headers.get("last-event-id") {
+            Some(value) => Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<i64>().ok())
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_query",
+                            "`Last-Event-ID` must be a whole number (an event id)",
+                        )
+                    })?,
+            ),
+            None => None,
+        };
+        let after = resume.or(query.after).unwrap_or(0);
+        let events = crate::cluster::follow::run_events(state.clone(), id, after);
+        return Ok(super::agent::sse_of(futures_util::stream::unfold(
+            events,
+            |mut events| async move { events.recv().await.map(|event| (event, events)) },
+        )));
+    }
     let store = state.engine.store();
     let events = store
         .run_events(&id, query.after.unwrap_or(0))
@@ -437,7 +469,8 @@ pub async fn run_events(
         run_id: id,
         status: run.status,
         events,
-    }))
+    })
+    .into_response())
 }
 
 /// A session's tool calls, as audited

@@ -22,23 +22,46 @@ async fn shutdown_drains_runs_in_flight(kind: DbKind) {
             (response.status(), response.json::<Value>().await.unwrap())
         })
     };
+    // Two clients with a connection open and idle, as a load balancer
+    // keeps them.
+    let open_connection = || async {
+        let client = reqwest::Client::new();
+        let health = client.get(format!("{}/health", app.base)).send().await.unwrap();
+        assert_eq!(health.status(), StatusCode::OK);
+        client
+    };
+    let prober = open_connection().await;
+    let latecomer = open_connection().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = app.stop.take().unwrap().send(());
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    // Draining: not ready, no new runs, but the listener still answers.
-    let (status, ready) = app.get("/ready").await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
-    assert_eq!(ready["checks"]["server"]["status"], "fail");
-    let (status, body) = app.post_agent(json!({"message": "too late"})).await;
-    assert_error(
-        status,
-        &body,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "shutting_down",
+    // Draining: new connections are refused (a load balancer sends them
+    // elsewhere); not ready; connections already open are still served,
+    // each answer closing its connection.
+    let refused = reqwest::Client::new()
+        .get(format!("{}/health", app.base))
+        .send()
+        .await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.is_connect()),
+        "a new connection is refused: {refused:?}"
     );
-    let (status, _) = app.get("/health").await;
-    assert_eq!(status, StatusCode::OK);
+    let ready = prober.get(format!("{}/ready", app.base)).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready.headers()["connection"], "close");
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["checks"]["server"]["status"], "fail");
+    let late = latecomer
+        .post(format!("{}/agent", app.base))
+        .json(&json!({"message": "sent on an open connection", "session_id": null}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(late.status(), StatusCode::OK);
+    assert_eq!(late.headers()["connection"], "close");
+    let late: Value = late.json().await.unwrap();
+    assert_eq!(late["response"], "echo: sent on an open connection");
 
     let (status, body) = in_flight.await.unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -58,6 +81,11 @@ async fn shutdown_drains_runs_in_flight(kind: DbKind) {
     let runs = store.runs(&session).await.unwrap();
     assert_eq!(runs.len(), 2);
     assert!(runs.iter().all(|r| r.status == "completed"), "{runs:?}");
+    let late = store
+        .runs(late["session_id"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(late[0].status, "completed");
     store.close().await;
 }
 

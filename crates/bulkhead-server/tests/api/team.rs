@@ -135,6 +135,8 @@ async fn a_task_flows_from_planner_to_executor_to_critic(kind: DbKind) {
     );
 
     // A planner whose executor is gone fails clearly.
+    let mut executor = executor;
+    executor.shut_down().await.unwrap();
     drop(executor);
     let (status, body) = planner.post_agent(json!({"message": "say:one step"})).await;
     assert_error(status, &body, StatusCode::BAD_GATEWAY, "delegate_error");

@@ -411,7 +411,7 @@ async fn make_run(
                     "shutting_down",
                     "the server is shutting down; retry on another instance",
                 ),
-                EnqueueError::Store(e) => ApiError::internal(&e),
+                EnqueueError::Store(e) => ApiError::from(e),
             })?;
         run_id
     };

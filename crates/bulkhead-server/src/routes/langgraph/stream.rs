@@ -1,6 +1,5 @@
-//! Following a run: its events, from the engine's live feed while this
-//! process executes it, else from the store (polled while the run is
-//! queued or executes elsewhere); its stream as Server-Sent Events (parts
+//! Following a run: its events (`cluster::follow`, wherever it executes);
+//! its stream as Server-Sent Events (parts
 //! made by `translate.rs`, `Last-Event-ID` resuming exactly after one); and
 //! what a client waiting for it is answered.
 
@@ -11,98 +10,14 @@ use axum::body::Body;
 use axum::http::{HeaderValue, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use bulkhead_agent::{CancelAction, EventRecord, FeedItem};
+use bulkhead_agent::CancelAction;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::translate::Translator;
 pub(crate) use super::translate::{LangGraphEvent, Modes};
 use crate::app::AppState;
-
-/// Where a run's events are read: the feed while this process executes it,
-/// the store otherwise. The channel closes once the run has ended or
-/// paused (everything it emitted sent), or is cancelled while queued.
-pub(crate) fn run_events(state: AppState, run_id: String) -> mpsc::Receiver<EventRecord> {
-    let (tx, rx) = mpsc::channel(256);
-    tokio::spawn(async move {
-        let store = state.engine.store();
-        let mut after = 0;
-        let mut idle = Duration::from_millis(10);
-        loop {
-            if let Some(mut follower) = state.engine.follow_run(&run_id, after) {
-                if after + 1 < follower.first_seq() {
-                    let Ok(stored) = store.run_events(&run_id, after).await else {
-                        return;
-                    };
-                    for event in stored.into_iter().filter(|e| e.seq < follower.first_seq()) {
-                        after = event.seq;
-                        if tx.send(record(event)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                loop {
-                    match follower.next().await {
-                        FeedItem::Event(event) if event.seq > after => {
-                            after = event.seq;
-                            if tx.send(event).await.is_err() {
-                                return;
-                            }
-                        }
-                        FeedItem::Event(_) => {}
-                        FeedItem::Ended => return,
-                    }
-                }
-            }
-            match store.run(&run_id).await {
-                Ok(Some(run)) => {
-                    let Ok(stored) = store.run_events(&run_id, after).await else {
-                        return;
-                    };
-                    for event in stored {
-                        after = event.seq;
-                        if tx.send(record(event)).await.is_err() {
-                            return;
-                        }
-                    }
-                    if run.status != "running" {
-                        return;
-                    }
-                }
-                Ok(None) => match store.queued_run(&run_id).await {
-                    Ok(Some(queued)) if queued.status == "pending" => {}
-                    _ => return,
-                },
-                Err(_) => return,
-            }
-            if tx.is_closed() {
-                return;
-            }
-            tokio::time::sleep(idle).await;
-            idle = (idle * 2).min(Duration::from_millis(250));
-        }
-    });
-    rx
-}
-
-fn record(event: bulkhead_store::RunEvent) -> EventRecord {
-    let kind: &'static str = match event.kind.as_str() {
-        "run_started" => "run_started",
-        "message_delta" => "message_delta",
-        "tool_call" => "tool_call",
-        "tool_result" => "tool_result",
-        "run_completed" => "run_completed",
-        "run_failed" => "run_failed",
-        "approval_requested" => "approval_requested",
-        "approval_decided" => "approval_decided",
-        _ => "other",
-    };
-    EventRecord {
-        seq: event.seq,
-        kind,
-        data: event.data.into(),
-    }
-}
+use crate::cluster::follow::run_events;
 
 /// How a client follows a run: the modes, whether parts carry ids, whether
 /// it begins with the `metadata` part, and the part it resumes after
@@ -150,7 +65,7 @@ pub(crate) fn sse(
             }
             gone = tx.send(metadata).await.is_err();
         }
-        let mut events = run_events(state.clone(), run_id.clone());
+        let mut events = run_events(state.clone(), run_id.clone(), 0);
         while !gone {
             // A client that leaves while the run is silent is noticed at
             // once, not at the run's next event.
@@ -274,7 +189,7 @@ pub(crate) fn wait_body(
 ) -> Response {
     let (tx, rx) = mpsc::channel::<bytes::Bytes>(4);
     tokio::spawn(async move {
-        let mut events = run_events(state.clone(), run_id.clone());
+        let mut events = run_events(state.clone(), run_id.clone(), 0);
         let mut gone = false;
         let mut beat = tokio::time::interval(Duration::from_secs(5));
         beat.tick().await;
@@ -328,7 +243,7 @@ pub(crate) fn wait_body(
 /// Deletes a stateless run's thread once the run is over; a run paused
 /// for a person cannot be resumed without a thread, so it is cancelled.
 pub(crate) async fn remove_when_done(state: &AppState, run_id: &str, thread_id: &str) {
-    let mut events = run_events(state.clone(), run_id.to_string());
+    let mut events = run_events(state.clone(), run_id.to_string(), 0);
     while events.recv().await.is_some() {}
     if let Ok(Some(run)) = state.engine.store().run(run_id).await
         && run.status == "awaiting_approval"
