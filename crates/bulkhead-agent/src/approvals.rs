@@ -258,9 +258,12 @@ impl Engine {
         state.steps = run.steps;
         state.tokens_used = run.tokens_used;
         state.seq = self.store.last_event_seq(run_id).await?;
-        let feed = self
-            .feeds
-            .open(&state.run_id, state.seq + 1, &self.interrupt, self.cluster.get());
+        let feed = self.feeds.open(
+            &state.run_id,
+            state.seq + 1,
+            &self.interrupt,
+            self.cluster.get(),
+        );
         if let Some(reason) = cancel_reason {
             feed.mark_cancelled(reason);
         }

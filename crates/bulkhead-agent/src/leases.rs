@@ -129,7 +129,11 @@ impl Engine {
         if !judged {
             return;
         }
-        let ended = match self.store.end_orphaned_runs(now_ms(), ORPHANS_PER_PASS).await {
+        let ended = match self
+            .store
+            .end_orphaned_runs(now_ms(), ORPHANS_PER_PASS)
+            .await
+        {
             Ok(ended) => ended,
             Err(e) => {
                 tracing::warn!(error = %e, "could not look for runs of lapsed replicas");

@@ -52,7 +52,9 @@ impl Engine {
         // attached (and given `run_started`) only once the opening is
         // committed, so that a follower that hears of the run finds its
         // message in the store.
-        let feed = self.feeds.open(&run_id, 1, &self.interrupt, self.cluster.get());
+        let feed = self
+            .feeds
+            .open(&run_id, 1, &self.interrupt, self.cluster.get());
         let started = state.next_event(
             "run_started",
             json!({"run_id": run_id, "session_id": session_id}),

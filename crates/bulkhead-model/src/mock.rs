@@ -16,6 +16,9 @@
 //! - the last message is a user message `sleep:<ms>` (up to 60000) → waits
 //!   that long, then `slept <ms> ms` (a slow run, to cancel or queue
 //!   behind);
+//! - the last message is a user message `drip:<ms> <text>` (`ms` up to
+//!   5000) → `<text>`, streamed a word every `<ms>` (a run whose events
+//!   come over time, to follow live);
 //! - anything else → `echo: <last user message>`.
 //!
 //! Usage counts whitespace-separated words: the prompt's message contents,
@@ -37,6 +40,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use serde_json::json;
 
 use crate::types::{
@@ -151,6 +155,9 @@ impl MockModel {
         if let Some(text) = user.strip_prefix("say:") {
             return MockReply::Text(text.to_string());
         }
+        if let Some((_, text)) = Self::asked_drip(messages) {
+            return MockReply::Text(text);
+        }
         if let Some(delay) = Self::asked_delay(messages) {
             return MockReply::Text(format!("slept {} ms", delay.as_millis()));
         }
@@ -194,6 +201,19 @@ impl MockModel {
         (ms <= 60_000).then(|| Duration::from_millis(ms))
     }
 
+    /// The pause between words and the text a conversation ending in a
+    /// user's `drip:<ms> <text>` asks for.
+    pub fn asked_drip(messages: &[ChatMessage]) -> Option<(Duration, String)> {
+        let last = messages.last().filter(|m| m.role == "user")?;
+        let (ms, text) = last
+            .content
+            .as_deref()?
+            .strip_prefix("drip:")?
+            .split_once(' ')?;
+        let ms: u64 = ms.parse().ok()?;
+        (ms <= 5_000).then(|| (Duration::from_millis(ms), text.to_string()))
+    }
+
     /// The in-process path: the same answers as the HTTP server, without a
     /// socket. Text is handed to `deltas` word by word when streaming.
     pub async fn complete(
@@ -216,14 +236,19 @@ impl MockModel {
         }
         let reply = Self::reply_as(MOCK_MODEL_NAME, "built-in", messages, tools);
         let usage = Self::usage(messages, &reply);
+        let drip = Self::asked_drip(messages).map(|(pause, _)| pause);
         match reply {
             MockReply::Fail(status) => Err(ModelError::Status {
                 status: status.as_u16(),
                 message: format!("mock model asked to fail with {status}"),
             }),
             MockReply::Text(text) => {
-                if let Some(sink) = deltas {
-                    for piece in text.split_inclusive(' ') {
+                let mut sink = deltas;
+                for (n, piece) in text.split_inclusive(' ').enumerate() {
+                    if let Some(pause) = drip.filter(|_| n > 0) {
+                        tokio::time::sleep(pause).await;
+                    }
+                    if let Some(sink) = sink.as_mut() {
                         sink(piece);
                     }
                 }
@@ -374,6 +399,11 @@ async fn chat_completions(
         ),
     };
     if !request.stream {
+        if let (Some((pause, _)), Some(text)) = (MockModel::asked_drip(&request.messages), &content)
+        {
+            let pauses = text.split_inclusive(' ').count().saturating_sub(1);
+            tokio::time::sleep(pause * pauses as u32).await;
+        }
         return Json(ChatCompletion {
             id,
             object: "chat.completion".into(),
@@ -458,12 +488,25 @@ async fn chat_completions(
     if request.stream_options.is_some_and(|o| o.include_usage) {
         chunks.push(chunk(Vec::new(), Some(usage)));
     }
+    let words_end = 1 + content
+        .as_deref()
+        .map_or(0, |t| t.split_inclusive(' ').count());
     let mut events: Vec<Result<Event, Infallible>> = chunks
         .iter()
         .map(|c| Ok(Event::default().data(serde_json::to_string(c).unwrap_or_default())))
         .collect();
     events.push(Ok(Event::default().data("[DONE]")));
-    Sse::new(futures_util::stream::iter(events)).into_response()
+    // The first chunk carries the role; each word after the first waits.
+    let drip = MockModel::asked_drip(&request.messages).map(|(pause, _)| pause);
+    let events = futures_util::stream::iter(events.into_iter().enumerate()).then(
+        move |(n, event)| async move {
+            if let Some(pause) = drip.filter(|_| n > 1 && n < words_end) {
+                tokio::time::sleep(pause).await;
+            }
+            event
+        },
+    );
+    Sse::new(events).into_response()
 }
 
 #[cfg(test)]
@@ -535,6 +578,15 @@ mod tests {
             Some(Duration::from_millis(250))
         );
         assert_eq!(MockModel::asked_delay(&[user("sleep:999999")]), None);
+        assert_eq!(
+            MockModel::asked_drip(&[user("drip:200 one two")]),
+            Some((Duration::from_millis(200), "one two".to_string()))
+        );
+        assert_eq!(
+            MockModel::reply(&[user("drip:10 one two")]),
+            MockReply::Text("one two".into())
+        );
+        assert_eq!(MockModel::asked_drip(&[user("drip:9000 slow")]), None);
         assert_eq!(
             MockModel::reply(&[user("say:step one\nstep two")]),
             MockReply::Text("step one\nstep two".into())

@@ -15,7 +15,7 @@ pub mod sandbox;
 mod serve;
 
 pub use app::{App, AppState};
-pub use serve::{Server, shutdown_signal, termination_signal};
 pub use bulkhead_agent::now_ms;
 pub use config::{Config, ConfigError, Environment};
 pub use routes::timestamp;
+pub use serve::{Server, shutdown_signal, termination_signal};

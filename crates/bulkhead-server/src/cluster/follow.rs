@@ -27,7 +27,11 @@ struct Stop;
 /// The events of a run after `after`, wherever it executes. The channel
 /// closes once the run has ended or paused (everything it emitted sent),
 /// or is cancelled while queued.
-pub(crate) fn run_events(state: AppState, run_id: String, after: i64) -> mpsc::Receiver<EventRecord> {
+pub(crate) fn run_events(
+    state: AppState,
+    run_id: String,
+    after: i64,
+) -> mpsc::Receiver<EventRecord> {
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(async move {
         let _ = follow(&state, &run_id, after, &tx).await;
@@ -51,7 +55,9 @@ async fn follow(
             Ok(Some(run)) => {
                 let given = send_stored(store, run_id, &mut after, tx).await?;
                 if run.status != "running" {
-                    if given == 0 && run.error_code.as_deref() == Some(bulkhead_store::REPLICA_LOST_CODE) {
+                    if given == 0
+                        && run.error_code.as_deref() == Some(bulkhead_store::REPLICA_LOST_CODE)
+                    {
                         send_lost_end(store, run_id, after, tx).await?;
                     }
                     return Ok(());

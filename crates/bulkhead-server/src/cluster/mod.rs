@@ -161,7 +161,10 @@ impl Cluster for RedisCluster {
     }
 
     fn request_cancel(&self, run_id: &str, reason: &str) {
-        self.send(CONTROL_CHANNEL.into(), format!("cancel\t{run_id}\t{reason}"));
+        self.send(
+            CONTROL_CHANNEL.into(),
+            format!("cancel\t{run_id}\t{reason}"),
+        );
     }
 }
 
@@ -296,7 +299,9 @@ async fn subscribe(hub: Weak<Hub>) {
                     .collect(),
                 None => return,
             };
-            if let Ok(Ok(())) = tokio::time::timeout(REDIS_TIMEOUT * 5, sink.subscribe(&channels)).await {
+            if let Ok(Ok(())) =
+                tokio::time::timeout(REDIS_TIMEOUT * 5, sink.subscribe(&channels)).await
+            {
                 if let Some(hub) = hub.upgrade() {
                     *hub.sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(sink);
                 }

@@ -415,9 +415,10 @@ pub(crate) fn event_stream(handle: RunHandle) -> Response {
     let Some(events) = handle.events else {
         return ApiError::internal(&"a streaming run has no event channel").into_response();
     };
-    sse_of(futures_util::stream::unfold(events, |mut events| async move {
-        events.recv().await.map(|event| (event, events))
-    }))
+    sse_of(futures_util::stream::unfold(
+        events,
+        |mut events| async move { events.recv().await.map(|event| (event, events)) },
+    ))
 }
 
 /// A run's events as Server-Sent Events, each with its id, until the

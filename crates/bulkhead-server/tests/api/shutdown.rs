@@ -26,7 +26,11 @@ async fn shutdown_drains_runs_in_flight(kind: DbKind) {
     // keeps them.
     let open_connection = || async {
         let client = reqwest::Client::new();
-        let health = client.get(format!("{}/health", app.base)).send().await.unwrap();
+        let health = client
+            .get(format!("{}/health", app.base))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(health.status(), StatusCode::OK);
         client
     };
@@ -47,7 +51,11 @@ async fn shutdown_drains_runs_in_flight(kind: DbKind) {
         refused.as_ref().is_err_and(|e| e.is_connect()),
         "a new connection is refused: {refused:?}"
     );
-    let ready = prober.get(format!("{}/ready", app.base)).send().await.unwrap();
+    let ready = prober
+        .get(format!("{}/ready", app.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(ready.headers()["connection"], "close");
     let ready: Value = ready.json().await.unwrap();

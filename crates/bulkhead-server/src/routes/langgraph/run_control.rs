@@ -360,7 +360,7 @@ pub struct CancelQuery {
         (status = 200, description = "`wait`: the thread's values once the run stopped", body = Object),
         (status = 202, description = "Cancelled"),
         (status = 404, description = "No such thread or run", body = DetailBody),
-        (status = 409, description = "The run has ended already, or runs on another replica", body = DetailBody),
+        (status = 409, description = "The run has ended already, or runs on another replica that could not be reached (no `REDIS_URL`)", body = DetailBody),
         (status = 422, description = "An id is not a UUID, or a bad action", body = DetailBody),
     ),
 )]
@@ -407,7 +407,10 @@ pub async fn cancel_run(
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "run_elsewhere",
-                format!("Run {run_id} executes on another replica, which alone can cancel it"),
+                format!(
+                    "Run {run_id} executes on another replica, which could not be reached: \
+                     set REDIS_URL on every replica to cancel across them"
+                ),
             ));
         }
     }
