@@ -125,12 +125,7 @@ impl RedisCluster {
             id,
             receiver,
         };
-        let sink = self
-            .hub
-            .sink
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let sink = self.hub.sink();
         let mut sink = sink?;
         // Each follower waits for a confirmation of its own (subscribing
         // again is harmless): another follower's may still be on its way.
@@ -193,12 +188,7 @@ impl Drop for Subscription {
         if !last {
             return;
         }
-        let sink = self
-            .hub
-            .sink
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let sink = self.hub.sink();
         if let (Some(mut sink), Ok(runtime)) = (sink, tokio::runtime::Handle::try_current()) {
             let channel = std::mem::take(&mut self.channel);
             let hub = Arc::clone(&self.hub);
@@ -218,6 +208,11 @@ impl Drop for Subscription {
 }
 
 impl Hub {
+    /// The subscribing connection, if it is up.
+    fn sink(&self) -> Option<PubSubSink> {
+        self.sink.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     fn deliver(&self, message: &redis::Msg) {
         let channel = message.get_channel_name();
         let Ok(payload) = std::str::from_utf8(message.get_payload_bytes()) else {
